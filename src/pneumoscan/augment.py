@@ -1,0 +1,44 @@
+"""Training-time augmentation on uint8 (1, H, W) tensors, built from torchvision.transforms.v2."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from .config import AugmentConfig
+
+
+class RandomGamma(torch.nn.Module):
+    """Random gamma on a float image in [0, 1]: exposure/processing differences between X-ray machines."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gamma = float(torch.empty(1).uniform_(self.low, self.high))
+        return image.clamp(0, 1).pow(gamma)
+
+
+def build_augment(cfg: AugmentConfig, size: int) -> v2.Compose | None:
+    """uint8 (1, H, W) -> float (1, size, size) in [0, 1]; None when disabled."""
+    if not cfg.enabled:
+        return None
+    steps: list = [
+        v2.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
+        v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate)),
+    ]
+    if cfg.hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))
+    if cfg.jpeg_p > 0:
+        steps.append(v2.RandomApply([v2.JPEG((40, 95))], p=cfg.jpeg_p))
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
+        RandomGamma(*cfg.gamma),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=cfg.blur_p),
+        v2.RandomAdjustSharpness(2.0, p=cfg.sharpen_p),
+    ]
+    if cfg.noise_std > 0:
+        steps.append(v2.GaussianNoise(sigma=cfg.noise_std, clip=True))
+    return v2.Compose(steps)

@@ -1,0 +1,56 @@
+"""What is chosen after training, on validation only: a temperature and two operating thresholds.
+
+Thresholds live in calibrated-probability space (temperature scaling keeps the ranking, so AUC is unchanged).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import optimize, stats
+from sklearn.metrics import roc_curve
+
+
+def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probability of class 1 from (N, 2) logits."""
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1)[:, 1].numpy()
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising validation negative log-likelihood (Guo et al. 2017)."""
+    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    y_t = torch.as_tensor(y, dtype=torch.long)
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits_t / np.exp(log_t), y_t))
+
+    result = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def screening_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float, confidence: float = 0.95) -> float:
+    """The highest threshold whose sensitivity is >= target with ``confidence`` (one-sided Clopper-Pearson).
+
+    Taking the plain empirical threshold reproduces the validation sensitivity only on average; on the shifted
+    Kermany test set it fell from 98% to 94%. Requiring the lower confidence bound to reach the target leaves a
+    margin that shrinks as the validation set grows.
+    """
+    positives = np.sort(np.asarray(p)[np.asarray(y) == 1])
+    n = len(positives)
+    if n == 0:
+        raise ValueError("validation has no pneumonia cases; cannot choose a screening threshold")
+    misses = 0  # positives allowed below the threshold
+    for k in range(n):
+        lower = stats.beta.ppf(1 - confidence, n - k, k + 1) if k < n else 0.0
+        if lower < target_sensitivity:
+            break
+        misses = k
+    # Decision is p >= threshold: put the threshold at the (misses)-th lowest positive score.
+    return float(positives[misses])
+
+
+def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """Youden's J: the threshold maximising sensitivity + specificity - 1."""
+    fpr, tpr, thresholds = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))

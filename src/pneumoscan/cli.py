@@ -1,0 +1,173 @@
+"""Command-line layer: parse arguments, call the Python API, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PneumoscanError
+
+
+def cmd_data_summary(args: argparse.Namespace) -> int:
+    from .data.summary import format_summary, summarize
+
+    print(format_summary(summarize(args.data_dir)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import fit
+
+    cfg = load_config(args.config, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained,
+                      weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size)
+    path = fit(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _format_evaluation(result, model) -> str:
+    lines = [f"model {model.name} (sha256 {model.sha256[:12]}), {result.split} split: {result.n} images"
+             + (", test-time augmentation" if result.tta else ""),
+             f"ROC AUC {result.auc:.4f}   PR AUC {result.pr_auc:.4f}   "
+             f"ECE {result.ece_uncalibrated:.4f} before calibration, {result.ece:.4f} after (T={model.temperature:.3f})"]
+    if result.guard_rejected:
+        lines.append(f"guard: {result.guard_rejected} of these X-rays would be rejected as not a chest X-ray")
+    for name, point in result.points.items():
+        lines += ["", f"== {name} operating point: threshold {point.threshold:.4f} ==", result.reports[name].rstrip(),
+                  f"sensitivity {point.sensitivity:.4f}  specificity {point.specificity:.4f}  "
+                  f"precision {point.precision:.4f}  NPV {point.npv:.4f}",
+                  "confusion matrix (rows true, columns predicted; NORMAL, PNEUMONIA):",
+                  f"  [[{point.tn:4d} {point.fp:4d}]", f"   [{point.fn:4d} {point.tp:4d}]]"]
+    for error in result.errors:
+        lines.append(f"skipped: {error}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .modelfile import atomic_write
+    from .predict import load_model
+
+    model = load_model(args.model)
+    result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
+    print(_format_evaluation(result, model))
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+    if args.report:
+        from .report import write_report
+
+        for path in write_report(result, model, args.report, run_dir=Path(args.model) if args.model else None):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _walk(inputs: list[str]):
+    """Files in the order given; folders walked recursively (sorted), keeping only image-like files."""
+    from .data.layout import IMAGE_SUFFIXES
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and (child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == ""):
+                    yield child
+        else:
+            yield path  # a missing or unreadable file becomes an error row, not a crash
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .predict import load_model
+    from .report import PredictionWriter
+
+    model = load_model(args.model)
+    model.resolve_threshold(args.threshold)  # fail before reading anything
+    failed = 0
+    with PredictionWriter(args.csv, args.heatmaps, model) as writer:
+        results = model.predict_files(_walk(args.inputs), threshold=args.threshold, batch_size=args.batch_size,
+                                      tta=args.tta)
+        for pred in tqdm(results, desc="screening", unit="img", disable=args.quiet or not sys.stderr.isatty()):
+            failed += pred.status == "error"
+            writer.add(pred)
+            if pred.status == "ok":
+                print(f"{pred.path}\t{pred.probability:.4f}\t{pred.decision}\t({pred.operating_point} "
+                      f"threshold {pred.threshold:.4f})")
+            else:
+                print(f"{pred.path}\t-\t{pred.status.upper()}\t{pred.message}")
+    if failed:
+        print(f"pneumoscan: {failed} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="pneumoscan", description="Pneumonia screening on chest X-rays.")
+    parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect or fetch a dataset").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("summary", help="images, patients, sizes and class balance per split")
+    p.add_argument("data_dir")
+    p.set_defaults(func=cmd_data_summary)
+
+    p = sub.add_parser("train", help="fine-tune a network and write RUN_DIR/model.safetensors")
+    p.add_argument("--data", required=True, help="Kaggle-layout folder (uses its train split)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--arch", help="resnet18 | resnet50 | efficientnet_lite0")
+    p.add_argument("--config", help="YAML file of TrainConfig keys")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--pretrained", choices=["imagenet", "none"])
+    p.add_argument("--weights", help="local state dict to start from (.safetensors or .pth)")
+    p.add_argument("--sampler", choices=["weighted", "shuffle"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="classification report, AUC, calibration at each stored threshold")
+    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="write the figures as JSON")
+    p.add_argument("--report", help="folder for plots (confusion matrix, ROC, PR, reliability, training curves)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="screen images, folders of images, DICOM files")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
+    p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
+    p.add_argument("--csv", help="write one row per file")
+    p.add_argument("--heatmaps", help="folder for Grad-CAM overlays (PNG)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PneumoscanError as exc:
+        print(f"pneumoscan: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pneumoscan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data sources: dataset discovery and splits (layout), image/DICOM reading (images), MedMNIST (medmnist)."""

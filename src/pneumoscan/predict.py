@@ -1,0 +1,211 @@
+"""Screening with a trained model: the Python API behind ``pneumoscan predict`` and the server.
+
+file -> read_image -> Preprocessing -> network -> logits / temperature -> probability -> threshold -> decision,
+with the guard's verdict on the same forward pass. ``predict_files`` streams any number of files through a
+bounded queue of decoded images, so memory does not grow with the folder, and decoding overlaps inference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.images import ImageReadError, Source, read_image
+from .errors import PneumoscanError
+from .guard import Guard
+from .modelfile import GUARD_PREFIX, read_model_file, resolve_model_path, sha256_file
+from .models import create_model, logits_and_features
+from .preprocess import Preprocessing
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
+NOT_XRAY_MESSAGE = "not a frontal chest X-ray (outside the training distribution); no probability reported"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One screened image. ``status``: ok | not_xray | error; probability and decision are None unless ok."""
+
+    path: str
+    probability: float | None
+    decision: str | None
+    operating_point: str
+    threshold: float
+    status: str
+    message: str = ""
+    guard_score: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Model:
+    """A loaded pneumoscan model: network + preprocessing + temperature + thresholds + guard."""
+
+    def __init__(self, network: torch.nn.Module, meta: dict, guard: Guard | None, path: Path, sha256: str):
+        self.network = network.eval()
+        self.meta = meta
+        self.guard = guard
+        self.path = path
+        self.sha256 = sha256
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
+        self.classes: list[str] = list(meta["classes"])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", self.path.stem))
+
+    def resolve_threshold(self, threshold: str | float) -> tuple[str, float]:
+        """('screening'|'balanced'|'custom', value) from a name or a number in (0, 1)."""
+        if isinstance(threshold, str) and threshold in self.thresholds:
+            return threshold, self.thresholds[threshold]
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            raise PneumoscanError(
+                f"threshold must be one of {', '.join(self.thresholds)} or a number in (0, 1), got {threshold!r}"
+            ) from None
+        if not 0.0 < value < 1.0:
+            raise PneumoscanError(f"threshold must be in (0, 1), got {value}")
+        return "custom", value
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised batch (N, C, S, S) -> (logits averaged over TTA views (N, 2), guard score (N,))."""
+        views = tta_views(batch) if tta else [batch]
+        logits, feats = logits_and_features(self.network, views[0])
+        for view in views[1:]:
+            logits = logits + logits_and_features(self.network, view)[0]
+        scores = self.guard.score(feats) if self.guard is not None else torch.zeros(len(batch))
+        return logits.float() / len(views), scores  # the guard judges the image as given, not its TTA views
+
+    def probability(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Temperature-scaled probability of pneumonia from (N, 2) logits."""
+        t = self.temperature if temperature is None else temperature
+        return torch.softmax(logits.float() / t, dim=1)[:, 1]
+
+    def _result(self, path: str, probability: float, score: float, op: tuple[str, float]) -> Prediction:
+        name, value = op
+        if self.guard is not None and score > self.guard.threshold:
+            return Prediction(path, None, None, name, value, "not_xray", NOT_XRAY_MESSAGE, score)
+        decision = self.classes[1] if probability >= value else self.classes[0]
+        return Prediction(path, probability, decision, name, value, "ok", "", score)
+
+    def predict(self, source: Source | np.ndarray, *, threshold: str | float = "screening",
+                tta: bool = False, name: str | None = None) -> Prediction:
+        """Screen one image: a path, the file's bytes, or a float (H, W) array in [0, 1].
+
+        A file that cannot be read raises ``ImageReadError``; ``predict_files`` turns that into a row instead.
+        """
+        op = self.resolve_threshold(threshold)
+        if isinstance(source, np.ndarray):
+            image, label = source, name or "<array>"
+        else:
+            image = read_image(source, name=name, reduce_to=self.preprocessing.size)
+            label = name or ("<bytes>" if isinstance(source, bytes | bytearray) else str(source))
+        logits, score = self.forward(self.preprocessing.apply(image)[None], tta=tta)
+        return self._result(label, float(self.probability(logits)[0]), float(score[0]), op)
+
+    def score_files(self, paths: Iterable[str | Path], *, batch_size: int = 32, tta: bool = False,
+                    workers: int | None = None) -> Iterator[Scored]:
+        """(path, logits or None, guard score or None, error message or None) per file, in input order.
+
+        Files are decoded ahead in threads (PIL releases the GIL), at most two batches in flight, so memory is
+        bounded whatever the number of files and decoding overlaps the network.
+        """
+        prep = self.preprocessing
+
+        def load(path: str) -> np.ndarray | str:
+            try:
+                return prep.to_uint8(read_image(path, reduce_to=prep.size))
+            except ImageReadError as exc:
+                return str(exc)
+
+        pending: list[tuple[str, np.ndarray | str]] = []
+        with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+            for item in _bounded_map(pool, load, (str(p) for p in paths), ahead=2 * batch_size):
+                pending.append(item)
+                if len(pending) == batch_size:
+                    yield from self._score_batch(pending, tta)
+                    pending = []
+            yield from self._score_batch(pending, tta)
+
+    def _score_batch(self, pending: list[tuple[str, np.ndarray | str]], tta: bool) -> Iterator[Scored]:
+        images = [d for _, d in pending if not isinstance(d, str)]
+        if images:
+            logits, scores = self.forward(self.preprocessing.normalize(torch.from_numpy(np.stack(images))), tta=tta)
+        i = 0
+        for path, decoded in pending:
+            if isinstance(decoded, str):
+                yield Scored(path, None, None, decoded)
+            else:
+                yield Scored(path, logits[i], float(scores[i]), None)
+                i += 1
+
+    def predict_files(self, paths: Iterable[str | Path], *, threshold: str | float = "screening",
+                      batch_size: int = 32, tta: bool = False, workers: int | None = None) -> Iterator[Prediction]:
+        """Screen many files; unreadable ones come back with status "error" and the reason."""
+        op = self.resolve_threshold(threshold)
+        for item in self.score_files(paths, batch_size=batch_size, tta=tta, workers=workers):
+            if item.error is not None:
+                yield Prediction(item.path, None, None, op[0], op[1], "error", item.error)
+            else:
+                probability = float(self.probability(item.logits[None])[0])
+                yield self._result(item.path, probability, item.guard_score, op)
+
+
+class Scored(NamedTuple):
+    path: str
+    logits: torch.Tensor | None
+    guard_score: float | None
+    error: str | None
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable[str], ahead: int):
+    """Like pool.map, in order, but never more than ``ahead`` results in flight (pool.map reads all input first)."""
+    from collections import deque
+
+    queue: deque = deque()
+    for item in items:
+        queue.append((item, pool.submit(fn, item)))
+        if len(queue) >= ahead:
+            path, future = queue.popleft()
+            yield path, future.result()
+    while queue:
+        path, future = queue.popleft()
+        yield path, future.result()
+
+
+def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time augmentation: the image, a 6% zoom-in and two 4% horizontal shifts (edge-replicated)."""
+    size = batch.shape[-1]
+    crop = round(size * 0.94)
+    off = (size - crop) // 2
+    zoom = F.interpolate(batch[..., off:off + crop, off:off + crop], size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=True)
+    shift = round(size * 0.04)
+    padded = F.pad(batch, (shift, shift, 0, 0), mode="replicate")
+    return [batch, zoom, padded[..., :, :size], padded[..., :, 2 * shift:]]
+
+
+def load_model(path: str | Path | None = None, *, device: str = "cpu") -> Model:
+    """Load a model file or run directory; None loads the bundled default model."""
+    path = DEFAULT_MODEL if path is None else resolve_model_path(path)
+    if path == DEFAULT_MODEL and not path.is_file():
+        raise PneumoscanError(f"{path}: the bundled default model is missing from this installation")
+    tensors, meta = read_model_file(path)
+    guard_tensors = {k: v for k, v in tensors.items() if k.startswith(GUARD_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(GUARD_PREFIX)}
+    network = create_model(meta["arch"], pretrained="none", num_classes=len(meta["classes"]))
+    network.load_state_dict(weights)
+    guard = Guard.from_tensors(guard_tensors, float(meta["guard"]["threshold"])) if guard_tensors else None
+    return Model(network.to(device), meta, guard, path, sha256_file(path))
