@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_summary)
 
     p = sub.add_parser("train", help="fine-tune a network and write RUN_DIR/model.safetensors")
-    p.add_argument("--data", required=True, help="Kaggle-layout folder (uses its train split)")
+    p.add_argument("--data", required=True,
+                   help="Kaggle-layout folder (its train split, split by patient) or MedMNIST .npz (official train/val)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--arch", help="resnet18 | resnet50 | efficientnet_lite0")
     p.add_argument("--config", help="YAML file of TrainConfig keys")
@@ -133,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="classification report, AUC, calibration at each stored threshold")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
+    p.add_argument("--split", default="test", help="train | val | test")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the figures as JSON")

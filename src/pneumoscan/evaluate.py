@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import medmnist
 from .data.layout import list_split
-from .metrics import OperatingPoint, classification_report, expected_calibration_error, operating_point, pr_auc, roc_auc
+from .metrics import (
+    OperatingPoint,
+    classification_report,
+    expected_calibration_error,
+    operating_point,
+    pr_auc,
+    roc_auc,
+)
 from .predict import Model
 
 
@@ -28,6 +36,8 @@ class Evaluation:
     errors: list[str] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    # the same logits at temperature 1: the report's reliability diagram shows what calibration changed
+    probabilities_uncalibrated: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +54,24 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     Unreadable images are listed in ``errors`` and left out of the figures; guard rejections are counted but
     still scored, so the figures describe the classifier and the guard is measured on its own.
     """
+    if medmnist.is_npz(data_dir):
+        labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
+    else:
+        labels, logits, scores, errors = _score_folder(model, data_dir, split, batch_size, tta)
+    y = np.array(labels)
+    stacked = torch.stack(logits)
+    p = model.probability(stacked).numpy()
+    raw = model.probability(stacked, temperature=1.0).numpy()
+    rejected = int(sum(s > model.guard.threshold for s in scores)) if model.guard is not None else 0
+    order = sorted(model.thresholds, key=lambda k: (k != "screening", k))  # screening first, as clinicians read it
+    points = {name: operating_point(y, p, model.thresholds[name]) for name in order}
+    reports = {name: classification_report(y, p, model.thresholds[name]) for name in order}
+    return Evaluation(split, len(y), roc_auc(y, p), pr_auc(y, p), expected_calibration_error(y, p),
+                      expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p, raw)
+
+
+def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
+    """(labels, logits, guard scores, error messages) for the image files of a Kaggle-layout split."""
     samples = list_split(data_dir, split)
     label_of = {str(s.path): s.label for s in samples}
     labels, logits, scores, errors = [], [], [], []
@@ -54,13 +82,16 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
         labels.append(label_of[item.path])
         logits.append(item.logits)
         scores.append(item.guard_score)
-    y = np.array(labels)
-    stacked = torch.stack(logits)
-    p = model.probability(stacked).numpy()
-    raw = model.probability(stacked, temperature=1.0).numpy()
-    rejected = int(sum(s > model.guard.threshold for s in scores)) if model.guard is not None else 0
-    order = sorted(model.thresholds, key=lambda k: (k != "screening", k))  # screening first, as clinicians read it
-    points = {name: operating_point(y, p, model.thresholds[name]) for name in order}
-    reports = {name: classification_report(y, p, model.thresholds[name]) for name in order}
-    return Evaluation(split, len(y), roc_auc(y, p), pr_auc(y, p), expected_calibration_error(y, p),
-                      expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p)
+    return labels, logits, scores, errors
+
+
+def _score_npz(model: Model, path, split: str, batch_size: int, tta: bool):
+    """The same for one official split of a MedMNIST .npz, resized by the model's own Preprocessing."""
+    images, labels = medmnist.load_split(path, split, model.preprocessing)
+    logits, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch = model.preprocessing.normalize(torch.from_numpy(images[start:start + batch_size]))
+        out, score = model.forward(batch, tta=tta)
+        logits += list(out)
+        scores += score.tolist()
+    return labels.tolist(), logits, scores, []

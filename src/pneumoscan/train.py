@@ -29,6 +29,7 @@ from . import __version__
 from .augment import build_augment
 from .calibrate import balanced_threshold, fit_temperature, screening_threshold, softmax_pneumonia
 from .config import TrainConfig
+from .data import medmnist
 from .data.cache import decode_cache
 from .data.layout import CLASSES, Sample, list_split, patient_split, read_split, write_split
 from .errors import PneumoscanError
@@ -183,6 +184,27 @@ def _split(cfg: TrainConfig, data_dir: Path, out_dir: Path, rt: Runtime, resume:
     return train, val
 
 
+def _load_data(cfg: TrainConfig, data_dir: Path, out_dir: Path, prep: Preprocessing, rt: Runtime, resume: bool,
+               progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(train images, labels, val images, labels, skipped-file messages) as uint8 caches, whatever the source.
+
+    A MedMNIST .npz brings its official train/val split (it has no patient ids to group by); a folder is split
+    by patient and decoded once.
+    """
+    if medmnist.is_npz(data_dir):
+        train_x, train_y = medmnist.load_split(data_dir, "train", prep)
+        val_x, val_y = medmnist.load_split(data_dir, "val", prep)
+        if rt.main:
+            medmnist.write_split(out_dir / "split.csv", data_dir, train_y, val_y)
+        return train_x, train_y, val_x, val_y, []
+    train_s, val_s = _split(cfg, data_dir, out_dir, rt, resume)
+    train_x, train_s, skipped = decode_cache(train_s, prep, desc="decode train", progress=progress and rt.main)
+    val_x, val_s, skipped_val = decode_cache(val_s, prep, desc="decode val", progress=progress and rt.main)
+    train_y = np.array([s.label for s in train_s], dtype=np.int64)
+    val_y = np.array([s.label for s in val_s], dtype=np.int64)
+    return train_x, train_y, val_x, val_y, skipped + skipped_val
+
+
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -206,12 +228,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     torch.manual_seed(cfg.seed)
     prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
 
-    train_s, val_s = _split(cfg, data_dir, out_dir, rt, resume)
-    train_x, train_s, skipped = decode_cache(train_s, prep, desc="decode train", progress=progress and rt.main)
-    val_x, val_s, skipped_val = decode_cache(val_s, prep, desc="decode val", progress=progress and rt.main)
-    skipped += skipped_val
-    train_y = np.array([s.label for s in train_s])
-    val_y = np.array([s.label for s in val_s])
+    train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, out_dir, prep, rt, resume, progress)
     for name, y in (("train", train_y), ("validation", val_y)):
         if len(np.unique(y)) < 2:
             raise TrainError(f"{data_dir}: the {name} subset needs images of both classes")
@@ -319,7 +336,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     path = out_dir / "model.safetensors"
     if rt.main:
         _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, started,
-                  len(train_s), len(val_s), len(skipped))
+                  len(train_y), len(val_y), len(skipped))
     if rt.world > 1:
         dist.barrier()
         dist.destroy_process_group()

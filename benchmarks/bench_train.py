@@ -1,0 +1,304 @@
+"""Training throughput and time-to-accuracy: pneumoscan's default recipe against a naive notebook baseline.
+
+Both arms run in this one process on the same data: the Kermany train split, divided by patient with
+pneumoscan's ``layout.patient_split`` (the seed and val_fraction of the config), the same architecture
+(efficientnet_lite0 from ``pneumoscan.models.create_model`` with ImageNet weights) and batch size.
+
+(a) pneumoscan: configs/default.yaml built from fit()'s own pieces (decode once into a uint8 cache, balanced
+    sampler, frozen early stages, channels_last, bf16 autocast where the CPU has it, AdamW with warmup + cosine
+    over the config's epochs). The one-off decode is counted in its wall time.
+(b) baseline, as the published notebooks do it: torchvision ``ImageFolder`` decoding every JPEG at every step,
+    Resize(224) + RandomHorizontalFlip + RandomRotation(10) + ToTensor + Normalize, float32, every layer trained,
+    Adam at a constant learning rate, a plain shuffled DataLoader.
+
+Every ``--eval-every`` steps each arm scores a fixed, seeded subset of the validation patients; the clock is
+paused while it does, because how often a benchmark looks is not part of training. Printed per arm: training
+images/second, the wall time to the first validation AUC >= ``--target-auc`` and the ratio between arms.
+Figures go to docs/benchmarks.md by hand. Example (about 2 x --max-minutes plus set-up):
+
+    nice -n 19 python benchmarks/bench_train.py --max-minutes 10 --eval-every 25 --json runs/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumoscan.augment import build_augment
+from pneumoscan.calibrate import softmax_pneumonia
+from pneumoscan.config import load_config
+from pneumoscan.data.cache import decode_cache
+from pneumoscan.data.layout import CLASSES, Sample, list_split, patient_split
+from pneumoscan.metrics import roc_auc
+from pneumoscan.models import arch_spec, create_model, freeze_stages
+from pneumoscan.preprocess import Preprocessing
+from pneumoscan.train import CachedImages, _lr_at, epoch_indices, infer, setup_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    """Wall time that can be paused (for validation), so only the work of training is counted."""
+
+    def __init__(self) -> None:
+        self.start, self.paused_total, self.paused_at = time.perf_counter(), 0.0, None
+
+    def pause(self) -> None:
+        self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        self.paused_total += time.perf_counter() - self.paused_at
+        self.paused_at = None
+
+    def seconds(self) -> float:
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return now - self.start - self.paused_total
+
+
+@dataclass
+class ArmResult:
+    name: str
+    setup_seconds: float = 0.0  # counted in the time to target: decode cache (a), model creation (both)
+    train_seconds: float = 0.0  # inside training steps only
+    images: int = 0
+    steps: int = 0
+    time_to_target: float | None = None
+    curve: list[tuple[float, int, float]] = field(default_factory=list)  # (wall s, images seen, val AUC)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def best_auc(self) -> float:
+        return max((auc for _, _, auc in self.curve), default=float("nan"))
+
+
+class Budget:
+    """Shared bookkeeping of both arms: evaluate every N steps, stop at the target AUC or the time limit."""
+
+    def __init__(self, result: ArmResult, clock: Clock, args, evaluate) -> None:
+        self.result, self.clock, self.args, self.evaluate = result, clock, args, evaluate
+
+    def after_step(self, batch: int, step_seconds: float) -> bool:
+        """Record one step; True when the arm should stop."""
+        r = self.result
+        r.steps += 1
+        r.images += batch
+        r.train_seconds += step_seconds
+        if r.steps % self.args.eval_every == 0 or self.clock.seconds() >= self.args.max_minutes * 60:
+            self.clock.pause()
+            auc = self.evaluate()
+            self.clock.resume()
+            wall = self.clock.seconds()
+            r.curve.append((round(wall, 1), r.images, round(auc, 5)))
+            print(f"  {r.name}: step {r.steps:5d}  {wall:7.1f} s  {r.images:6d} images  "
+                  f"{r.images_per_second:6.1f} img/s  val AUC {auc:.4f}", file=sys.stderr, flush=True)
+            if auc >= self.args.target_auc:
+                r.time_to_target = wall
+                return True
+        return self.clock.seconds() >= self.args.max_minutes * 60
+
+
+def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> ArmResult:
+    """(a) The default recipe, step for step as fit() runs it (pieces imported from pneumoscan.train)."""
+    result = ArmResult("pneumoscan")
+    torch.manual_seed(cfg.seed)
+    rt = setup_runtime(cfg.amp)
+    spec = arch_spec(cfg.arch)
+    prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    val_x, val_kept, _ = decode_cache(val_s, prep, desc="decode val subset", progress=False)
+    val_y = np.array([s.label for s in val_kept])
+
+    clock = Clock()
+    train_x, kept, _ = decode_cache(train_s, prep, desc="decode train", progress=False)
+    train_y = np.array([s.label for s in kept])
+    net = create_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(rt.device)
+    frozen = freeze_stages(net, cfg.arch, cfg.freeze_stages)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    dataset = CachedImages(train_x, train_y, build_augment(cfg.augment, prep.size))
+    steps_per_epoch = max(1, len(train_y) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    result.setup_seconds = clock.seconds()
+    print(f"  pneumoscan: decoded {len(train_y)} images and built the model in {result.setup_seconds:.1f} s "
+          f"(amp {rt.amp_dtype}, {torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
+
+    def set_train_mode() -> None:
+        net.train()
+        for module in frozen:
+            module.eval()
+
+    def evaluate() -> float:
+        logits, _ = infer(net, val_x, prep, rt, amp=True, channels_last=cfg.channels_last)
+        set_train_mode()
+        return roc_auc(val_y, softmax_pneumonia(logits))
+
+    budget = Budget(result, clock, args, evaluate)
+    for epoch in range(10_000):  # the budget ends the loop; epochs beyond cfg.epochs run at the final lr
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        indices = epoch_indices(train_y, cfg.sampler, cfg.seed, epoch, 0, 1)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, drop_last=True)
+        set_train_mode()
+        t = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            lr = _lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = prep.normalize(x)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
+                loss = loss_fn(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if budget.after_step(len(y), time.perf_counter() - t):
+                return result
+            t = time.perf_counter()
+    return result
+
+
+def run_baseline(cfg, train_s: list[Sample], val_s: list[Sample], args) -> ArmResult:
+    """(b) The notebook pipeline: ImageFolder + transforms decoding JPEGs every step, float32, full fine-tune."""
+    from torchvision import datasets, transforms
+
+    result = ArmResult("baseline")
+    torch.manual_seed(cfg.seed)
+    spec = arch_spec(cfg.arch)
+    normalize = transforms.Normalize(spec.mean, spec.std)  # the weights' own normalisation, not a handicap
+    train_tf = transforms.Compose([transforms.Resize((224, 224)), transforms.RandomHorizontalFlip(),
+                                   transforms.RandomRotation(10), transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(), normalize])
+
+    clock = Clock()
+    root = Path(args.data) / "train"
+    train_folder = datasets.ImageFolder(str(root), transform=train_tf)
+    val_folder = datasets.ImageFolder(str(root), transform=val_tf)
+    if [c.upper() for c in train_folder.classes] != list(CLASSES):
+        raise SystemExit(f"{root}: ImageFolder classes {train_folder.classes} are not {CLASSES}")
+    index_of = {os.path.realpath(path): i for i, (path, _) in enumerate(train_folder.samples)}
+    train_set = torch.utils.data.Subset(train_folder, [index_of[os.path.realpath(s.path)] for s in train_s])
+    val_set = torch.utils.data.Subset(val_folder, [index_of[os.path.realpath(s.path)] for s in val_s])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                                         num_workers=args.baseline_workers,
+                                         persistent_workers=args.baseline_workers > 0)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=64, num_workers=args.baseline_workers)
+    net = create_model(cfg.arch, pretrained="imagenet")
+    opt = torch.optim.Adam(net.parameters(), lr=args.baseline_lr)
+    loss_fn = nn.CrossEntropyLoss()
+    result.setup_seconds = clock.seconds()
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        net.eval()
+        labels, scores = [], []
+        for x, y in val_loader:
+            labels.append(y)
+            scores.append(torch.softmax(net(x), 1)[:, 1])
+        net.train()
+        return roc_auc(torch.cat(labels).numpy(), torch.cat(scores).numpy())
+
+    budget = Budget(result, clock, args, evaluate)
+    net.train()
+    while True:
+        t = time.perf_counter()
+        for x, y in loader:
+            loss = loss_fn(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if budget.after_step(len(y), time.perf_counter() - t):
+                return result
+            t = time.perf_counter()
+
+
+def _val_subset(val_s: list[Sample], n: int, seed: int) -> list[Sample]:
+    """A fixed, class-stratified subset of the validation patients' images, the same for both arms."""
+    if n <= 0 or n >= len(val_s):
+        return val_s
+    rng = np.random.default_rng(seed)
+    labels = np.array([s.label for s in val_s])
+    chosen = []
+    for label in (0, 1):
+        pool = np.flatnonzero(labels == label)
+        chosen += rng.choice(pool, size=round(n * len(pool) / len(val_s)), replace=False).tolist()
+    return [val_s[i] for i in sorted(chosen)]
+
+
+def _fmt_time(r: ArmResult) -> str:
+    if r.time_to_target is not None:
+        return f"{r.time_to_target:8.1f} s"
+    return f"not reached (> {r.curve[-1][0] if r.curve else 0:.0f} s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--arms", default="pneumoscan,baseline", help="comma-separated: pneumoscan, baseline")
+    parser.add_argument("--max-minutes", type=float, default=10.0, help="per arm, wall time including set-up")
+    parser.add_argument("--target-auc", type=float, default=0.99)
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between validation AUC checks")
+    parser.add_argument("--val-images", type=int, default=400, help="fixed validation subset (0: all)")
+    parser.add_argument("--train-images", type=int, default=0, help="limit the train subset (0: all; smoke runs)")
+    parser.add_argument("--baseline-lr", type=float, default=1e-4, help="Adam, constant (the notebooks' value)")
+    parser.add_argument("--baseline-workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--json", help="write both arms' figures and AUC curves here")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config)
+    samples = list_split(args.data, "train")
+    train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+    if args.train_images:
+        train_s = [train_s[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_s))[:args.train_images]]
+    val_s = _val_subset(val_s, args.val_images, cfg.seed)
+    print(f"data: {len(train_s)} train images, {len(val_s)} validation images (patient-grouped, seed {cfg.seed}); "
+          f"batch {cfg.batch_size}; {torch.get_num_threads()} threads; target AUC {args.target_auc}",
+          file=sys.stderr, flush=True)
+
+    runners = {"pneumoscan": run_pneumoscan, "baseline": run_baseline}
+    results = []
+    for name in args.arms.split(","):
+        print(f"arm {name}: up to {args.max_minutes} min", file=sys.stderr, flush=True)
+        results.append(runners[name.strip()](cfg, train_s, val_s, args))
+
+    print(f"\n{'arm':<12}{'img/s':>8}{'steps':>7}{'set-up s':>10}{'best AUC':>10}   time to AUC {args.target_auc}")
+    for r in results:
+        print(f"{r.name:<12}{r.images_per_second:8.1f}{r.steps:7d}{r.setup_seconds:10.1f}{r.best_auc:10.4f}   "
+              f"{_fmt_time(r)}")
+    by_name = {r.name: r for r in results}
+    if len(by_name) == 2:
+        fast, slow = by_name["pneumoscan"], by_name["baseline"]
+        if slow.images_per_second:
+            print(f"throughput ratio (pneumoscan / baseline): {fast.images_per_second / slow.images_per_second:.2f}x")
+        if fast.time_to_target and slow.time_to_target:
+            print(f"time-to-target ratio (baseline / pneumoscan): {slow.time_to_target / fast.time_to_target:.2f}x")
+        elif fast.time_to_target and slow.curve:
+            print(f"time-to-target ratio (baseline / pneumoscan): > {slow.curve[-1][0] / fast.time_to_target:.2f}x "
+                  "(baseline did not reach the target)")
+    if args.json:
+        payload = {"args": vars(args), "train_images": len(train_s), "val_images": len(val_s),
+                   "threads": torch.get_num_threads(),
+                   "arms": [{**r.__dict__, "images_per_second": r.images_per_second, "best_auc": r.best_auc}
+                            for r in results]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
