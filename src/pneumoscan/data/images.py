@@ -8,7 +8,9 @@ wrong raises ``ImageReadError`` whose message is one line naming the file and th
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,24 +91,33 @@ def _read_pil(data: bytes, name: str, reduce_to: int | None) -> np.ndarray:
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(f"{name}: refused as a possible decompression bomb ({exc})") from None
+        # Pillow refuses before we see the size (>89 MP); say the same as _check_size does.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"has {int(found.group(1)):,} pixels" if found else "is too large"
+        raise ImageReadError(
+            f"{name}: image {size}, above the {MAX_PIXELS // 1_000_000} MP limit "
+            "(refused as a possible decompression bomb)"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageReadError(f"{name}: not a readable image (expected JPEG, PNG or DICOM)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: corrupt or truncated image ({exc})") from None
     if getattr(image, "n_frames", 1) > 1:
         raise ImageReadError(f"{name}: image has {image.n_frames} frames; expected a single image")
+    image_format = image.format
     image = ImageOps.exif_transpose(image)
-    return _pil_to_gray(image, name)
+    return _pil_to_gray(image, name, image_format)
 
 
-def _pil_to_gray(image: Image.Image, name: str) -> np.ndarray:
+def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.float32) / 65535.0
-    if mode == "I":  # 32-bit integer mode: 16-bit PNGs on some Pillow versions
+    if mode == "I":  # 32-bit integer mode: 16-bit PNGs on older Pillow versions
         array = np.asarray(image, dtype=np.float32)
-        return np.clip(array / (65535.0 if array.max() > 255 else 255.0), 0.0, 1.0)
+        # A PNG in mode I is 16-bit: scale by the bit depth, not by the content (a dark image must stay dark).
+        scale = 65535.0 if image_format == "PNG" or array.max() > 255 else 255.0
+        return np.clip(array / scale, 0.0, 1.0)
     if mode == "F":
         array = np.asarray(image, dtype=np.float32)
         lo, hi = float(array.min()), float(array.max())
@@ -150,10 +161,38 @@ def _read_dicom(data: bytes, name: str) -> np.ndarray:
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
     array = apply_modality_lut(pixels, ds).astype(np.float64)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        array = apply_voi_lut(array, ds, index=0).astype(np.float64)
-    lo, hi = float(array.min()), float(array.max())
-    array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        # The window is the display the modality chose: map it to [0, 1] as is, without stretching further.
+        array = _window(array, ds, name)
+    elif "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        array = np.clip(apply_voi_lut(array, ds, index=0).astype(np.float64) / (2**bits - 1), 0.0, 1.0)
+    else:  # no display transform stored: stretch min..max, as viewers do
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; flip to the usual look
         array = 1.0 - array
     return array.astype(np.float32)
+
+
+def _first(value) -> float:
+    """A DS element may hold several values (several windows); the first is the default."""
+    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
+
+
+def _window(array: np.ndarray, ds, name: str) -> np.ndarray:
+    """VOI window (PS3.3 C.11.2.1.2 and C.11.2.1.3) straight to [0, 1]; the first window when several."""
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{name}: DICOM window center/width are not numbers") from None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function == "SIGMOID" and width > 0:
+        return 1.0 / (1.0 + np.exp(-4.0 * (array - center) / width))
+    if function == "LINEAR_EXACT" and width > 0:
+        return np.clip((array - center) / width + 0.5, 0.0, 1.0)
+    if function == "LINEAR" and width >= 1:
+        if width == 1:
+            return (array > center - 0.5).astype(np.float64)
+        return np.clip((array - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    raise ImageReadError(f"{name}: unsupported DICOM VOI LUT function {function!r} with window width {width}")

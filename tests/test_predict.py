@@ -1,0 +1,296 @@
+"""Screening through the Python API and ``pneumoscan predict``: typed results, thresholds, folder walking,
+the CSV contract, error rows, exit codes, atomic output, and the bundled default model."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_model_file, save_gray, synthetic_xray
+
+from pneumoscan import Model, Prediction, load_model
+from pneumoscan.cli import main
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.modelfile import read_model_file, save_model_file
+from pneumoscan.predict import DEFAULT_MODEL, NOT_XRAY_MESSAGE
+
+CSV_HEADER = ["path", "probability", "decision", "threshold", "status", "message"]
+XRAYS = [synthetic_xray(64, seed=s, opacity=0.5 * (s % 2)) for s in range(200, 204)]
+BLANK = np.zeros((64, 64), np.float32)
+
+
+@pytest.fixture(scope="module")
+def strict_model_path(tmp_path_factory) -> Path:
+    """The tiny model with a guard threshold between its synthetic X-rays and a blank image, so the guard bites."""
+    path = make_model_file(tmp_path_factory.mktemp("strict") / "strict.safetensors")
+    model = load_model(path)
+    xray_scores = [model.predict(x).guard_score for x in XRAYS]
+    blank_score = model.predict(BLANK).guard_score
+    assert max(xray_scores) < blank_score  # the untrained network's features still separate the two
+    tensors, meta = read_model_file(path)
+    meta["guard"]["threshold"] = math.sqrt(max(xray_scores) * blank_score)
+    save_model_file(path, tensors, meta)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """in/{a.jpeg, b.png, sub/c.png, sub/deeper/d.dcm-less PNG, notes.txt, blank.png, broken.png, empty.jpeg}"""
+    root = tmp_path / "in"
+    save_gray(root / "a.jpeg", XRAYS[0])
+    save_gray(root / "b.png", XRAYS[1], "RGB")
+    save_gray(root / "sub" / "c.png", XRAYS[2])
+    save_gray(root / "sub" / "deeper" / "d.png", XRAYS[3])
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == CSV_HEADER
+        return [dict(zip(CSV_HEADER, row, strict=True)) for row in reader]
+
+
+# --- Python API -----------------------------------------------------------------------------------------------
+
+def test_predict_accepts_a_path_bytes_or_an_array_and_returns_a_typed_prediction(tiny_model_path, tmp_path):
+    model = load_model(tiny_model_path)
+    assert isinstance(model, Model)
+    path = save_gray(tmp_path / "x.png", XRAYS[0])
+    by_path = model.predict(path)
+    by_str = model.predict(str(path))
+    by_bytes = model.predict(path.read_bytes(), name="upload.png")
+    by_array = model.predict(np.round(XRAYS[0] * 255) / 255)
+    for result in (by_path, by_str, by_bytes, by_array):
+        assert isinstance(result, Prediction)
+        assert result.status == "ok" and result.message == ""
+        assert isinstance(result.probability, float) and 0.0 <= result.probability <= 1.0
+        assert result.decision in ("NORMAL", "PNEUMONIA")
+        assert result.operating_point == "screening" and result.threshold == 0.3
+        assert isinstance(result.guard_score, float)
+        assert result.decision == ("PNEUMONIA" if result.probability >= 0.3 else "NORMAL")
+    assert by_path.path == str(path) and by_bytes.path == "upload.png" and by_array.path == "<array>"
+    assert by_path.probability == pytest.approx(by_bytes.probability, abs=1e-6)
+    assert by_path.probability == pytest.approx(by_array.probability, abs=1e-6)
+    assert by_path.to_dict()["status"] == "ok"
+
+
+def test_probability_uses_the_stored_temperature(tiny_model):
+    import torch
+
+    image = XRAYS[1]
+    logits, _ = tiny_model.forward(tiny_model.preprocessing.apply(image)[None])
+    expected = torch.softmax(logits / 1.5, dim=1)[0, 1].item()  # the fixture's temperature is 1.5
+    assert tiny_model.predict(image).probability == pytest.approx(expected, abs=1e-6)
+
+
+def test_named_and_numeric_thresholds(tiny_model):
+    assert tiny_model.resolve_threshold("screening") == ("screening", 0.3)
+    assert tiny_model.resolve_threshold("balanced") == ("balanced", 0.5)
+    assert tiny_model.resolve_threshold("0.42") == ("custom", 0.42)
+    assert tiny_model.resolve_threshold(0.42) == ("custom", 0.42)
+    result = tiny_model.predict(XRAYS[0], threshold=0.42)
+    assert (result.operating_point, result.threshold) == ("custom", 0.42)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("bogus", "threshold must be one of balanced, screening or a number in (0, 1), got 'bogus'"),
+    ("1.5", "threshold must be in (0, 1), got 1.5"),
+    ("0", "threshold must be in (0, 1), got 0.0"),
+    ("nan", "threshold must be in (0, 1), got nan"),
+])
+def test_bad_threshold_is_a_clear_error(tiny_model, bad, message):
+    with pytest.raises(PneumoscanError) as info:
+        tiny_model.predict(XRAYS[0], threshold=bad)
+    assert str(info.value) == message
+
+
+def test_unreadable_file_raises_from_predict_but_is_a_row_from_predict_files(tiny_model, tmp_path):
+    from pneumoscan.data.images import ImageReadError
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("text")
+    with pytest.raises(ImageReadError, match="bad.png: not a readable image"):
+        tiny_model.predict(bad)
+    (row,) = tiny_model.predict_files([bad])
+    assert row.status == "error" and row.probability is None and row.decision is None
+    assert row.message == f"{bad}: not a readable image (expected JPEG, PNG or DICOM)"
+
+
+def test_predict_files_keeps_input_order_across_batches(tiny_model, tmp_path):
+    paths = []
+    for i in range(7):
+        paths.append(save_gray(tmp_path / f"{i}.png", XRAYS[i % 4]))
+        if i == 3:
+            paths.append(tmp_path / "missing.png")
+    results = list(tiny_model.predict_files(paths, batch_size=3))
+    assert [r.path for r in results] == [str(p) for p in paths]
+    assert [r.status for r in results].count("error") == 1
+    singles = [tiny_model.predict(p).probability for p in paths if p.exists()]
+    batched = [r.probability for r in results if r.status == "ok"]
+    assert np.allclose(singles, batched, atol=1e-5)
+
+
+def test_guard_rejects_a_blank_image_without_a_probability(strict_model_path):
+    model = load_model(strict_model_path)
+    result = model.predict(BLANK)
+    assert result.status == "not_xray"
+    assert result.probability is None and result.decision is None
+    assert result.message == NOT_XRAY_MESSAGE
+    assert result.guard_score > model.guard.threshold
+    assert all(model.predict(x).status == "ok" for x in XRAYS)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def test_cli_walks_folders_recursively_and_writes_the_csv(tiny_model_path, folder, tmp_path, capsys):
+    out = tmp_path / "out" / "results.csv"
+    code = main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"])
+    assert code == 0
+    rows = _rows(out)
+    assert [Path(r["path"]).relative_to(folder).as_posix() for r in rows] == [
+        "a.jpeg", "b.png", "sub/c.png", "sub/deeper/d.png"]
+    for row in rows:
+        assert row["status"] == "ok" and row["message"] == ""
+        assert 0.0 <= float(row["probability"]) <= 1.0
+        assert row["decision"] in ("NORMAL", "PNEUMONIA")
+        assert row["threshold"] == "0.300000"
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and all("(screening threshold 0.3000)" in line for line in printed)
+
+
+@pytest.mark.parametrize("threshold, shown", [("screening", "0.300000"), ("balanced", "0.500000"),
+                                               ("0.42", "0.420000")])
+def test_cli_threshold_choices(tiny_model_path, folder, tmp_path, threshold, shown):
+    out = tmp_path / "t.csv"
+    assert main(["predict", str(folder / "a.jpeg"), "--model", str(tiny_model_path), "--threshold", threshold,
+                 "--csv", str(out), "--quiet"]) == 0
+    (row,) = _rows(out)
+    assert row["threshold"] == shown
+    assert row["decision"] == ("PNEUMONIA" if float(row["probability"]) >= float(shown) else "NORMAL")
+
+
+def test_cli_bogus_threshold_fails_before_reading_anything(tiny_model_path, folder, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    code = main(["predict", str(folder), "--model", str(tiny_model_path), "--threshold", "bogus", "--csv", str(out)])
+    assert code == 2
+    assert capsys.readouterr().err == ("pneumoscan: error: threshold must be one of balanced, screening or a "
+                                       "number in (0, 1), got 'bogus'\n")
+    assert not out.exists()
+
+
+def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_path, folder, tmp_path, capsys):
+    save_gray(folder / "blank.png", BLANK)
+    (folder / "broken.png").write_text("not an image")
+    (folder / "empty.jpeg").write_bytes(b"")
+    missing = tmp_path / "gone.jpeg"
+    out = tmp_path / "results.csv"
+    code = main(["predict", str(folder), str(missing), "--model", str(strict_model_path), "--csv", str(out),
+                 "--quiet"])
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert set(rows) == {"a.jpeg", "b.png", "c.png", "d.png", "blank.png", "broken.png", "empty.jpeg", "gone.jpeg"}
+    assert rows["blank.png"] == {"path": str(folder / "blank.png"), "probability": "", "decision": "",
+                                 "threshold": "0.300000", "status": "not_xray", "message": NOT_XRAY_MESSAGE}
+    assert rows["broken.png"]["status"] == "error"
+    assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG or DICOM)"
+    assert rows["empty.jpeg"]["message"] == f"{folder / 'empty.jpeg'}: empty file"
+    assert rows["gone.jpeg"]["message"] == f"{missing}: file not found"
+    for name in ("broken.png", "empty.jpeg", "gone.jpeg"):
+        assert rows[name]["probability"] == rows[name]["decision"] == ""
+    assert all(rows[n]["status"] == "ok" for n in ("a.jpeg", "b.png", "c.png", "d.png"))
+    captured = capsys.readouterr()
+    assert captured.err == "pneumoscan: 3 file(s) could not be read\n"
+    assert "Traceback" not in captured.out + captured.err
+    assert f"{folder / 'blank.png'}\t-\tNOT_XRAY\t{NOT_XRAY_MESSAGE}" in captured.out.splitlines()
+
+
+def test_cli_not_xray_alone_is_not_a_failure(strict_model_path, tmp_path):
+    blank = save_gray(tmp_path / "blank.png", BLANK)
+    assert main(["predict", str(blank), "--model", str(strict_model_path), "--quiet"]) == 0
+
+
+def test_interrupted_run_leaves_no_csv_and_keeps_an_older_one(tiny_model_path, folder, tmp_path, monkeypatch):
+    out = tmp_path / "results.csv"
+    calls = {"n": 0}
+    original = Model.predict_files
+
+    def failing(self, *args, **kwargs):
+        for prediction in original(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("disk on fire")
+            yield prediction
+
+    monkeypatch.setattr(Model, "predict_files", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"])
+    assert not out.exists()
+    assert os.listdir(tmp_path) == ["in"]  # no temporary file left behind either
+
+    out.write_text("previous complete results\n")
+    calls["n"] = 0
+
+    def interrupted(self, *args, **kwargs):
+        for prediction in original(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            yield prediction
+
+    monkeypatch.setattr(Model, "predict_files", interrupted)
+    assert main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 130
+    assert out.read_text() == "previous complete results\n"
+    assert sorted(os.listdir(tmp_path)) == ["in", "results.csv"]
+
+
+def test_csv_appears_only_complete(tiny_model_path, folder, tmp_path, monkeypatch):
+    out = tmp_path / "results.csv"
+    seen = []
+    original = Model.predict_files
+
+    def watching(self, *args, **kwargs):
+        for prediction in original(self, *args, **kwargs):
+            seen.append(out.exists())  # while rows are being written, the final name does not exist yet
+            yield prediction
+
+    monkeypatch.setattr(Model, "predict_files", watching)
+    assert main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 0
+    assert seen == [False] * 4
+    assert len(_rows(out)) == 4
+
+
+def test_cli_missing_model_file_is_one_line(tmp_path, folder, capsys):
+    missing = tmp_path / "nope.safetensors"
+    assert main(["predict", str(folder), "--model", str(missing)]) == 2
+    assert capsys.readouterr().err == f"pneumoscan: error: {missing}: model file not found\n"
+
+
+# --- the bundled default model ------------------------------------------------------------------------------
+
+def _default_model_or_skip() -> None:
+    if not DEFAULT_MODEL.is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{DEFAULT_MODEL} is missing: the package must ship its default model")
+        pytest.skip(f"{DEFAULT_MODEL} not built yet")
+
+
+@pytest.mark.integration
+def test_bundled_default_model_screens_a_real_test_image(kermany):
+    _default_model_or_skip()
+    model = load_model()
+    assert model.path == DEFAULT_MODEL
+    assert set(model.thresholds) >= {"screening", "balanced"}
+    normal = sorted((kermany / "test" / "NORMAL").glob("*.jpeg"))[0]
+    pneumonia = sorted((kermany / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    results = [model.predict(normal), model.predict(pneumonia)]
+    for result in results:
+        assert result.status == "ok", result.message
+        assert 0.0 <= result.probability <= 1.0
+    assert results[1].probability > results[0].probability
+    assert results[1].decision == "PNEUMONIA"
