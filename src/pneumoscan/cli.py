@@ -104,6 +104,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as exc:
+        raise PneumoscanError(f"serving needs the [serve] extra (pip install 'pneumoscan[serve]'): {exc}") from None
+    from .predict import load_model
+
+    if args.max_upload_mb <= 0 or args.concurrency < 1:
+        raise PneumoscanError("--max-upload-mb and --concurrency must be positive")
+    model = load_model(args.model, **({} if args.backend == "torch" else {"backend": args.backend}))
+    app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency)
+    print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on http://{args.host}:{args.port}/",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -152,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP API and web page for screening single images")
+    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
+    p.add_argument("--concurrency", type=int, default=2, help="images decoded and screened at the same time")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

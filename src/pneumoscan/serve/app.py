@@ -1,0 +1,543 @@
+"""HTTP service: one loaded model behind a small JSON API and a static web page.
+
+Why the upload is parsed by hand: Starlette's form parser spools any size of file to disk before the handler
+sees it, so a 1 GB upload would cost a 1 GB temporary file. Here the multipart body is streamed through
+python-multipart chunk by chunk and refused (413) the moment the file passes the limit; nothing bigger than the
+limit is ever held. The file type is sniffed from its first bytes (the client's filename and content type are
+only labels), decoding and the network run in worker threads behind a limiter so the event loop keeps answering,
+and every failure is ``{"error": "<one line>"}`` with the matching status code.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .. import __version__
+from ..data.images import ImageReadError, read_image
+from ..errors import PneumoscanError
+
+logger = logging.getLogger("pneumoscan.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 20 * 2**20
+MULTIPART_SLACK = 64 * 1024  # part headers, boundaries and small extra fields on top of the file itself
+MAX_PARTS = 16
+DISPLAY_SIZE = 1024  # longest side of the preview and heatmap PNGs
+
+# The messages clients see; tests assert them verbatim.
+EMPTY_BODY = "empty request body: send multipart/form-data with the image in a field named 'file'"
+NOT_MULTIPART = (
+    "unsupported content type {ctype!r}: send multipart/form-data with the image in a field named 'file'"
+)
+NO_BOUNDARY = "malformed multipart body: the Content-Type header has no boundary"
+MALFORMED = "malformed multipart body ({reason})"
+TRUNCATED = "malformed multipart body: it ended before the closing boundary"
+TOO_MANY_PARTS = f"malformed multipart body: more than {MAX_PARTS} parts"
+MISSING_FILE = "missing form field 'file' (the image to screen)"
+EMPTY_FILE = "the uploaded file is empty"
+TOO_LARGE = "upload is larger than the {limit} limit"
+NOT_AN_IMAGE = "{name}: unsupported file type; expected a JPEG, PNG or DICOM image"
+SLOW_UPLOAD = "upload not received within {seconds:g} s"
+BUSY = "server busy: too many requests in progress, retry shortly"
+NO_HEATMAP = "heatmaps need the torch backend (Grad-CAM runs on the PyTorch network); this server has none"
+INTERNAL = "internal server error"
+
+
+class HTTPError(Exception):
+    """A request we refuse, with its status code and the one-line reason sent back as ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _clean_filename(raw: str | None) -> str:
+    """Base name only, printable, short: it is echoed in messages and must not smuggle paths or control chars."""
+    name = re.split(r"[\\/]", raw or "")[-1]
+    name = "".join(ch for ch in name if ch.isprintable())[:120].strip()
+    return name or "upload"
+
+
+def sniff(data: bytes) -> str | None:
+    """'jpeg' | 'png' | 'dicom' from the file's magic bytes, None for anything else."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+class _MultipartFile:
+    """Streaming multipart consumer that keeps the first part named ``file`` (at most ``limit`` bytes)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts = 0
+        self.ended = False
+        self.too_large = False
+        self.filename: str | None = None
+        self.data: bytearray | None = None  # set once the file part is found
+        self._in_file = False
+        self._headers: dict[str, str] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", ""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._in_file = name == "file" and self.data is None
+        if self._in_file:
+            self.data = bytearray()
+            self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._in_file or self.too_large:
+            return  # other fields are counted against the body limit by the reader, then dropped
+        if len(self.data) + (end - start) > self.limit:
+            self.too_large = True
+            return
+        self.data.extend(data[start:end])
+
+    def _part_end(self) -> None:
+        self._in_file = False
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+async def read_upload(request: Request, max_bytes: int) -> Upload:
+    """The ``file`` field of a multipart request, read in chunks and refused as soon as it passes ``max_bytes``."""
+    too_large = HTTPError(413, TOO_LARGE.format(limit=_mib(max_bytes)))
+    body_limit = max_bytes + MULTIPART_SLACK
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit():
+        if int(declared) == 0:
+            raise HTTPError(400, EMPTY_BODY)
+        if int(declared) > body_limit:
+            raise too_large  # refused unread; uvicorn discards the rest of the body without keeping it
+    ctype = request.headers.get("content-type", "")
+    kind, options = parse_options_header(ctype)
+    if kind != b"multipart/form-data":
+        if declared is None and not ctype:
+            raise HTTPError(400, EMPTY_BODY)
+        raise HTTPError(415, NOT_MULTIPART.format(ctype=ctype or "none"))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise HTTPError(400, NO_BOUNDARY)
+
+    sink = _MultipartFile(max_bytes)
+    parser = MultipartParser(boundary, sink.callbacks())
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > body_limit:
+                raise too_large
+            if sink.ended or not chunk:
+                continue  # epilogue after the closing boundary
+            parser.write(chunk)
+            if sink.too_large:
+                raise too_large
+            if sink.parts > MAX_PARTS:
+                raise HTTPError(400, TOO_MANY_PARTS)
+    except MultipartParseError as exc:
+        reason = str(exc).split("\n")[0] or "unparseable"
+        raise HTTPError(400, MALFORMED.format(reason=reason)) from None
+    except ClientDisconnect:
+        raise HTTPError(400, "client disconnected during the upload") from None
+    if total == 0:
+        raise HTTPError(400, EMPTY_BODY)
+    if not sink.ended:
+        raise HTTPError(400, TRUNCATED)
+    if sink.data is None:
+        raise HTTPError(422, MISSING_FILE)
+    if not sink.data:
+        raise HTTPError(400, EMPTY_FILE)
+    return Upload(_clean_filename(sink.filename), bytes(sink.data))
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=3)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _gray(image: np.ndarray) -> Image.Image:
+    """The decoded image as 8-bit gray: lets the page show DICOMs, which browsers cannot decode."""
+    return Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+
+
+def _fit(picture: Image.Image) -> Image.Image:
+    """At most DISPLAY_SIZE a side: plenty for a screen, and keeps the JSON answer small."""
+    picture = picture.copy()
+    picture.thumbnail((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.LANCZOS)
+    return picture
+
+
+def _heatmap_supported(model) -> bool:
+    """Grad-CAM needs a torch network and the explain module; an ONNX-backed model has neither gradient nor hooks."""
+    import importlib.util
+
+    import torch
+
+    try:
+        network = model.network  # the onnxruntime backend raises here instead of having none
+    except Exception:
+        return False
+    return isinstance(network, torch.nn.Module) and importlib.util.find_spec("pneumoscan.explain") is not None
+
+
+def _backend(model) -> str:
+    return getattr(model, "backend", None) or ("onnx" if hasattr(model, "session") else "torch")
+
+
+def _screen(model, upload: Upload, threshold: str, heatmap: bool, preview: bool) -> dict:
+    """Decode, predict and explain one upload; runs in a worker thread (blocking, CPU-bound)."""
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    image = read_image(upload.data, name=upload.filename, reduce_to=model.preprocessing.size)
+    timing["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pred = model.predict(image, threshold=threshold, name=upload.filename)
+    timing["inference"] = time.perf_counter() - start
+    extra: dict[str, str | None] = {}
+    if heatmap or preview:
+        # JPEGs were decoded at a fraction of their size for the network; pictures for people need more pixels.
+        start = time.perf_counter()
+        if sniff(upload.data) == "jpeg" and min(image.shape) < DISPLAY_SIZE:
+            image = read_image(upload.data, name=upload.filename, reduce_to=DISPLAY_SIZE)
+        timing["display_decode"] = time.perf_counter() - start
+    if heatmap:
+        start = time.perf_counter()
+        if pred.status == "ok":
+            from ..explain import gradcam_overlay
+
+            extra["heatmap_png_base64"] = _png_base64(_fit(gradcam_overlay(model, image)))
+        else:
+            extra["heatmap_png_base64"] = None  # no evidence map for an image the model refuses to judge
+        timing["heatmap"] = time.perf_counter() - start
+    if preview:
+        extra["image_png_base64"] = _png_base64(_fit(_gray(image)))
+    return {"prediction": pred, "timing": timing, "extra": extra}
+
+
+def _ordered(thresholds: dict[str, float]) -> dict[str, float]:
+    """Screening first, then balanced, then anything else: the order a reader meets them in."""
+    rank = {"screening": 0, "balanced": 1}
+    return {k: thresholds[k] for k in sorted(thresholds, key=lambda k: (rank.get(k, 2), k))}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = " ".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "invalid request: " + "; ".join(parts)
+
+
+class _SecurityHeaders:
+    """Plain ASGI middleware (it does not wrap the request body, unlike BaseHTTPMiddleware): the page may load
+    nothing but its own files, and nothing is sniffed, framed or cached."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        (
+            b"content-security-policy",
+            b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+            b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        ),
+    ]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+_PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "chest X-ray: JPEG, PNG or DICOM",
+                        }
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        str(code): {
+            "description": text,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "properties": {"error": {"type": "string"}}}
+                }
+            },
+        }
+        for code, text in [
+            (400, "malformed request"),
+            (413, "upload too large"),
+            (415, "not a JPEG, PNG or DICOM"),
+            (422, "unreadable image or invalid parameter"),
+            (503, "server busy"),
+        ]
+    },
+}
+
+_META_KEYS = (
+    "name",
+    "arch",
+    "classes",
+    "thresholds",
+    "temperature",
+    "target_sensitivity",
+    "preprocessing",
+    "validation",
+    "guard",
+    "version",
+    "created",
+)
+
+
+def create_app(
+    model,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_concurrency: int = 2,
+    max_pending: int = 32,
+    upload_timeout: float = 60.0,
+) -> FastAPI:
+    """The service around one already-loaded model (loaded once by the caller, shared by all requests).
+
+    ``max_concurrency`` bounds simultaneous decode + inference threads; ``max_pending`` bounds requests being
+    uploaded or waiting (each may hold up to ``max_upload_bytes``), beyond which the answer is 503.
+    """
+    app = FastAPI(
+        title="pneumoscan",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="Pneumonia screening on chest X-rays. A screening aid, not a diagnosis.",
+    )
+    limiter = anyio.CapacityLimiter(max_concurrency)
+    heatmap_ok = _heatmap_supported(model)
+    pending = 0
+    model_ref = {"name": model.name, "sha256": model.sha256}
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed here"}
+        return JSONResponse(
+            {"error": message.get(exc.status_code, str(exc.detail))},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.get("/healthz", summary="liveness and the model being served")
+    async def healthz() -> dict:
+        return {"status": "ok", "version": __version__, "model": model_ref}
+
+    @app.get(
+        "/v1/model",
+        summary="metadata of the served model: thresholds, calibration, preprocessing, validation",
+    )
+    async def model_info() -> dict:
+        info = {key: model.meta[key] for key in _META_KEYS if key in model.meta}
+        info.update(
+            name=model.name,
+            sha256=model.sha256,
+            thresholds=_ordered(model.thresholds),
+            temperature=model.temperature,
+            backend=_backend(model),
+            heatmap=heatmap_ok,
+            max_upload_bytes=max_upload_bytes,
+        )
+        return info
+
+    @app.post("/v1/predict", summary="screen one chest X-ray", openapi_extra=_PREDICT_OPENAPI)
+    async def predict(
+        request: Request,
+        threshold: str = Query("screening", description="screening | balanced | a number in (0, 1)"),
+        heatmap: bool = Query(False, description="add a Grad-CAM overlay as heatmap_png_base64"),
+        preview: bool = Query(False, description="add the decoded image as image_png_base64 (for display)"),
+    ) -> JSONResponse:
+        nonlocal pending
+        started = time.perf_counter()
+        try:
+            model.resolve_threshold(threshold)
+        except PneumoscanError as exc:
+            raise HTTPError(422, str(exc)) from None
+        if heatmap and not heatmap_ok:
+            raise HTTPError(501, NO_HEATMAP)
+        if pending >= max_pending:
+            raise HTTPError(503, BUSY, headers={"Retry-After": "1"})
+        pending += 1
+        try:
+            try:
+                with anyio.fail_after(upload_timeout):
+                    upload = await read_upload(request, max_upload_bytes)
+            except TimeoutError:
+                raise HTTPError(408, SLOW_UPLOAD.format(seconds=upload_timeout)) from None
+            uploaded = time.perf_counter()
+            if sniff(upload.data) is None:
+                raise HTTPError(415, NOT_AN_IMAGE.format(name=upload.filename))
+            work = partial(_screen, model, upload, threshold, heatmap, preview)
+            try:
+                result = await anyio.to_thread.run_sync(work, limiter=limiter)
+            except ImageReadError as exc:
+                raise HTTPError(422, str(exc).splitlines()[0]) from None
+            except Exception:
+                logger.exception("prediction failed for %s", upload.filename)
+                raise HTTPError(500, INTERNAL) from None
+        finally:
+            pending -= 1
+        pred = result["prediction"]
+        timing = {"upload": uploaded - started, **result["timing"], "total": time.perf_counter() - started}
+        decisions = None
+        if pred.status == "ok":
+            decisions = {
+                name: model.classes[int(pred.probability >= value)]
+                for name, value in _ordered(model.thresholds).items()
+            }
+        body = {
+            "filename": upload.filename,
+            "probability": pred.probability,
+            "decision": pred.decision,
+            "operating_point": pred.operating_point,
+            "threshold": pred.threshold,
+            "thresholds": _ordered(model.thresholds),
+            "decisions": decisions,
+            "status": pred.status,
+            "message": pred.message,
+            "guard_score": pred.guard_score,
+            "model": model_ref,
+            "timing_ms": {k: round(v * 1000.0, 2) for k, v in timing.items()},
+            **result["extra"],
+        }
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(_SecurityHeaders)
+    return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Run ``app`` with a real uvicorn server in a background thread; yields its base URL, stops it on exit.
+
+    The socket is bound here (port 0 = a free port chosen by the kernel) and handed to uvicorn, so there is no
+    window in which another process can take the port. Used by the tests and the HTTP benchmark.
+    """
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="pneumoscan-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
