@@ -9,7 +9,11 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -392,6 +396,7 @@ def test_concurrent_good_and_bad_requests_all_get_their_answer(server):
     assert response.json()["status"] == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("pneumoscan.export") is None,
     reason="the onnx backend is not installed",
@@ -412,3 +417,47 @@ def test_onnx_backend_serves_predictions_but_no_heatmaps(tiny_model, tmp_path):
     assert ok.json()["probability"] == pytest.approx(tiny_model.predict(JPEG).probability, abs=1e-3)
     assert refused.status_code == 501
     assert refused.json() == {"error": serve_app.NO_HEATMAP}
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_command_starts_a_server_on_the_requested_port(tiny_model_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "pneumoscan.cli",
+        "serve",
+        "--model",
+        str(tiny_model_path),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert health.json()["model"]["name"] == "tiny-test-model"
+        assert post(f"http://127.0.0.1:{port}", JPEG).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_command_reports_a_missing_model_in_one_line(tmp_path, capsys):
+    from pneumoscan.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pneumoscan: error: ") and "nope.safetensors" in err and "\n" not in err

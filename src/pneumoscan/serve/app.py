@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.images import ImageReadError, read_image
+from ..data.images import read_image
 from ..errors import PneumoscanError
 
 logger = logging.getLogger("pneumoscan.serve")
@@ -466,7 +466,7 @@ def create_app(
             work = partial(_screen, model, upload, threshold, heatmap, preview)
             try:
                 result = await anyio.to_thread.run_sync(work, limiter=limiter)
-            except ImageReadError as exc:
+            except PneumoscanError as exc:  # ImageReadError and its kin: the input's fault, one line
                 raise HTTPError(422, str(exc).splitlines()[0]) from None
             except Exception:
                 logger.exception("prediction failed for %s", upload.filename)
