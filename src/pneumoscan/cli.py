@@ -17,6 +17,14 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from .data.download import DATASET, download
+
+    counts = download(args.dest)
+    print(f"{args.dest}: Kaggle {DATASET}, " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import fit
@@ -134,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("summary", help="images, patients, sizes and class balance per split")
     p.add_argument("data_dir")
     p.set_defaults(func=cmd_data_summary)
+    p = data.add_parser("download", help="fetch the Kermany dataset from Kaggle (needs Kaggle credentials)")
+    p.add_argument("dest", help="new folder that receives {train,val,test}/{NORMAL,PNEUMONIA}")
+    p.set_defaults(func=cmd_data_download)
 
     p = sub.add_parser("train", help="fine-tune a network and write RUN_DIR/model.safetensors")
     p.add_argument("--data", required=True,

@@ -1,0 +1,93 @@
+"""metrics.py against scikit-learn, and calibrate.py on synthetic data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
+
+from pneumoscan.calibrate import balanced_threshold, fit_temperature, screening_threshold, softmax_pneumonia
+from pneumoscan.metrics import classification_report, decide, expected_calibration_error, operating_point
+
+
+def scores(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    return y, p
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 0.62, 0.9])
+def test_operating_point_counts_and_rates_match_sklearn(threshold):
+    y, p = scores()
+    pt = operating_point(y, p, threshold)
+    pred = (p >= threshold).astype(int)
+    assert [pt.tn, pt.fp, pt.fn, pt.tp] == confusion_matrix(y, pred).ravel().tolist()
+    assert pt.sensitivity == pytest.approx(recall_score(y, pred))
+    assert pt.specificity == pytest.approx(recall_score(1 - y, 1 - pred))
+    assert pt.precision == pytest.approx(precision_score(y, pred))
+    assert pt.f1 == pytest.approx(f1_score(y, pred))
+    assert pt.accuracy == pytest.approx(np.mean(pred == y))
+
+
+def test_decision_is_pneumonia_at_exactly_the_threshold():
+    assert decide(np.array([0.49, 0.5, 0.51]), 0.5).tolist() == [0, 1, 1]
+
+
+def test_ece_of_perfectly_calibrated_data_is_near_zero():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 1, 200_000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(int)  # P(y=1 | p) = p by construction
+    assert expected_calibration_error(y, p) < 0.01
+    assert expected_calibration_error(y, np.clip(p + 0.2, 0, 1)) > 0.1  # and it does see miscalibration
+
+
+def test_classification_report_names_classes_and_figures():
+    y, p = scores()
+    text = classification_report(y, p, 0.5)
+    for word in ("NORMAL", "PNEUMONIA", "precision", "recall", "f1-score", "support", "accuracy", "macro avg"):
+        assert word in text
+    recall = recall_score(y, p >= 0.5)
+    assert f"{recall:.3f}" in text.splitlines()[3]  # the PNEUMONIA row
+
+
+def logits_at_temperature(t: float, n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose true probabilities are softmax(logits / t): the fitted temperature must be t."""
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(0, 3, n)
+    logits = np.stack([np.zeros(n), margin], axis=1)
+    y = (rng.uniform(0, 1, n) < softmax_pneumonia(logits, t)).astype(int)
+    return logits, y
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_a_known_temperature(t):
+    logits, y = logits_at_temperature(t)
+    assert fit_temperature(logits, y) == pytest.approx(t, rel=0.08)
+
+
+def test_screening_threshold_reaches_target_sensitivity_and_is_conservative():
+    y, p = scores(4000, seed=3)
+    t = screening_threshold(y, p, target_sensitivity=0.95, confidence=0.95)
+    sens = operating_point(y, p, t).sensitivity
+    assert sens >= 0.95
+    positives = np.sort(p[y == 1])
+    empirical = positives[int(np.floor(0.05 * len(positives)))]  # the plain 95%-sensitivity threshold
+    assert t <= empirical  # the confidence bound only ever lowers the threshold
+    # on fresh data from the same distribution the target still holds
+    y2, p2 = scores(4000, seed=4)
+    assert operating_point(y2, p2, t).sensitivity >= 0.94
+
+
+def test_screening_threshold_without_positives_is_an_error():
+    with pytest.raises(ValueError, match="no pneumonia cases"):
+        screening_threshold(np.zeros(5, int), np.linspace(0, 1, 5), 0.98)
+
+
+def test_balanced_threshold_maximises_youden_j():
+    y, p = scores()
+    t = balanced_threshold(y, p)
+    j = lambda thr: operating_point(y, p, thr).sensitivity + operating_point(y, p, thr).specificity - 1  # noqa: E731
+    grid = np.unique(p)
+    assert j(t) == pytest.approx(max(j(g) for g in grid[:: max(1, len(grid) // 400)]), abs=0.01)
+    assert 0.4 < t < 0.6  # the two score distributions cross at 0.5

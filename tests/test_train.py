@@ -1,0 +1,222 @@
+"""fit() end to end on the generated tiny dataset: files written, resume, early stopping, --weights, DDP,
+corrupt images. Everything runs at 64 px from random init so the whole module takes well under a minute."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pneumoscan import train as train_mod
+from pneumoscan.config import load_config
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.modelfile import read_model_file
+from pneumoscan.train import fit
+
+FAST = dict(image_size=64, epochs=2, batch_size=8, pretrained="none", num_workers=0)
+
+
+def fast_config(**overrides):
+    return load_config(None, **{**FAST, **overrides})
+
+
+def checkpoint_weights(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(run / "checkpoint.safetensors")).items() if k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+    """One uninterrupted 2-epoch run shared by the tests that only read its files."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(fast_config(), tiny_dataset, run, progress=False)
+    return run
+
+
+def test_fit_writes_model_file_with_metadata_logs_and_patient_split(trained_run):
+    tensors, meta = read_model_file(trained_run / "model.safetensors")
+    for key in ("arch", "classes", "preprocessing", "temperature", "thresholds", "guard", "validation", "training",
+                "version", "created"):
+        assert key in meta, key
+    assert set(meta["thresholds"]) == {"screening", "balanced"}
+    assert meta["preprocessing"]["size"] == 64 and meta["training"]["epochs_run"] == 2
+    assert any(k.startswith("guard.") for k in tensors)
+    with (trained_run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(0 <= float(r["val_auc"]) <= 1 for r in rows)
+    with (trained_run / "split.csv").open() as f:
+        split = list(csv.DictReader(f))
+    sides: dict[str, set[str]] = {}
+    for row in split:
+        sides.setdefault(row["patient"], set()).add(row["subset"])
+    assert len(split) == 48 and all(len(s) == 1 for s in sides.values())
+    assert {r["subset"] for r in split} == {"train", "val"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained_run / "tensorboard").iterdir())
+    assert not list(trained_run.glob(".*.tmp"))
+
+
+def test_fit_refuses_to_overwrite_an_existing_run(trained_run, tiny_dataset):
+    before = (trained_run / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(PneumoscanError, match="already holds a trained model"):
+        fit(fast_config(), tiny_dataset, trained_run, progress=False)
+    assert (trained_run / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resume_after_interruption_gives_the_same_weights_as_an_uninterrupted_run(
+        trained_run, tiny_dataset, tmp_path, monkeypatch):
+    """Sampling and augmentation are seeded per epoch, so stopping after epoch 1 and resuming must reproduce
+    the uninterrupted run bit for bit (same config; changing --epochs on resume changes the LR schedule)."""
+    real_save = train_mod._save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    run = tmp_path / "interrupted"
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(fast_config(), tiny_dataset, run, progress=False)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    assert not (run / "model.safetensors").exists()
+    fit(fast_config(), tiny_dataset, run, resume=True, progress=False)
+
+    resumed, reference = checkpoint_weights(run), checkpoint_weights(trained_run)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert (run / "split.csv").read_text() == (trained_run / "split.csv").read_text()
+    assert [line.split(",")[:4] for line in (run / "metrics.csv").read_text().splitlines()] == \
+           [line.split(",")[:4] for line in (trained_run / "metrics.csv").read_text().splitlines()]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_dataset, tmp_path):
+    with pytest.raises(PneumoscanError, match="nothing to resume"):
+        fit(fast_config(), tiny_dataset, tmp_path / "new", resume=True, progress=False)
+
+
+def test_early_stopping_ends_training_after_patience_epochs_without_better_auc(
+        tiny_dataset, tmp_path, monkeypatch):
+    aucs = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+    monkeypatch.setattr(train_mod, "roc_auc", lambda y, p: next(aucs, 0.5))
+    run = tmp_path / "early"
+    fit(fast_config(epochs=5, patience=1), tiny_dataset, run, progress=False)
+    assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 2
+    meta = read_model_file(run / "model.safetensors")[1]
+    assert meta["training"]["epochs_run"] == 2 and meta["training"]["best_epoch"] == 1
+
+
+def test_weights_file_starts_resnet18_from_a_local_state_dict(tiny_dataset, tmp_path):
+    """How the ResNet ImageNet path is tested offline: a saved resnet18 state dict in place of the download."""
+    import timm
+
+    torch.manual_seed(123)
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=1000).state_dict().items()}
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(state, str(weights))
+    run = tmp_path / "r18"
+    fit(fast_config(arch="resnet18", weights=str(weights), epochs=1, batch_size=32), tiny_dataset, run,
+        progress=False)
+    tensors, meta = read_model_file(run / "model.safetensors")
+    assert meta["arch"] == "resnet18" and meta["training"]["config"]["weights"] == str(weights)
+    # conv1 and layer1 are frozen by default, so they must still be exactly the loaded weights
+    assert torch.equal(tensors["conv1.weight"], state["conv1.weight"])
+    assert torch.equal(tensors["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+
+
+def test_resnet18_imagenet_download_offline_is_one_line_with_the_fix(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from pneumoscan.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries in tests
+    run = tmp_path / "offline"
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--arch", "resnet18",
+                 "--pretrained", "imagenet", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("pneumoscan: error: could not download ImageNet weights for resnet18")
+    assert "--weights FILE" in err[0] and "--pretrained none" in err[0]
+    assert not (run / "model.safetensors").exists()
+
+
+def test_corrupt_image_is_reported_and_skipped_not_trained_on(tiny_dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "train", data / "train")
+    bad = data / "train" / "NORMAL" / "IM-0099-0001.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    run = tmp_path / "run"
+    fit(fast_config(epochs=1), data, run, progress=False)
+    skipped = (run / "skipped.txt").read_text()
+    assert "IM-0099-0001.jpeg" in skipped and len(skipped.strip().splitlines()) == 1
+    assert "IM-0099-0001.jpeg" in capsys.readouterr().err
+    training = read_model_file(run / "model.safetensors")[1]["training"]
+    assert training["skipped_images"] == 1
+    assert training["train_images"] + training["val_images"] == 48  # 49 files, the corrupt one left out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_on_cpu_writes_one_model_file(tiny_dataset, tmp_path):
+    run = tmp_path / "ddp"
+    config = tmp_path / "fast.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in {**FAST, "epochs": 1}.items()))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pneumoscan.cli",
+         "train", "--data", str(tiny_dataset), "--out", str(run), "--config", str(config), "--quiet"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "checkpoint.safetensors",
+                                                                  "model.safetensors"]
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["pneumoscan"])
+    assert meta["training"]["hardware"].split(",")[0].endswith("cpu x2")
+    assert str(run / "model.safetensors") in proc.stdout
+
+
+# ---- configuration -------------------------------------------------------------------------------------------
+
+def test_config_yaml_round_trip(tmp_path):
+    from pneumoscan.config import TrainConfig
+
+    cfg = load_config(None, arch="resnet18", epochs=3, seed=7)
+    cfg.augment.scale = (0.5, 0.9)
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg and isinstance(again, TrainConfig) and again.augment.scale == (0.5, 0.9)
+
+
+def test_config_unknown_key_error_names_the_key_and_the_file(tmp_path):
+    from pneumoscan.config import ConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key\(s\) learning_rate"):
+        load_config(path)
+
+
+def test_config_nested_augment_keys_are_read_and_checked(tmp_path):
+    from pneumoscan.config import ConfigError
+
+    path = tmp_path / "aug.yaml"
+    path.write_text("augment:\n  degrees: 3.5\n  gamma: [0.9, 1.1]\n  enabled: false\n")
+    cfg = load_config(path)
+    assert cfg.augment.degrees == 3.5 and cfg.augment.gamma == (0.9, 1.1) and not cfg.augment.enabled
+    assert cfg.augment.brightness == 0.25  # unspecified nested keys keep their defaults
+    path.write_text("augment:\n  rotate: 3\n")
+    with pytest.raises(ConfigError, match=r"augment: unknown key\(s\) rotate"):
+        load_config(path)
+
+
+def test_command_line_overrides_win_over_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 9\nseed: 3\n")
+    cfg = load_config(path, epochs=2, seed=None)
+    assert cfg.epochs == 2 and cfg.seed == 3
