@@ -113,3 +113,13 @@ def test_installed_entry_point_prints_one_line_and_no_traceback(tmp_path):
                            "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"pneumoscan: error: {tmp_path / 'x'}: model file not found"]
+
+
+def test_evaluate_on_a_split_of_only_unreadable_images_writes_no_json(tmp_path, tiny_model_path, capsys):
+    for name in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        (tmp_path / "data" / "test" / name / "broken.jpeg").write_bytes(b"not a jpeg")
+    line = run_cli(capsys, "evaluate", "--model", tiny_model_path, "--data", tmp_path / "data",
+                   "--json", tmp_path / "out.json")
+    assert "no readable image in the test split (2 unreadable)" in line
+    assert not (tmp_path / "out.json").exists()

@@ -145,3 +145,16 @@ def test_copied_model_file_keeps_its_identity(tmp_path, tiny_model_path):
 
     shutil.copy(tiny_model_path, tmp_path / "copy.safetensors")
     assert load_model(tmp_path / "copy.safetensors").sha256 == load_model(tiny_model_path).sha256
+
+
+def test_evaluation_json_has_null_not_nan_for_undefined_figures():
+    import numpy as np
+
+    from pneumoscan.evaluate import Evaluation
+    from pneumoscan.metrics import operating_point
+
+    y, p = np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3])
+    point = operating_point(y, p, 0.9)  # nothing called pneumonia: precision undefined
+    result = Evaluation("test", 3, 1.0, 1.0, 0.1, 0.2, {"balanced": point}, {"balanced": ""}, False, 0)
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    assert json.loads(text)["balanced"]["precision"] is None

@@ -220,3 +220,14 @@ def test_command_line_overrides_win_over_the_file(tmp_path):
     path.write_text("epochs: 9\nseed: 3\n")
     cfg = load_config(path, epochs=2, seed=None)
     assert cfg.epochs == 2 and cfg.seed == 3
+
+
+def test_resume_names_configuration_changes_that_break_exactness(tmp_path):
+    """Resuming a 1-epoch run with --epochs 2 stretches the cosine schedule, so it cannot equal an uninterrupted
+    2-epoch run; fit() says so instead of pretending."""
+    from pneumoscan.train import config_changes
+
+    fast_config(epochs=1).save(tmp_path / "config.yaml")
+    assert config_changes(tmp_path / "config.yaml", fast_config(epochs=1)) == []
+    assert config_changes(tmp_path / "config.yaml", fast_config(epochs=2)) == ["epochs 1 -> 2"]
+    assert config_changes(tmp_path / "missing.yaml", fast_config()) == []

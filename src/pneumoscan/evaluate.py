@@ -10,6 +10,7 @@ import torch
 
 from .data import medmnist
 from .data.layout import list_split
+from .errors import PneumoscanError
 from .metrics import (
     OperatingPoint,
     classification_report,
@@ -19,6 +20,10 @@ from .metrics import (
     roc_auc,
 )
 from .predict import Model
+
+
+class EvaluationError(PneumoscanError):
+    pass
 
 
 @dataclass
@@ -40,11 +45,21 @@ class Evaluation:
     probabilities_uncalibrated: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def to_dict(self) -> dict:
-        return {
+        """JSON-ready; undefined figures (e.g. precision with no positive decision) are None, because
+        json.dumps would write NaN, which strict JSON parsers reject."""
+        return _json_safe({
             "split": self.split, "n": self.n, "auc": self.auc, "pr_auc": self.pr_auc, "ece": self.ece,
             "ece_uncalibrated": self.ece_uncalibrated, "tta": self.tta, "guard_rejected": self.guard_rejected,
             "errors": self.errors, **{name: p.to_dict() for name, p in self.points.items()},
-        }
+        })
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bool = False,
@@ -58,6 +73,8 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
         labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
     else:
         labels, logits, scores, errors = _score_folder(model, data_dir, split, batch_size, tta)
+    if not labels:
+        raise EvaluationError(f"{data_dir}: no readable image in the {split} split ({len(errors)} unreadable)")
     y = np.array(labels)
     stacked = torch.stack(logits)
     p = model.probability(stacked).numpy()

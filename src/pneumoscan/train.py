@@ -205,6 +205,18 @@ def _load_data(cfg: TrainConfig, data_dir: Path, out_dir: Path, prep: Preprocess
     return train_x, train_y, val_x, val_y, skipped + skipped_val
 
 
+def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """What differs from the run's saved config.yaml: resume is bit-exact only when nothing does."""
+    from .config import load_config
+
+    try:
+        old = load_config(saved).to_dict()
+    except PneumoscanError:
+        return []
+    new = cfg.to_dict()
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+
+
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -233,6 +245,12 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         if len(np.unique(y)) < 2:
             raise TrainError(f"{data_dir}: the {name} subset needs images of both classes")
     if rt.main:
+        if resume:
+            changes = config_changes(out_dir / "config.yaml", cfg)
+            if changes:
+                print(f"pneumoscan: resuming with a changed configuration ({'; '.join(changes)}): the result will "
+                      "differ from an uninterrupted run (e.g. more epochs stretch the learning-rate schedule)",
+                      file=sys.stderr)
         cfg.save(out_dir / "config.yaml")
         if skipped:
             (out_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
