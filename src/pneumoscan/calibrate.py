@@ -11,9 +11,13 @@ from scipy import optimize, stats
 from sklearn.metrics import roc_curve
 
 
-def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probability of class 1 from (N, 2) logits."""
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1)[:, 1].numpy()
+def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """Probability of class 1 from (N, 2) logits: sigmoid((z1 - z0) / temperature + bias).
+
+    With bias 0 this is the softmax at that temperature.
+    """
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    return torch.sigmoid((z[:, 1] - z[:, 0]) / temperature + bias).numpy()
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -26,6 +30,26 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
     result = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(result.x))
+
+
+def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(temperature, bias) minimising validation NLL of sigmoid((z1 - z0) / T + b): Platt scaling.
+
+    A temperature alone cannot move probabilities up or down as a whole; the bias can, and it is needed because
+    training draws both classes equally often (balanced sampler) while real data is not balanced. Both are
+    monotonic, so AUC and the decisions at validation-chosen thresholds are unchanged.
+    """
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    margin = (z[:, 1] - z[:, 0]).numpy()
+    target = np.asarray(y, dtype=np.float64)
+
+    def nll(params: np.ndarray) -> float:
+        s = margin / np.exp(params[0]) + params[1]
+        return float(np.mean(np.logaddexp(0.0, s) - target * s))
+
+    result = optimize.minimize(nll, x0=np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    log_t, bias = result.x
+    return float(np.exp(np.clip(log_t, np.log(0.05), np.log(20.0)))), float(bias)
 
 
 def screening_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float, confidence: float = 0.95) -> float:

@@ -78,7 +78,7 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     y = np.array(labels)
     stacked = torch.stack(logits)
     p = model.probability(stacked).numpy()
-    raw = model.probability(stacked, temperature=1.0).numpy()
+    raw = model.probability(stacked, calibrated=False).numpy()
     rejected = int(sum(s > model.guard.threshold for s in scores)) if model.guard is not None else 0
     order = sorted(model.thresholds, key=lambda k: (k != "screening", k))  # screening first, as clinicians read it
     points = {name: operating_point(y, p, model.thresholds[name]) for name in order}

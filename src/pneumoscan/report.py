@@ -212,7 +212,7 @@ def write_report(result, model, out_dir: str | Path, run_dir: str | Path | None 
     raw = getattr(result, "probabilities_uncalibrated", None)
     if raw is not None and len(raw) == len(p):
         curves["before calibration, T=1"] = raw
-    curves[f"after temperature scaling, T={model.temperature:.2f}"] = p
+    curves[f"after calibration, T={model.temperature:.2f}, bias={model.bias:+.2f}"] = p
     paths.append(plot_reliability(y, curves, title, out / "reliability.png"))
     if run_dir is not None:
         run = Path(run_dir)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import build_augment
-from .calibrate import balanced_threshold, fit_temperature, screening_threshold, softmax_pneumonia
+from .calibrate import balanced_threshold, fit_calibration, screening_threshold, softmax_pneumonia
 from .config import TrainConfig
 from .data import medmnist
 from .data.cache import decode_cache
@@ -353,17 +353,50 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         writer.close()
     path = out_dir / "model.safetensors"
     if rt.main:
-        _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, started,
-                  len(train_y), len(val_y), len(skipped))
+        _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, None,
+                  len(train_y), len(val_y), len(skipped), started=started)
     if rt.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return path
 
 
-def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, started,
-              n_train, n_val, n_skipped) -> None:
-    """Best weights -> temperature, thresholds and guard fitted on validation -> model.safetensors."""
+def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path:
+    """Refit calibration, thresholds and guard of a finished run on its own validation split, no retraining.
+
+    Uses the run's config.yaml, split.csv and best.safetensors, so the result is what ``fit`` would have written
+    with the current calibration code; the training summary (wall time, epochs) is carried over.
+    """
+    from .config import load_config
+    from .modelfile import read_model_file
+
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "split.csv", "best.safetensors", "checkpoint.safetensors", "model.safetensors"):
+        if not (run_dir / needed).is_file():
+            raise TrainError(f"{run_dir}: not a finished run directory (no {needed})")
+    cfg = load_config(run_dir / "config.yaml")
+    previous = read_model_file(run_dir / "model.safetensors")[1]
+    data_dir = Path(data_dir or previous["training"]["data"])
+    rt = setup_runtime("off")
+    spec = arch_spec(cfg.arch)
+    prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, run_dir, prep, rt, True, False)
+    net = create_model(cfg.arch, pretrained="none").to(rt.device)
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoint.safetensors"), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+    _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, run_dir,
+              float(previous["training"]["wall_seconds"]), len(train_y), len(val_y), len(skipped))
+    return run_dir / "model.safetensors"
+
+
+def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, wall_seconds,
+              n_train, n_val, n_skipped, started: float | None = None) -> None:
+    """Best weights -> calibration, thresholds and guard fitted on validation -> model.safetensors.
+
+    ``wall_seconds``: the training time to record (None: measured from ``started`` to the end of this call).
+    """
     from safetensors.torch import load_file
 
     net.load_state_dict(load_file(str(out_dir / "best.safetensors")))
@@ -373,9 +406,9 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
     rng = np.random.default_rng(cfg.seed)
     subset = np.sort(rng.choice(len(train_x), size=min(len(train_x), 2000), replace=False))
     _, train_feats = infer(net, train_x[subset], prep, rt, channels_last=False)
-    temperature = fit_temperature(val_logits, val_y)
+    temperature, bias = fit_calibration(val_logits, val_y)
     raw = softmax_pneumonia(val_logits)
-    p = softmax_pneumonia(val_logits, temperature)
+    p = softmax_pneumonia(val_logits, temperature, bias)
     thresholds = {"screening": screening_threshold(val_y, p, cfg.target_sensitivity, cfg.threshold_confidence),
                   "balanced": balanced_threshold(val_y, p)}
     guard = Guard.fit(torch.from_numpy(train_feats), torch.from_numpy(val_feats), quantile=cfg.guard_quantile)
@@ -396,6 +429,7 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
         "classes": list(CLASSES),
         "preprocessing": prep.to_dict(),
         "temperature": temperature,
+        "bias": bias,
         "thresholds": thresholds,
         "target_sensitivity": cfg.target_sensitivity,
         "guard": {"threshold": guard.threshold, "quantile": cfg.guard_quantile},
@@ -406,7 +440,7 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
             "val_counts": np.bincount(val_y, minlength=2).tolist(),
             "split_sha256": sha256_file(out_dir / "split.csv"),
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-            "wall_seconds": round(time.time() - started, 1),
+            "wall_seconds": round(wall_seconds if wall_seconds is not None else time.time() - started, 1),
             "hardware": f"{platform.machine()} {rt.device.type} x{rt.world}, {torch.get_num_threads()} threads",
             "config": cfg.to_dict(),
         },
@@ -419,5 +453,5 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
     op = validation["operating_points"]
     print(f"model: {out_dir / 'model.safetensors'} (sha256 {sha[:12]}); validation AUC {validation['auc']:.4f}, "
           f"screening sens {op['screening']['sensitivity']:.3f} spec {op['screening']['specificity']:.3f}, "
-          f"T={temperature:.2f}", file=sys.stderr)
+          f"T={temperature:.2f}, bias={bias:+.2f}", file=sys.stderr)
 

@@ -430,6 +430,7 @@ def create_app(
             sha256=model.sha256,
             thresholds=_ordered(model.thresholds),
             temperature=model.temperature,
+            bias=model.bias,
             backend=_backend(model),
             heatmap=heatmap_ok,
             max_upload_bytes=max_upload_bytes,
