@@ -88,6 +88,11 @@ class Model:
         scores = self.guard.score(feats) if self.guard is not None else torch.zeros(len(batch))
         return logits.float() / len(views), scores  # the guard judges the image as given, not its TTA views
 
+    def forward_images(self, images: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward``, from images (N, [1,] S, S), uint8 or float in [0, 1]: the ONNX backend overrides this
+        because its graph normalises inside."""
+        return self.forward(self.preprocessing.normalize(images), tta=tta)
+
     def probability(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """Temperature-scaled probability of pneumonia from (N, 2) logits."""
         t = self.temperature if temperature is None else temperature
@@ -112,7 +117,7 @@ class Model:
         else:
             image = read_image(source, name=name, reduce_to=self.preprocessing.size)
             label = name or ("<bytes>" if isinstance(source, bytes | bytearray) else str(source))
-        logits, score = self.forward(self.preprocessing.apply(image)[None], tta=tta)
+        logits, score = self.forward_images(torch.from_numpy(self.preprocessing.resize(image))[None], tta=tta)
         return self._result(label, float(self.probability(logits)[0]), float(score[0]), op)
 
     def score_files(self, paths: Iterable[str | Path], *, batch_size: int = 32, tta: bool = False,
@@ -142,7 +147,7 @@ class Model:
     def _score_batch(self, pending: list[tuple[str, np.ndarray | str]], tta: bool) -> Iterator[Scored]:
         images = [d for _, d in pending if not isinstance(d, str)]
         if images:
-            logits, scores = self.forward(self.preprocessing.normalize(torch.from_numpy(np.stack(images))), tta=tta)
+            logits, scores = self.forward_images(torch.from_numpy(np.stack(images)), tta=tta)
         i = 0
         for path, decoded in pending:
             if isinstance(decoded, str):
@@ -197,8 +202,17 @@ def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
     return [batch, zoom, padded[..., :, :size], padded[..., :, 2 * shift:]]
 
 
-def load_model(path: str | Path | None = None, *, device: str = "cpu") -> Model:
-    """Load a model file or run directory; None loads the bundled default model."""
+def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch") -> Model:
+    """Load a model file or run directory; None loads the bundled default model.
+
+    backend "onnx" runs the network on onnxruntime and needs an .onnx file from ``pneumoscan export``.
+    """
+    if backend == "onnx":
+        from .export import load_onnx_model
+
+        return load_onnx_model(DEFAULT_MODEL.with_suffix(".onnx") if path is None else path)
+    if backend != "torch":
+        raise PneumoscanError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     path = DEFAULT_MODEL if path is None else resolve_model_path(path)
     if path == DEFAULT_MODEL and not path.is_file():
         raise PneumoscanError(f"{path}: the bundled default model is missing from this installation")
