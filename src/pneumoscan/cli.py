@@ -36,11 +36,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .train import recalibrate
+
+    print(recalibrate(args.run, args.data))
+    return 0
+
+
 def _format_evaluation(result, model) -> str:
     lines = [f"model {model.name} (sha256 {model.sha256[:12]}), {result.split} split: {result.n} images"
              + (", test-time augmentation" if result.tta else ""),
              f"ROC AUC {result.auc:.4f}   PR AUC {result.pr_auc:.4f}   "
-             f"ECE {result.ece_uncalibrated:.4f} before calibration, {result.ece:.4f} after (T={model.temperature:.3f})"]
+             f"ECE {result.ece_uncalibrated:.4f} before calibration, {result.ece:.4f} after "
+             f"(temperature {model.temperature:.3f}, bias {model.bias:+.3f})"]
     if result.guard_rejected:
         lines.append(f"guard: {result.guard_rejected} of these X-rays would be rejected as not a chest X-ray")
     for name, point in result.points.items():
@@ -190,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("calibrate", help="refit calibration, thresholds and guard of a run on its validation split")
+    p.add_argument("run", help="run directory of a finished `pneumoscan train`")
+    p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("evaluate", help="classification report, AUC, calibration at each stored threshold")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
-    p.add_argument("--split", default="test", help="train | val | test")
+    p.add_argument("--split", default="test", help="train | val | test folder of --data, or validation: the run's own patient-grouped split")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the figures as JSON")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data import medmnist
-from .data.layout import list_split
+from .data.layout import list_split, read_split
 from .errors import PneumoscanError
 from .metrics import (
     OperatingPoint,
@@ -87,9 +87,21 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
                       expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p, raw)
 
 
+VALIDATION = "validation"  # the run's own patient-grouped validation split (split.csv), not the official val
+
+
+def _validation_samples(model: Model) -> list:
+    """The validation subset the model's thresholds and calibration were chosen on, from its run directory."""
+    split_file = model.path.parent / "split.csv"
+    if not split_file.is_file():
+        raise EvaluationError(f"{model.path}: --split {VALIDATION} needs the model's run directory (no split.csv "
+                              "beside the model file)")
+    return read_split(split_file)[1]
+
+
 def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
     """(labels, logits, guard scores, error messages) for the image files of a Kaggle-layout split."""
-    samples = list_split(data_dir, split)
+    samples = _validation_samples(model) if split == VALIDATION else list_split(data_dir, split)
     label_of = {str(s.path): s.label for s in samples}
     labels, logits, scores, errors = [], [], [], []
     for item in model.score_files(label_of, batch_size=batch_size, tta=tta):
