@@ -265,3 +265,27 @@ def test_animated_image_is_refused(tmp_path):
     frames = [Image.new("L", (8, 8), v) for v in (0, 255)]
     frames[0].save(path, save_all=True, append_images=frames[1:])
     assert _error(path) == f"{path}: image has 2 frames; expected a single image"
+
+
+# --- what read_image reports beside the gray array ------------------------------------------------------------
+
+def test_info_reports_stored_size_even_after_a_draft_decode(tmp_path):
+    path = tmp_path / "big.jpeg"
+    Image.fromarray(_u8(synthetic_xray(256))[:, :200], "L").resize((1000, 1280)).save(path)
+    info: dict = {}
+    image = read_image(path, reduce_to=224, info=info)
+    assert image.shape == (320, 250)
+    assert (info["width"], info["height"]) == (1000, 1280)
+    assert info["colourfulness"] == 0.0
+
+
+def test_info_colourfulness_is_zero_for_gray_as_rgb_and_high_for_colour(tmp_path, picture):
+    info: dict = {}
+    read_image(save_gray(tmp_path / "rgb.png", picture, "RGB"), info=info)
+    assert info["colourfulness"] == 0.0
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[:16, :, 0] = 255
+    colour[16:, :, 2] = 255
+    Image.fromarray(colour, "RGB").save(tmp_path / "colour.png")
+    read_image(tmp_path / "colour.png", info=info)
+    assert info["colourfulness"] > 100

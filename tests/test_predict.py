@@ -141,9 +141,61 @@ def test_guard_rejects_a_blank_image_without_a_probability(strict_model_path):
     result = model.predict(BLANK)
     assert result.status == "not_xray"
     assert result.probability is None and result.decision is None
-    assert result.message == NOT_XRAY_MESSAGE
+    assert result.message.startswith(NOT_XRAY_MESSAGE)
     assert result.guard_score > model.guard.threshold
     assert all(model.predict(x).status == "ok" for x in XRAYS)
+
+
+def test_guard_alone_rejects_an_out_of_distribution_image_with_the_plain_message(strict_model_path):
+    model = load_model(strict_model_path)
+    noise = np.random.default_rng(1).random((64, 64)).astype(np.float32)  # has contrast: passes the cheap checks
+    result = model.predict(noise)
+    assert model.image_check(np.round(model.preprocessing.resize(noise) * 255), {}) is None
+    assert result.status == "not_xray" and result.message == NOT_XRAY_MESSAGE
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("colour", "colour image (colourfulness "),
+    ("tiny", "image is 12x12 pixels, below the 16 px minimum"),
+    ("strip", "image is 256x64 pixels, too elongated for a chest radiograph"),
+    ("flat", "image is blank or nearly uniform"),
+])
+def test_cheap_image_checks_reject_what_cannot_be_a_radiograph(tiny_model, tmp_path, kind, reason):
+    from PIL import Image
+
+    path = tmp_path / f"{kind}.png"
+    if kind == "colour":
+        rgb = np.zeros((64, 64, 3), np.uint8)
+        rgb[..., 0] = np.round(XRAYS[0] * 255)
+        rgb[:32, :, 2] = 200  # a blue sky over a red picture
+        Image.fromarray(rgb, "RGB").save(path)
+    elif kind == "tiny":
+        save_gray(path, XRAYS[0][::5, ::5][:12, :12])
+    elif kind == "strip":
+        save_gray(path, np.tile(XRAYS[0], (1, 4)))
+    else:
+        save_gray(path, np.full((64, 64), 0.4, np.float32))
+    for result in (tiny_model.predict(path), *tiny_model.predict_files([path])):
+        assert result.status == "not_xray", result
+        assert result.probability is None and result.decision is None
+        assert result.message.startswith(f"{NOT_XRAY_MESSAGE}: {reason}")
+
+
+def test_gray_xray_saved_as_rgb_passes_the_cheap_checks(tiny_model, tmp_path):
+    path = save_gray(tmp_path / "rgb.jpeg", XRAYS[0], "RGB")
+    assert tiny_model.predict(path).status == "ok"
+
+
+def test_min_side_comes_from_the_model_file_when_present(tiny_model_path, tmp_path):
+    tensors, meta = read_model_file(tiny_model_path)
+    meta["guard"]["min_side"] = 100
+    path = tmp_path / "m.safetensors"
+    save_model_file(path, tensors, meta)
+    model = load_model(path)
+    assert model.min_side == 100
+    assert load_model(tiny_model_path).min_side == 16  # absent key: a quarter of the 64 px input
+    result = model.predict(save_gray(tmp_path / "x.png", XRAYS[0]))
+    assert result.status == "not_xray" and "below the 100 px minimum" in result.message
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -196,7 +248,8 @@ def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_pat
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert set(rows) == {"a.jpeg", "b.png", "c.png", "d.png", "blank.png", "broken.png", "empty.jpeg", "gone.jpeg"}
     assert rows["blank.png"] == {"path": str(folder / "blank.png"), "probability": "", "decision": "",
-                                 "threshold": "0.300000", "status": "not_xray", "message": NOT_XRAY_MESSAGE}
+                                 "threshold": "0.300000", "status": "not_xray",
+                                 "message": f"{NOT_XRAY_MESSAGE}: image is blank or nearly uniform"}
     assert rows["broken.png"]["status"] == "error"
     assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG or DICOM)"
     assert rows["empty.jpeg"]["message"] == f"{folder / 'empty.jpeg'}: empty file"
@@ -207,7 +260,8 @@ def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_pat
     captured = capsys.readouterr()
     assert captured.err == "pneumoscan: 3 file(s) could not be read\n"
     assert "Traceback" not in captured.out + captured.err
-    assert f"{folder / 'blank.png'}\t-\tNOT_XRAY\t{NOT_XRAY_MESSAGE}" in captured.out.splitlines()
+    assert f"{folder / 'blank.png'}\t-\tNOT_XRAY\t{NOT_XRAY_MESSAGE}: image is blank or nearly uniform" in (
+        captured.out.splitlines())
 
 
 def test_cli_not_xray_alone_is_not_a_failure(strict_model_path, tmp_path):

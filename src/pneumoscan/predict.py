@@ -28,6 +28,13 @@ from .preprocess import Preprocessing
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 NOT_XRAY_MESSAGE = "not a frontal chest X-ray (outside the training distribution); no probability reported"
 
+# Cheap checks on what the feature-space guard sees badly (benchmarks/guard_eval.py measures both): radiographs
+# are gray, have contrast, are not thumbnails and are not strips. Colour photos, icons and face crops otherwise
+# land inside the tail of the X-rays' feature distribution.
+MAX_COLOURFULNESS = 15.0  # Hasler-Suesstrunk "slightly colourful"; gray X-rays, also as RGB JPEGs, score 0
+MIN_CONTRAST = 0.03  # std of the network input in [0, 1]; X-rays are around 0.2, flat or blank images near 0
+MAX_ASPECT = 3.0  # longer / shorter side; the Kermany originals reach 2.6
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -98,8 +105,31 @@ class Model:
         t = self.temperature if temperature is None else temperature
         return torch.softmax(logits.float() / t, dim=1)[:, 1]
 
-    def _result(self, path: str, probability: float, score: float, op: tuple[str, float]) -> Prediction:
+    @property
+    def min_side(self) -> int:
+        """Smallest image side screened; optional meta key guard.min_side, by default a quarter of the input size
+        (56 px for 224 px models, 16 px for 64 px MedMNIST models whose inputs are 28 px)."""
+        return int(self.meta.get("guard", {}).get("min_side", self.preprocessing.size // 4))
+
+    def image_check(self, small: np.ndarray, info: dict) -> str | None:
+        """Why an image cannot be a chest X-ray from cheap statistics, or None. ``small``: the uint8 network input;
+        ``info``: what ``read_image`` reported (size, colourfulness)."""
+        if info.get("colourfulness", 0.0) > MAX_COLOURFULNESS:
+            return f"colour image (colourfulness {info['colourfulness']:.0f})"
+        width, height = info.get("width", small.shape[1]), info.get("height", small.shape[0])
+        if min(width, height) < self.min_side:
+            return f"image is {width}x{height} pixels, below the {self.min_side} px minimum"
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            return f"image is {width}x{height} pixels, too elongated for a chest radiograph"
+        if float(small.std()) / 255.0 < MIN_CONTRAST:
+            return "image is blank or nearly uniform"
+        return None
+
+    def _result(self, path: str, probability: float, score: float, op: tuple[str, float],
+                reason: str | None = None) -> Prediction:
         name, value = op
+        if reason is not None:
+            return Prediction(path, None, None, name, value, "not_xray", f"{NOT_XRAY_MESSAGE}: {reason}", score)
         if self.guard is not None and score > self.guard.threshold:
             return Prediction(path, None, None, name, value, "not_xray", NOT_XRAY_MESSAGE, score)
         decision = self.classes[1] if probability >= value else self.classes[0]
@@ -112,13 +142,16 @@ class Model:
         A file that cannot be read raises ``ImageReadError``; ``predict_files`` turns that into a row instead.
         """
         op = self.resolve_threshold(threshold)
+        info: dict = {}
         if isinstance(source, np.ndarray):
             image, label = source, name or "<array>"
         else:
-            image = read_image(source, name=name, reduce_to=self.preprocessing.size)
+            image = read_image(source, name=name, reduce_to=self.preprocessing.size, info=info)
             label = name or ("<bytes>" if isinstance(source, bytes | bytearray) else str(source))
-        logits, score = self.forward_images(torch.from_numpy(self.preprocessing.resize(image))[None], tta=tta)
-        return self._result(label, float(self.probability(logits)[0]), float(score[0]), op)
+        resized = self.preprocessing.resize(image)
+        reason = self.image_check(np.round(resized * 255.0), info)
+        logits, score = self.forward_images(torch.from_numpy(resized)[None], tta=tta)
+        return self._result(label, float(self.probability(logits)[0]), float(score[0]), op, reason)
 
     def score_files(self, paths: Iterable[str | Path], *, batch_size: int = 32, tta: bool = False,
                     workers: int | None = None) -> Iterator[Scored]:
@@ -129,13 +162,15 @@ class Model:
         """
         prep = self.preprocessing
 
-        def load(path: str) -> np.ndarray | str:
+        def load(path: str) -> tuple[np.ndarray, str | None] | str:
             try:
-                return prep.to_uint8(read_image(path, reduce_to=prep.size))
+                info: dict = {}
+                small = prep.to_uint8(read_image(path, reduce_to=prep.size, info=info))
+                return small, self.image_check(small, info)
             except ImageReadError as exc:
                 return str(exc)
 
-        pending: list[tuple[str, np.ndarray | str]] = []
+        pending: list[tuple[str, tuple | str]] = []
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
             for item in _bounded_map(pool, load, (str(p) for p in paths), ahead=2 * batch_size):
                 pending.append(item)
@@ -144,8 +179,8 @@ class Model:
                     pending = []
             yield from self._score_batch(pending, tta)
 
-    def _score_batch(self, pending: list[tuple[str, np.ndarray | str]], tta: bool) -> Iterator[Scored]:
-        images = [d for _, d in pending if not isinstance(d, str)]
+    def _score_batch(self, pending: list[tuple[str, tuple | str]], tta: bool) -> Iterator[Scored]:
+        images = [d[0] for _, d in pending if not isinstance(d, str)]
         if images:
             logits, scores = self.forward_images(torch.from_numpy(np.stack(images)), tta=tta)
         i = 0
@@ -153,7 +188,7 @@ class Model:
             if isinstance(decoded, str):
                 yield Scored(path, None, None, decoded)
             else:
-                yield Scored(path, logits[i], float(scores[i]), None)
+                yield Scored(path, logits[i], float(scores[i]), None, decoded[1])
                 i += 1
 
     def predict_files(self, paths: Iterable[str | Path], *, threshold: str | float = "screening",
@@ -165,7 +200,7 @@ class Model:
                 yield Prediction(item.path, None, None, op[0], op[1], "error", item.error)
             else:
                 probability = float(self.probability(item.logits[None])[0])
-                yield self._result(item.path, probability, item.guard_score, op)
+                yield self._result(item.path, probability, item.guard_score, op, item.image_check)
 
 
 class Scored(NamedTuple):
@@ -173,6 +208,7 @@ class Scored(NamedTuple):
     logits: torch.Tensor | None
     guard_score: float | None
     error: str | None
+    image_check: str | None = None  # why cheap statistics say it is no chest X-ray (Model.image_check)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable[str], ahead: int):

@@ -57,18 +57,42 @@ def is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def read_image(source: Source, *, name: str | None = None, reduce_to: int | None = None) -> np.ndarray:
+def read_image(source: Source, *, name: str | None = None, reduce_to: int | None = None,
+               info: dict | None = None) -> np.ndarray:
     """Decode ``source`` (a path or the file's bytes) to a float32 grayscale array in [0, 1].
 
     ``reduce_to``: for JPEG, let the decoder scale by 1/2, 1/4 or 1/8 in the DCT domain while both sides stay
     >= reduce_to (PIL draft mode). That is several times faster for the 2000 px originals, and the subsequent
     antialiased resize to the network size gives practically the same pixels.
+
+    ``info``: a dict that receives what the gray array no longer shows, for the cheap not-an-X-ray checks:
+    ``width`` and ``height`` of the stored image (before any draft reduction) and ``colourfulness``
+    (Hasler & Suesstrunk 2003, 0..255 scale; 0 for gray images).
     """
     label = _name(source, name)
     data = _load_bytes(source, label)
+    info = {} if info is None else info
     if is_dicom(data):
-        return _read_dicom(data, label)
-    return _read_pil(data, label, reduce_to)
+        return _read_dicom(data, label, info)
+    return _read_pil(data, label, reduce_to, info)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk colourfulness of a uint8 (H, W, 3) image: ~0 for gray, > 15 for "slightly colourful"."""
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def _colour_of(image: Image.Image) -> float:
+    if image.mode in ("L", "LA", "1", "I", "F") or image.mode.startswith("I;"):
+        return 0.0
+    small = image.copy()
+    small.thumbnail((128, 128))  # the statistic needs no detail; keep it cheap on 2000 px originals
+    if small.mode in ("RGBA", "LA", "PA") or (small.mode == "P" and "transparency" in small.info):
+        rgba = small.convert("RGBA")
+        small = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return colourfulness(np.asarray(small.convert("RGB")))
 
 
 def _check_size(width: int, height: int, name: str) -> None:
@@ -79,12 +103,13 @@ def _check_size(width: int, height: int, name: str) -> None:
         )
 
 
-def _read_pil(data: bytes, name: str, reduce_to: int | None) -> np.ndarray:
+def _read_pil(data: bytes, name: str, reduce_to: int | None, info: dict) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_size(*image.size, name)
+            stored_size = image.size
             if reduce_to and image.format == "JPEG":
                 image.draft(image.mode, (reduce_to, reduce_to))
             image.load()
@@ -106,6 +131,8 @@ def _read_pil(data: bytes, name: str, reduce_to: int | None) -> np.ndarray:
         raise ImageReadError(f"{name}: image has {image.n_frames} frames; expected a single image")
     image_format = image.format
     image = ImageOps.exif_transpose(image)
+    info["width"], info["height"] = stored_size  # as stored: the checks using it do not care about orientation
+    info["colourfulness"] = _colour_of(image)
     return _pil_to_gray(image, name, image_format)
 
 
@@ -132,7 +159,7 @@ def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def _read_dicom(data: bytes, name: str) -> np.ndarray:
+def _read_dicom(data: bytes, name: str, info: dict) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -153,9 +180,12 @@ def _read_dicom(data: bytes, name: str) -> np.ndarray:
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
         raise ImageReadError(f"{name}: cannot decode DICOM {what} ({str(exc).splitlines()[0]})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    info["height"], info["width"] = pixels.shape[:2]
+    info["colourfulness"] = 0.0
     if pixels.ndim == 3:  # colour DICOM: pydicom converts YBR to RGB by default
-        image = Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)), "RGB").convert("L")
-        return np.asarray(image, dtype=np.float32) / 255.0
+        image = Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)), "RGB")
+        info["colourfulness"] = _colour_of(image)
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
