@@ -136,6 +136,7 @@ def test_resnet18_imagenet_download_offline_is_one_line_with_the_fix(tiny_datase
     from pneumoscan.cli import main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries in tests
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # skips pneumoscan's reachability probe: the hub itself fails
     run = tmp_path / "offline"
     code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--arch", "resnet18",
                  "--pretrained", "imagenet", "--quiet"])
@@ -144,6 +145,24 @@ def test_resnet18_imagenet_download_offline_is_one_line_with_the_fix(tiny_datase
     assert err[0].startswith("pneumoscan: error: could not download ImageNet weights for resnet18")
     assert "--weights FILE" in err[0] and "--pretrained none" in err[0]
     assert not (run / "model.safetensors").exists()
+
+
+def test_unreachable_hub_fails_in_seconds_with_one_line(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import socket
+
+    from pneumoscan.cli import main
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    run = tmp_path / "unreachable"
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--arch", "resnet50", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("pneumoscan: error: cannot reach huggingface.co to download ImageNet weights for resnet50")
+    assert not run.exists()
 
 
 def test_corrupt_image_is_reported_and_skipped_not_trained_on(tiny_dataset, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained,
                       weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size)
     path = fit(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
-    print(path)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line of output, not one per process
+        print(path)
     return 0
 
 

@@ -84,6 +84,29 @@ def _from_lukemelas(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return renamed
 
 
+HUB_HOST = "huggingface.co"
+
+
+def _check_hub_reachable(arch: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of hub retries, when the weights cannot be downloaded.
+
+    With HF_HUB_OFFLINE=1 the hub's local cache is used and nothing is probed.
+    """
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+    except OSError:
+        raise ModelError(
+            f"cannot reach {HUB_HOST} to download ImageNet weights for {arch} (offline?): pass --weights FILE "
+            "with a local state dict, set HF_HUB_OFFLINE=1 to use weights already in the hub cache, or use "
+            "--pretrained none"
+        ) from None
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a torch file through the tensor-only loader (no code runs)."""
     path = Path(path)
@@ -142,6 +165,7 @@ def create_model(arch: str, *, pretrained: str = "imagenet", weights: str | Path
             path = _offline_weights_path(spec.offline_weights)
             _load_backbone(net, load_state_dict_file(path), str(path))
         else:
+            _check_hub_reachable(arch)
             try:
                 net = timm.create_model(spec.timm_name, pretrained=True, num_classes=1000)
             except Exception as exc:

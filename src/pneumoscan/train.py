@@ -236,9 +236,14 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         raise TrainError(f"{out_dir}: nothing to resume (no checkpoint.safetensors)")
     if not resume and (out_dir / "model.safetensors").exists():
         raise TrainError(f"{out_dir}: already holds a trained model; choose another --out or pass --resume")
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    # Build the network and read the data before writing anything: a bad --weights, an offline ImageNet
+    # download or a bad data folder must not leave a half-made run directory behind.
+    net = create_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(rt.device)
+    if not resume and not medmnist.is_npz(data_dir):
+        list_split(data_dir, "train")  # raises DatasetError naming what is missing
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, out_dir, prep, rt, resume, progress)
     for name, y in (("train", train_y), ("validation", val_y)):
@@ -255,7 +260,6 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         if skipped:
             (out_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
 
-    net = create_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(rt.device)
     frozen = freeze_stages(net, cfg.arch, cfg.freeze_stages)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
