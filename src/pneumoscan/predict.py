@@ -64,6 +64,7 @@ class Model:
         self.sha256 = sha256
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.temperature = float(meta.get("temperature", 1.0))
+        self.bias = float(meta.get("bias", 0.0))  # absent in files written before Platt scaling
         self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
         self.classes: list[str] = list(meta["classes"])
 
@@ -100,10 +101,11 @@ class Model:
         because its graph normalises inside."""
         return self.forward(self.preprocessing.normalize(images), tta=tta)
 
-    def probability(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """Temperature-scaled probability of pneumonia from (N, 2) logits."""
-        t = self.temperature if temperature is None else temperature
-        return torch.softmax(logits.float() / t, dim=1)[:, 1]
+    def probability(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
+        """Probability of pneumonia from (N, 2) logits; calibrated with the temperature and bias fitted on
+        validation, or the plain softmax when ``calibrated`` is False."""
+        margin = (logits[:, 1] - logits[:, 0]).float()
+        return torch.sigmoid(margin / self.temperature + self.bias) if calibrated else torch.sigmoid(margin)
 
     @property
     def min_side(self) -> int:
