@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .predict import BATCH_SIZE
 
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Pneumonia screening on chest X-rays.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
     p.add_argument("--split", default="test", help="train | val | test folder of --data, or validation: the run's own patient-grouped split")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--json", help="write the figures as JSON")
     p.add_argument("--report", help="folder for plots (confusion matrix, ROC, PR, reliability, training curves)")
     p.set_defaults(func=cmd_evaluate)
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write one row per file")
     p.add_argument("--heatmaps", help="folder for Grad-CAM overlays (PNG)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")

@@ -19,7 +19,7 @@ from .metrics import (
     pr_auc,
     roc_auc,
 )
-from .predict import Model
+from .predict import BATCH_SIZE, Model
 
 
 class EvaluationError(PneumoscanError):
@@ -63,7 +63,7 @@ def _json_safe(value):
 
 
 def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bool = False,
-             batch_size: int = 32) -> Evaluation:
+             batch_size: int = BATCH_SIZE) -> Evaluation:
     """Score the calibrated probabilities of every image of ``split`` against its folder label.
 
     Unreadable images are listed in ``errors`` and left out of the figures; guard rejections are counted but
