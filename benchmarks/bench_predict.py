@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumoscan.predict import BATCH_SIZE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "runs" / "default"), help="run directory or model file")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: the package's")
     parser.add_argument("--latency-images", type=int, default=100, help="images timed one at a time")
     parser.add_argument("--rss-files", type=int, default=10_000, help="0 skips the memory run")
     args = parser.parse_args(argv)

@@ -92,7 +92,8 @@ class Model:
     @torch.no_grad()
     def forward(self, batch: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised batch (N, C, S, S) -> (logits averaged over TTA views (N, 2), guard score (N,))."""
-        views = tta_views(batch) if tta else [batch]
+        # channels_last: same float32 arithmetic, ~1.5x faster convolutions on CPU (oneDNN's preferred layout)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in (tta_views(batch) if tta else [batch])]
         logits, feats = logits_and_features(self.network, views[0])
         for view in views[1:]:
             logits = logits + logits_and_features(self.network, view)[0]
@@ -263,4 +264,4 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
     network = create_model(meta["arch"], pretrained="none", num_classes=len(meta["classes"]))
     network.load_state_dict(weights)
     guard = Guard.from_tensors(guard_tensors, float(meta["guard"]["threshold"])) if guard_tensors else None
-    return Model(network.to(device), meta, guard, path, sha256_file(path))
+    return Model(network.to(device, memory_format=torch.channels_last), meta, guard, path, sha256_file(path))
