@@ -121,7 +121,7 @@ def main() -> None:
     if model_path is None:
         sys.exit(f"bench_inference: {DEFAULT_MODEL} is missing: pass --model MODEL_FILE_OR_RUN_DIR")
     torch.set_num_threads(args.threads)
-    model = load_model(model_path)
+    model = load_model(model_path, precision="float32")
     files = image_files(Path(args.images), args.n)
     images, _ = read_images(files, model.preprocessing)  # uint8 (N, S, S), as predict_files decodes them
 
@@ -163,7 +163,9 @@ def main() -> None:
 
     # a fresh PyTorch model: the network-only rows above converted theirs to channels_last in place
     end_to_end = (
-        ("PyTorch eager fp32", load_model(model_path)),
+        ("PyTorch channels_last fp32", load_model(model_path, precision="float32")),
+        *((("PyTorch channels_last + bf16 autocast", load_model(model_path, precision="bfloat16")),)
+          if cpu_has_bf16() else ()),
         ("onnxruntime fp32", onnx_fp32),
         ("onnxruntime int8", onnx_int8),
     )

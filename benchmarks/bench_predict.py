@@ -5,8 +5,9 @@ Prints
   2. batched: images/second of ``Model.predict_files`` (threaded decode overlapping the network)
   3. breakdown per image: decode (JPEG draft fast path and full resolution), preprocess (resize + normalise),
      network (batch of --batch-size)
-  4. the fast path's accuracy cost: ROC AUC with draft decode vs full-resolution decode + the training resize
-     (must differ by < 0.002), and the largest probability difference
+  4. the fast path's accuracy cost: ROC AUC with draft decode and the model's precision (bf16 autocast where the
+     CPU has it) vs full-resolution decode + the training resize in float32 (must differ by < 0.002), the largest
+     probability difference and the screening decisions changed
   5. peak RSS of a ``pneumoscan predict`` run over a folder of --rss-files files (symlinks under /tmp pointing
      at the test images, repeated; nothing is copied)
 
@@ -63,7 +64,7 @@ def throughput(model, files: list[Path], batch_size: int) -> tuple[float, np.nda
     return len(files) / seconds, np.array([np.nan if r.probability is None else r.probability for r in results])
 
 
-def breakdown(model, files: list[Path], batch_size: int) -> dict:
+def breakdown(model, reference, files: list[Path], batch_size: int) -> dict:
     """Sequential, one stage at a time, so each stage's cost is measured alone (single decode thread)."""
     from pneumoscan.data.images import read_image
 
@@ -83,13 +84,13 @@ def breakdown(model, files: list[Path], batch_size: int) -> dict:
         timing["preprocess"] += t2 - t1
         timing["decode_full"] += t3 - t2
     probs = {}
-    for name, images in (("fast", fast), ("full", full)):
+    for name, images, net in (("fast", fast, model), ("full", full, reference)):
         out = []
         for i in range(0, len(images), batch_size):
             t0 = time.perf_counter()
             batch = prep.normalize(torch.from_numpy(np.stack(images[i:i + batch_size])))
             t1 = time.perf_counter()
-            logits, _ = model.forward(batch)
+            logits, _ = net.forward(batch)
             t2 = time.perf_counter()
             if name == "fast":
                 timing["preprocess"] += t1 - t0
@@ -100,7 +101,8 @@ def breakdown(model, files: list[Path], batch_size: int) -> dict:
     return {"ms": per_image, "probs": probs}
 
 
-def peak_rss(model_arg: str, files: list[Path], count: int, batch_size: int) -> tuple[float, float, int]:
+def peak_rss(model_arg: str, files: list[Path], count: int, batch_size: int,
+             precision: str) -> tuple[float, float, int]:
     """(peak RSS MiB, images/s, exit code) of `pneumoscan predict` over ``count`` symlinks in a /tmp folder."""
     folder = Path(tempfile.mkdtemp(prefix="bench_predict_links_"))
     try:
@@ -111,7 +113,7 @@ def peak_rss(model_arg: str, files: list[Path], count: int, batch_size: int) -> 
             (sub / f"{i:05d}_{source.name}").symlink_to(source.resolve())
         out_csv = folder.parent / f"{folder.name}.csv"
         command = [sys.executable, "-m", "pneumoscan.cli", "predict", str(folder), "--model", model_arg,
-                   "--csv", str(out_csv), "--quiet", "--batch-size", str(batch_size)]
+                   "--csv", str(out_csv), "--quiet", "--batch-size", str(batch_size), "--precision", precision]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
         proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -137,16 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: the package's")
     parser.add_argument("--latency-images", type=int, default=100, help="images timed one at a time")
     parser.add_argument("--rss-files", type=int, default=10_000, help="0 skips the memory run")
+    parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 (the reference is float32)")
     args = parser.parse_args(argv)
 
     from sklearn.metrics import roc_auc_score
 
     from pneumoscan import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
+    reference = load_model(args.model, precision="float32")
     files, labels = test_files(Path(args.data))
     print(f"model {model.name} ({model.meta['arch']}, {model.preprocessing.size} px, sha256 {model.sha256[:12]}); "
-          f"{len(files)} test images at original resolution")
+          f"{len(files)} test images at original resolution; network on {model.runtime}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, load avg "
           f"{os.getloadavg()[0]:.1f}\n")
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     rate, _ = throughput(model, files, args.batch_size)
     print(f"batched   Model.predict_files(batch {args.batch_size}): {rate:.1f} images/s over {len(files)} images")
 
-    parts = breakdown(model, files, args.batch_size)
+    parts = breakdown(model, reference, files, args.batch_size)
     ms = parts["ms"]
     print(f"\nper image, sequential stages: decode {ms['decode_fast']:.1f} ms (JPEG draft) vs {ms['decode_full']:.1f} ms "
           f"(full resolution); preprocess {ms['preprocess']:.1f} ms; network {ms['network']:.1f} ms "
@@ -165,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     fast, full = parts["probs"]["fast"], parts["probs"]["full"]
     auc_fast, auc_full = roc_auc_score(labels, fast), roc_auc_score(labels, full)
     verdict = "OK" if abs(auc_fast - auc_full) < 0.002 else "TOO LARGE"
-    print(f"ROC AUC: draft decode {auc_fast:.4f}, full decode + training resize {auc_full:.4f}, "
+    print(f"ROC AUC: draft decode + {model.precision} {auc_fast:.4f}, full decode + training resize + float32 "
+          f"{auc_full:.4f}, "
           f"difference {auc_fast - auc_full:+.4f} ({verdict}; limit 0.002); "
           f"max |probability difference| {np.abs(fast - full).max():.4f}, "
           f"screening decisions changed {int(((fast >= model.thresholds['screening']) != (full >= model.thresholds['screening'])).sum())}")
 
     if args.rss_files:
-        rss, cli_rate, code = peak_rss(args.model, files, args.rss_files, args.batch_size)
+        rss, cli_rate, code = peak_rss(args.model, files, args.rss_files, args.batch_size, args.precision)
         print(f"\n`pneumoscan predict` over {args.rss_files} files (symlinks): peak RSS {rss:.0f} MiB, "
               f"{cli_rate:.1f} images/s including start-up, exit code {code}")
     return 0

@@ -51,6 +51,7 @@ class Source:
     statuses: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     by_check: list[bool] = field(default_factory=list)  # rejected by a cheap image check (colour, size, blank)
+    by_header: list[bool] = field(default_factory=list)  # rejected by the DICOM header (Modality, body part, view)
 
     @property
     def n(self) -> int:
@@ -232,6 +233,7 @@ def score(model, source: Source, batch_size: int) -> None:
         source.statuses.append(pred.status)
         source.scores.append(np.nan if pred.guard_score is None else pred.guard_score)
         source.by_check.append(pred.status == "not_xray" and pred.message != NOT_XRAY_MESSAGE)
+        source.by_header.append(pred.status == "not_xray" and ": DICOM " in pred.message)
 
 
 def _rate(k: int, n: int) -> str:
@@ -239,15 +241,17 @@ def _rate(k: int, n: int) -> str:
 
 
 def report(sources: list[Source], threshold: float) -> dict:
-    print("rejected: by either; guard: feature-space guard alone; checks: cheap image checks alone")
+    print("rejected: by any; guard: feature-space guard alone; checks: cheap image checks (DICOM header included) "
+          "alone; header: of these, by the DICOM header")
     print(f"{'source':<16} {'group':<12} {'images':>6} {'rejected':>8} {'rate':>7} {'guard':>6} {'checks':>6} "
+          f"{'header':>6} "
           f"{'errors':>6} {'score p50':>10} {'score p99':>10} {'score min':>10}")
     for s in sources:
         finite = np.array([v for v in s.scores if np.isfinite(v)]) if s.scores else np.array([])
         q = (np.percentile(finite, 50), np.percentile(finite, 99), finite.min()) if finite.size else (np.nan,) * 3
         guard = sum(1 for v in s.scores if np.isfinite(v) and v > threshold)
         print(f"{s.name:<16} {s.group:<12} {s.n:>6} {s.rejected:>8} {_rate(s.rejected, s.n)} {guard:>6} "
-              f"{sum(s.by_check):>6} {s.errors:>6} "
+              f"{sum(s.by_check):>6} {sum(s.by_header):>6} {s.errors:>6} "
               f"{q[0]:>10.2f} {q[1]:>10.2f} {q[2]:>10.2f}")
     summary = {}
     print(f"\nguard threshold {threshold:.3f}")
@@ -279,12 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-test", action="store_true", help="skip the test split and transformed X-rays")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 (as `pneumoscan predict`)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="pydicom")  # its test files are deliberately odd
 
     from pneumoscan import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     if model.guard is None:
         print(f"{args.model}: this model has no guard", file=sys.stderr)
         return 2
@@ -305,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         sources = [s for s in sources if s.files]
         for source in sources:
             score(model, source, args.batch_size)
-        print(f"model {model.name} (sha256 {model.sha256[:12]}), {time.time() - started:.0f} s\n")
+        print(f"model {model.name} (sha256 {model.sha256[:12]}), network on {model.runtime}, "
+              f"{time.time() - started:.0f} s\n")
         summary = report(sources, model.guard.threshold)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model.sha256, "summary": summary,

@@ -93,9 +93,11 @@ def tiny_model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
+    """float32 network whatever the CPU, so comparisons with ONNX and exact references hold on any machine
+    (precision "auto" has its own tests)."""
     from pneumoscan import load_model
 
-    return load_model(tiny_model_path)
+    return load_model(tiny_model_path, precision="float32")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pneumoscan.data.images import ImageReadError, read_image
+from pneumoscan.predict import NOT_XRAY_MESSAGE
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
@@ -180,6 +181,29 @@ def test_dicom_and_png_of_the_same_radiograph_get_the_same_prediction(tmp_path, 
     assert a.status == b.status == "ok"
     assert a.probability == pytest.approx(b.probability, abs=1e-6)
     assert a.decision == b.decision
+
+
+@pytest.mark.parametrize("elements, reason", [
+    ({"Modality": "CT"}, "DICOM Modality is CT; chest radiographs are CR, DX, OT, RG"),
+    ({"Modality": "MR", "BodyPartExamined": "CHEST"}, "DICOM Modality is MR; chest radiographs are CR, DX, OT, RG"),
+    ({"BodyPartExamined": "KNEE"}, "DICOM BodyPartExamined is KNEE, not the chest"),
+    ({"ViewPosition": "LL"}, "DICOM ViewPosition is LL, a lateral view; the model reads frontal (PA/AP) views"),
+])
+def test_dicom_header_that_says_no_frontal_chest_radiograph_is_not_xray(tmp_path, tiny_model, picture, elements,
+                                                                        reason):
+    dcm = write_dicom(tmp_path / "x.dcm", picture, **elements)
+    for result in (tiny_model.predict(dcm), *tiny_model.predict_files([dcm])):
+        assert result.status == "not_xray" and result.probability is None
+        assert result.message == f"{NOT_XRAY_MESSAGE}: {reason}"
+
+
+@pytest.mark.parametrize("elements", [
+    {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+    {"Modality": "CR", "BodyPartExamined": "THORAX", "ViewPosition": "AP"},
+    {"Modality": "OT"},  # secondary capture of a film
+])
+def test_dicom_header_of_a_frontal_chest_radiograph_passes(tmp_path, tiny_model, picture, elements):
+    assert tiny_model.predict(write_dicom(tmp_path / "x.dcm", picture, **elements)).status == "ok"
 
 
 @pytest.mark.integration

@@ -159,6 +159,7 @@ def test_guard_alone_rejects_an_out_of_distribution_image_with_the_plain_message
     ("tiny", "image is 12x12 pixels, below the 16 px minimum"),
     ("strip", "image is 256x64 pixels, too elongated for a chest radiograph"),
     ("flat", "image is blank or nearly uniform"),
+    ("silhouette", "100% of the image is two gray levels (a drawing, mask or binary scan)"),
 ])
 def test_cheap_image_checks_reject_what_cannot_be_a_radiograph(tiny_model, tmp_path, kind, reason):
     from PIL import Image
@@ -173,6 +174,10 @@ def test_cheap_image_checks_reject_what_cannot_be_a_radiograph(tiny_model, tmp_p
         save_gray(path, XRAYS[0][::5, ::5][:12, :12])
     elif kind == "strip":
         save_gray(path, np.tile(XRAYS[0], (1, 4)))
+    elif kind == "silhouette":  # a black shape on white, like a mask or line drawing
+        shape = np.ones((64, 64), np.float32)
+        shape[16:48, 8:40] = 0.0
+        save_gray(path, shape)
     else:
         save_gray(path, np.full((64, 64), 0.4, np.float32))
     for result in (tiny_model.predict(path), *tiny_model.predict_files([path])):
@@ -348,3 +353,32 @@ def test_bundled_default_model_screens_a_real_test_image(kermany):
         assert 0.0 <= result.probability <= 1.0
     assert results[1].probability > results[0].probability
     assert results[1].decision == "PNEUMONIA"
+
+
+def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(tiny_model_path, monkeypatch):
+    import pneumoscan.predict as predict_mod
+
+    monkeypatch.setattr(predict_mod, "cpu_has_bf16", lambda: False)
+    assert load_model(tiny_model_path).precision == "float32"
+    monkeypatch.setattr(predict_mod, "cpu_has_bf16", lambda: True)
+    model = load_model(tiny_model_path)
+    assert model.precision == "bfloat16" and model.runtime == "PyTorch bfloat16"
+
+
+def test_bf16_network_gives_nearly_the_float32_probability_and_the_same_guard_verdicts(strict_model_path):
+    fp32 = load_model(strict_model_path, precision="float32")
+    bf16 = load_model(strict_model_path, precision="bfloat16")
+    noise = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    for image in XRAYS:
+        a, b = fp32.predict(image), bf16.predict(image)
+        assert a.status == b.status == "ok"
+        assert b.probability == pytest.approx(a.probability, abs=0.02)
+    assert fp32.predict(noise).status == bf16.predict(noise).status == "not_xray"
+
+
+def test_unknown_precision_is_a_clear_error(tiny_model_path, capsys):
+    with pytest.raises(PneumoscanError, match="precision must be one of auto, float32, bfloat16, got 'fp8'"):
+        load_model(tiny_model_path, precision="fp8")
+    with pytest.raises(SystemExit):  # argparse: usage line and exit code 2
+        main(["predict", "x.png", "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

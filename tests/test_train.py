@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -250,3 +251,34 @@ def test_resume_names_configuration_changes_that_break_exactness(tmp_path):
     assert config_changes(tmp_path / "config.yaml", fast_config(epochs=1)) == []
     assert config_changes(tmp_path / "config.yaml", fast_config(epochs=2)) == ["epochs 1 -> 2"]
     assert config_changes(tmp_path / "missing.yaml", fast_config()) == []
+
+
+def test_shifted_validation_scores_the_run_split_under_every_fixed_shift(trained_run, tiny_dataset, capsys):
+    from pneumoscan.cli import main
+    from pneumoscan.evaluate import _shift_ops, evaluate_shifts, validation_images
+    from pneumoscan.predict import load_model
+
+    model = load_model(trained_run, precision="float32")
+    images, labels = validation_images(model)
+    assert images.dtype == np.uint8 and images.shape[1:] == (64, 64) and len(images) == len(labels)
+    for name, op in _shift_ops(64).items():
+        shifted = op(torch.from_numpy(images[0])[None])
+        assert shifted.shape == (1, 64, 64) and shifted.dtype == torch.uint8, name
+        assert not torch.equal(shifted, torch.from_numpy(images[0])[None]), f"{name} changed nothing"
+    results = evaluate_shifts(model, images, labels)
+    assert [r.shift for r in results] == ["none", *_shift_ops(64)]
+    val_auc = read_model_file(trained_run / "model.safetensors")[1]["validation"]["auc"]
+    assert results[0].auc == pytest.approx(val_auc, abs=1e-4)  # "none" is the validation the run reported
+
+    assert main(["evaluate", "--model", str(trained_run), "--data", str(tiny_dataset), "--split", "validation",
+                 "--shifts", "--precision", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "validation split under acquisition shifts" in out and "jpeg quality 25" in out and "mean of shifts" in out
+
+
+def test_shifted_evaluation_refuses_the_test_split(trained_run, tiny_dataset, capsys):
+    from pneumoscan.cli import main
+
+    assert main(["evaluate", "--model", str(trained_run), "--data", str(tiny_dataset), "--split", "test",
+                 "--shifts"]) == 2
+    assert "--shifts scores the validation split only" in capsys.readouterr().err

@@ -47,7 +47,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _format_evaluation(result, model) -> str:
     lines = [f"model {model.name} (sha256 {model.sha256[:12]}), {result.split} split: {result.n} images"
-             + (", test-time augmentation" if result.tta else ""),
+             + (", test-time augmentation" if result.tta else "")
+             + f", network on {model.runtime}",
              f"ROC AUC {result.auc:.4f}   PR AUC {result.pr_auc:.4f}   "
              f"ECE {result.ece_uncalibrated:.4f} before calibration, {result.ece:.4f} after "
              f"(temperature {model.temperature:.3f}, bias {model.bias:+.3f})"]
@@ -69,7 +70,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .modelfile import atomic_write
     from .predict import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
+    if args.shifts:
+        return _print_shifts(model, args)
     result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
     print(_format_evaluation(result, model))
     if args.json:
@@ -80,6 +83,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         for path in write_report(result, model, args.report, run_dir=Path(args.model) if args.model else None):
             print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _print_shifts(model, args: argparse.Namespace) -> int:
+    """The validation images scored as they are and under fixed acquisition shifts: a recipe-selection aid."""
+    import numpy as np
+
+    from .evaluate import VALIDATION, evaluate_shifts, validation_images
+
+    if args.split not in (VALIDATION, "val"):
+        raise PneumoscanError("--shifts scores the validation split only (--split validation, or val for a .npz): "
+                              "recipes are chosen on it")
+    images, labels = validation_images(model, args.data)
+    results = evaluate_shifts(model, images, labels, batch_size=args.batch_size)
+    print(f"model {model.name} (sha256 {model.sha256[:12]}), validation split under acquisition shifts: "
+          f"{len(labels)} images, network on {model.runtime}")
+    print(f"{'shift':<18} {'AUC':>7} {'screening sens':>15} {'spec':>7} {'balanced acc':>13}")
+    for r in results:
+        print(f"{r.shift:<18} {r.auc:7.4f} {r.screening.sensitivity:15.4f} {r.screening.specificity:7.4f} "
+              f"{r.balanced_accuracy:13.4f}")
+    shifted = results[1:]
+    print(f"{'mean of shifts':<18} {np.mean([r.auc for r in shifted]):7.4f} "
+          f"{np.mean([r.screening.sensitivity for r in shifted]):15.4f} "
+          f"{np.mean([r.screening.specificity for r in shifted]):7.4f} "
+          f"{np.mean([r.balanced_accuracy for r in shifted]):13.4f}")
     return 0
 
 
@@ -105,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.heatmaps and args.backend != "torch":
         raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, precision=args.precision)
     model.resolve_threshold(args.threshold)  # fail before reading anything
     failed = 0
     with PredictionWriter(args.csv, args.heatmaps, model) as writer:
@@ -130,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.onnx.lower().endswith(".onnx"):
         raise PneumoscanError(f"--onnx must name an .onnx file, got {args.onnx!r}")
-    model = load_model(args.model)
+    model = load_model(args.model, precision="float32")  # the ONNX graph is float32; check it against that
     int8 = int8_inputs(model, args.data) if args.int8 else None  # fail before the slow export
     images, source = check_images(model, args.data)
     result = export_onnx(model, args.onnx, images=images, checked_on=source, input_dtype=args.input_dtype,
@@ -161,12 +189,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0 or args.concurrency < 1:
         raise PneumoscanError("--max-upload-mb and --concurrency must be positive")
-    model = load_model(args.model, **({} if args.backend == "torch" else {"backend": args.backend}))
+    model = load_model(args.model, backend=args.backend, precision=args.precision)
     app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency)
     print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on http://{args.host}:{args.port}/",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from .predict import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="PyTorch network arithmetic: auto (bfloat16 autocast on CPUs with native bf16, else float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--json", help="write the figures as JSON")
     p.add_argument("--report", help="folder for plots (confusion matrix, ROC, PR, reliability, training curves)")
+    p.add_argument("--shifts", action="store_true",
+                   help="score the validation split under fixed acquisition shifts (gamma, contrast, blur, ...)")
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="screen images, folders of images, DICOM files")
@@ -227,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")
+    _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write an ONNX model (preprocessing inside), checked against PyTorch")
@@ -249,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
     p.add_argument("--concurrency", type=int, default=2, help="images decoded and screened at the same time")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    _add_precision(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -53,6 +53,7 @@ class TrainConfig:
     class_weighted_loss: bool = False
     val_fraction: float = 0.2
     seed: int = 0
+    split_seed: int | None = None  # seed of the patient-grouped validation split; None: seed (set it to compare seeds)
     patience: int = 3  # early stopping: epochs without a better validation AUC
     target_sensitivity: float = 0.98
     threshold_confidence: float = 0.95

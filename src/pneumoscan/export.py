@@ -132,6 +132,7 @@ class OnnxModel(Model):
     def __init__(self, session, meta: dict, guard: Guard | None, path: Path, sha256: str):
         super().__init__(nn.Identity(), meta, guard, path, sha256)  # no torch network; see ``network``
         self.session = session
+        self.runtime = "onnxruntime"
         self.uint8_input = session.get_inputs()[0].type == "tensor(uint8)"
         self._unit = _unit(self.preprocessing.size)
 

@@ -47,6 +47,14 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
 def arch_spec(arch: str) -> Arch:
     try:
         return ARCHS[arch]

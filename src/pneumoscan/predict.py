@@ -22,7 +22,7 @@ from .data.images import ImageReadError, Source, read_image
 from .errors import PneumoscanError
 from .guard import Guard
 from .modelfile import GUARD_PREFIX, read_model_file, resolve_model_path, sha256_file
-from .models import create_model, logits_and_features
+from .models import cpu_has_bf16, create_model, logits_and_features
 from .preprocess import Preprocessing
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
@@ -37,6 +37,14 @@ NOT_XRAY_MESSAGE = "not a frontal chest X-ray (outside the training distribution
 MAX_COLOURFULNESS = 15.0  # Hasler-Suesstrunk "slightly colourful"; gray X-rays, also as RGB JPEGs, score 0
 MIN_CONTRAST = 0.03  # std of the network input in [0, 1]; X-rays are around 0.2, flat or blank images near 0
 MAX_ASPECT = 3.0  # longer / shorter side; the Kermany originals reach 2.6
+# Share of the network input held by its two most frequent gray levels. Drawings, masks, binary scans and charts sit
+# at 0.77-0.94; validation X-rays reach 0.28 (black borders); measured by benchmarks/guard_eval.py's sources.
+MAX_TWO_LEVEL_SHARE = 0.6
+# DICOM Modality defined terms (PS3.3 C.7.3.1.1.1) under which a projection chest radiograph is stored:
+# computed and digital radiography, film digitised as RG, and OT for secondary captures of films.
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT"}
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "PECHO", "BRUST")  # substrings; sites localise this tag
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}  # ViewPosition terms of lateral (decubitus) views
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,11 @@ class Prediction:
 class Model:
     """A loaded pneumoscan model: network + preprocessing + temperature + thresholds + guard."""
 
-    def __init__(self, network: torch.nn.Module, meta: dict, guard: Guard | None, path: Path, sha256: str):
+    def __init__(self, network: torch.nn.Module, meta: dict, guard: Guard | None, path: Path, sha256: str,
+                 precision: str = "float32"):
         self.network = network.eval()
+        self.precision = precision  # float32 | bfloat16 (autocast of the network only; see load_model)
+        self.runtime = f"PyTorch {precision}"  # what computes the network, as reports and /v1/model show it
         self.meta = meta
         self.guard = guard
         self.path = path
@@ -94,9 +105,11 @@ class Model:
         """Normalised batch (N, C, S, S) -> (logits averaged over TTA views (N, 2), guard score (N,))."""
         # channels_last: same float32 arithmetic, ~1.5x faster convolutions on CPU (oneDNN's preferred layout)
         views = [v.contiguous(memory_format=torch.channels_last) for v in (tta_views(batch) if tta else [batch])]
-        logits, feats = logits_and_features(self.network, views[0])
-        for view in views[1:]:
-            logits = logits + logits_and_features(self.network, view)[0]
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            logits, feats = logits_and_features(self.network, views[0])
+            for view in views[1:]:
+                logits = logits + logits_and_features(self.network, view)[0]
+        feats = feats.float()
         scores = self.guard.score(feats) if self.guard is not None else torch.zeros(len(batch))
         return logits.float() / len(views), scores  # the guard judges the image as given, not its TTA views
 
@@ -120,6 +133,8 @@ class Model:
     def image_check(self, small: np.ndarray, info: dict) -> str | None:
         """Why an image cannot be a chest X-ray from cheap statistics, or None. ``small``: the uint8 network input;
         ``info``: what ``read_image`` reported (size, colourfulness)."""
+        if (reason := dicom_header_check(info)) is not None:
+            return reason
         if info.get("colourfulness", 0.0) > MAX_COLOURFULNESS:
             return f"colour image (colourfulness {info['colourfulness']:.0f})"
         width, height = info.get("width", small.shape[1]), info.get("height", small.shape[0])
@@ -129,6 +144,9 @@ class Model:
             return f"image is {width}x{height} pixels, too elongated for a chest radiograph"
         if float(small.std()) / 255.0 < MIN_CONTRAST:
             return "image is blank or nearly uniform"
+        counts = np.bincount(np.asarray(small, dtype=np.uint8).ravel(), minlength=256)
+        if (share := float(np.sort(counts)[-2:].sum()) / small.size) > MAX_TWO_LEVEL_SHARE:
+            return f"{share:.0%} of the image is two gray levels (a drawing, mask or binary scan)"
         return None
 
     def _result(self, path: str, probability: float, score: float, op: tuple[str, float],
@@ -209,6 +227,24 @@ class Model:
                 yield self._result(item.path, probability, item.guard_score, op, item.image_check)
 
 
+def dicom_header_check(info: dict) -> str | None:
+    """Why a DICOM's own header says it is no frontal chest radiograph, or None.
+
+    The header is the most reliable evidence there is: a CT or MR slice can look X-ray-like to the network, but
+    its Modality says what it is. Missing tags are not held against an image (many exports leave them empty).
+    """
+    modality = info.get("modality")
+    if modality is not None and modality not in RADIOGRAPH_MODALITIES:
+        return f"DICOM Modality is {modality}; chest radiographs are {', '.join(sorted(RADIOGRAPH_MODALITIES))}"
+    body_part = info.get("body_part")
+    if body_part is not None and not any(part in body_part for part in CHEST_BODY_PARTS):
+        return f"DICOM BodyPartExamined is {body_part}, not the chest"
+    view = info.get("view")
+    if view is not None and view in LATERAL_VIEWS:
+        return f"DICOM ViewPosition is {view}, a lateral view; the model reads frontal (PA/AP) views"
+    return None
+
+
 class Scored(NamedTuple):
     path: str
     logits: torch.Tensor | None
@@ -244,11 +280,19 @@ def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
     return [batch, zoom, padded[..., :, :size], padded[..., :, 2 * shift:]]
 
 
-def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch") -> Model:
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch",
+               precision: str = "auto") -> Model:
     """Load a model file or run directory; None loads the bundled default model.
 
     backend "onnx" runs the network on onnxruntime and needs an .onnx file from ``pneumoscan export``.
+    precision (torch backend): "auto" runs the network under bfloat16 autocast on CPUs with native bf16 (AVX512-BF16
+    or AMX; about 1.8x faster, answers checked in docs/benchmarks.md) and in float32 elsewhere.
     """
+    if precision not in PRECISIONS:
+        raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if backend == "onnx":
         from .export import load_onnx_model
 
@@ -264,4 +308,7 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
     network = create_model(meta["arch"], pretrained="none", num_classes=len(meta["classes"]))
     network.load_state_dict(weights)
     guard = Guard.from_tensors(guard_tensors, float(meta["guard"]["threshold"])) if guard_tensors else None
-    return Model(network.to(device, memory_format=torch.channels_last), meta, guard, path, sha256_file(path))
+    if precision == "auto":
+        precision = "bfloat16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "float32"
+    return Model(network.to(device, memory_format=torch.channels_last), meta, guard, path, sha256_file(path),
+                 precision)

@@ -36,7 +36,7 @@ from .errors import PneumoscanError
 from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
 from .modelfile import atomic_write, save_model_file, sha256_file
-from .models import arch_spec, create_model, freeze_stages, logits_and_features
+from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages, logits_and_features
 from .preprocess import Preprocessing
 
 
@@ -57,13 +57,6 @@ class Runtime:
         return self.rank == 0
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
 def setup_runtime(amp: str) -> Runtime:
     """Single process, or one rank of a torchrun job (the env vars WORLD_SIZE/RANK/LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -82,7 +75,7 @@ def setup_runtime(amp: str) -> Runtime:
     if amp == "auto":
         if device.type == "cuda":
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif _cpu_has_bf16():
+        elif cpu_has_bf16():
             amp_dtype = torch.bfloat16
     elif amp != "off":
         raise TrainError(f"amp must be 'auto' or 'off', got {amp!r}")
@@ -178,7 +171,8 @@ def _split(cfg: TrainConfig, data_dir: Path, out_dir: Path, rt: Runtime, resume:
     split_file = out_dir / "split.csv"
     if resume and split_file.is_file():
         return read_split(split_file)
-    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, cfg.seed)
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, seed)
     if rt.main:
         write_split(split_file, train, val)
     return train, val

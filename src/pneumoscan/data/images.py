@@ -180,6 +180,11 @@ def _read_dicom(data: bytes, name: str, info: dict) -> np.ndarray:
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
         raise ImageReadError(f"{name}: cannot decode DICOM {what} ({str(exc).splitlines()[0]})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    # What the header says the picture is, for the not-a-chest-radiograph check (predict.dicom_header_check)
+    for key, tag in (("modality", "Modality"), ("body_part", "BodyPartExamined"), ("view", "ViewPosition")):
+        value = ds.get(tag)
+        if value:
+            info[key] = str(value).strip().upper()
     info["height"], info["width"] = pixels.shape[:2]
     info["colourfulness"] = 0.0
     if pixels.ndim == 3:  # colour DICOM: pydicom converts YBR to RGB by default

@@ -432,6 +432,7 @@ def create_app(
             temperature=model.temperature,
             bias=model.bias,
             backend=_backend(model),
+            runtime=model.runtime,
             heatmap=heatmap_ok,
             max_upload_bytes=max_upload_bytes,
         )
