@@ -1,7 +1,7 @@
 """Training throughput and time-to-accuracy: pneumoscan's default recipe against a naive notebook baseline.
 
 Both arms run in this one process on the same data: the Kermany train split, divided by patient with
-pneumoscan's ``layout.patient_split`` (the seed and val_fraction of the config), the same architecture
+pneumoscan's ``layout.patient_split`` (the split seed and val_fraction of the config), the same architecture
 (efficientnet_lite0 from ``pneumoscan.models.create_model`` with ImageNet weights) and batch size.
 
 (a) pneumoscan: configs/default.yaml built from fit()'s own pieces (decode once into a uint8 cache, balanced
@@ -262,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     samples = list_split(args.data, "train")
-    train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+    train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.validation_seed)
     if args.train_images:
         train_s = [train_s[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_s))[:args.train_images]]
-    val_s = _val_subset(val_s, args.val_images, cfg.seed)
-    print(f"data: {len(train_s)} train images, {len(val_s)} validation images (patient-grouped, seed {cfg.seed}); "
+    val_s = _val_subset(val_s, args.val_images, cfg.validation_seed)
+    print(f"data: {len(train_s)} train images, {len(val_s)} validation images (patient-grouped, split seed {cfg.validation_seed}); "
           f"batch {cfg.batch_size}; {torch.get_num_threads()} threads; target AUC {args.target_auc}",
           file=sys.stderr, flush=True)
 

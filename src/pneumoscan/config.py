@@ -63,6 +63,11 @@ class TrainConfig:
     num_workers: int = -1  # -1: 0 on CPU, 4 on CUDA
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    @property
+    def validation_seed(self) -> int:
+        """Seed of the patient-grouped validation split."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def to_dict(self) -> dict:
         return asdict(self)
 

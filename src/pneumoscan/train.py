@@ -171,8 +171,7 @@ def _split(cfg: TrainConfig, data_dir: Path, out_dir: Path, rt: Runtime, resume:
     split_file = out_dir / "split.csv"
     if resume and split_file.is_file():
         return read_split(split_file)
-    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, seed)
+    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, cfg.validation_seed)
     if rt.main:
         write_split(split_file, train, val)
     return train, val
