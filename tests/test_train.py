@@ -282,3 +282,24 @@ def test_shifted_evaluation_refuses_the_test_split(trained_run, tiny_dataset, ca
     assert main(["evaluate", "--model", str(trained_run), "--data", str(tiny_dataset), "--split", "test",
                  "--shifts"]) == 2
     assert "--shifts scores the validation split only" in capsys.readouterr().err
+
+
+def test_mixup_trains_on_blended_pairs_and_stays_reproducible(tiny_dataset, tmp_path):
+    runs = {"a": 0.4, "b": 0.4, "plain": 0.0}
+    for name, alpha in runs.items():
+        fit(fast_config(epochs=1, mixup=alpha), tiny_dataset, tmp_path / name, progress=False)
+    a, b, plain = (load_file(str(tmp_path / name / "best.safetensors")) for name in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same mixing weights and pairs
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+    with (tmp_path / "a" / "metrics.csv").open() as f:
+        assert np.isfinite(float(next(csv.DictReader(f))["train_loss"]))
+
+
+def test_split_seed_keeps_the_validation_patients_when_the_seed_changes(tiny_dataset, tmp_path):
+    from pneumoscan.data.layout import read_split
+
+    fit(fast_config(epochs=1, seed=5, split_seed=0), tiny_dataset, tmp_path / "s5", progress=False)
+    fit(fast_config(epochs=1, seed=0), tiny_dataset, tmp_path / "s0", progress=False)
+    val5 = sorted(str(s.path) for s in read_split(tmp_path / "s5" / "split.csv")[1])
+    val0 = sorted(str(s.path) for s in read_split(tmp_path / "s0" / "split.csv")[1])
+    assert val5 == val0

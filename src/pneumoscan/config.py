@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight; 0: off
     freeze_stages: int | None = None  # early stages kept frozen; None: the arch default (cheaper backward)
     sampler: str = "weighted"  # weighted (WeightedRandomSampler-style, balanced classes) | shuffle
     class_weighted_loss: bool = False

@@ -308,8 +308,13 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(rt.device, non_blocking=True)
+            if cfg.mixup > 0:  # mixup: pairs of images blended, and their losses with the same weight
+                lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                perm = torch.randperm(len(y), device=y.device)
+                x = lam * x + (1.0 - lam) * x[perm]
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-                loss = loss_fn(model(x).float(), y)
+                out = model(x).float()
+                loss = loss_fn(out, y) if cfg.mixup <= 0 else lam * loss_fn(out, y) + (1.0 - lam) * loss_fn(out, y[perm])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
