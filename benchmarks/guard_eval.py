@@ -21,7 +21,7 @@ Sources
     upside-down     flipped vertically
     negative        intensities inverted (what a MONOCHROME1 image read without inversion looks like)
 
-Usage: nice -n 19 python benchmarks/guard_eval.py --model runs/default [--data ../shared/data/chest_xray]
+Usage: nice -n 19 python benchmarks/guard_eval.py --model runs/default [--data ../shared/data/chest_xray] [--two-level]
 """
 
 from __future__ import annotations
@@ -276,6 +276,26 @@ def report(sources: list[Source], threshold: float) -> dict:
     return summary
 
 
+def two_level_report(model, sources: list[Source]) -> None:
+    from pneumoscan.data.images import ImageReadError, read_image
+    from pneumoscan.predict import MAX_TWO_LEVEL_SHARE
+
+    print(f"\nshare of the network input in its two most frequent gray levels (check rejects > {MAX_TWO_LEVEL_SHARE})")
+    print(f"{'source':<16} {'images':>6} {'min':>6} {'p50':>6} {'p99.9':>6} {'max':>6}")
+    prep = model.preprocessing
+    for source in sources:
+        shares = []
+        for path in source.files:
+            try:
+                small = prep.to_uint8(read_image(path, reduce_to=prep.size))
+            except ImageReadError:
+                continue
+            shares.append(np.sort(np.bincount(small.ravel(), minlength=256))[-2:].sum() / small.size)
+        if shares:
+            q = np.percentile(shares, [0, 50, 99.9, 100])
+            print(f"{source.name:<16} {len(shares):>6} " + " ".join(f"{v:6.3f}" for v in q))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "runs" / "default"), help="run directory or model file")
@@ -283,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-test", action="store_true", help="skip the test split and transformed X-rays")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--two-level", action="store_true",
+                        help="also print, per source, the share of each network input held by its two most frequent "
+                             "gray levels (what the two-gray-level check of Model.image_check reads)")
     parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 (as `pneumoscan predict`)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="pydicom")  # its test files are deliberately odd
@@ -313,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {model.name} (sha256 {model.sha256[:12]}), network on {model.runtime}, "
               f"{time.time() - started:.0f} s\n")
         summary = report(sources, model.guard.threshold)
+        if args.two_level:
+            two_level_report(model, sources)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model.sha256, "summary": summary,
                                                "sources": {s.name: {"n": s.n, "rejected": s.rejected,

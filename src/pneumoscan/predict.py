@@ -37,8 +37,8 @@ NOT_XRAY_MESSAGE = "not a frontal chest X-ray (outside the training distribution
 MAX_COLOURFULNESS = 15.0  # Hasler-Suesstrunk "slightly colourful"; gray X-rays, also as RGB JPEGs, score 0
 MIN_CONTRAST = 0.03  # std of the network input in [0, 1]; X-rays are around 0.2, flat or blank images near 0
 MAX_ASPECT = 3.0  # longer / shorter side; the Kermany originals reach 2.6
-# Share of the network input held by its two most frequent gray levels. Drawings, masks, binary scans and charts sit
-# at 0.77-0.94; validation X-rays reach 0.28 (black borders); measured by benchmarks/guard_eval.py's sources.
+# Share of the network input held by its two most frequent gray levels: validation X-rays reach 0.28 (black
+# borders), drawings, masks and charts 0.9 and more (benchmarks/guard_eval.py --two-level).
 MAX_TWO_LEVEL_SHARE = 0.6
 # DICOM Modality defined terms (PS3.3 C.7.3.1.1.1) under which a projection chest radiograph is stored:
 # computed and digital radiography, film digitised as RG, and OT for secondary captures of films.
@@ -289,7 +289,7 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
 
     backend "onnx" runs the network on onnxruntime and needs an .onnx file from ``pneumoscan export``.
     precision (torch backend): "auto" runs the network under bfloat16 autocast on CPUs with native bf16 (AVX512-BF16
-    or AMX; about 1.8x faster, answers checked in docs/benchmarks.md) and in float32 elsewhere.
+    or AMX; 1.5-2.2x faster, answers checked in docs/benchmarks.md) and in float32 elsewhere.
     """
     if precision not in PRECISIONS:
         raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
