@@ -90,9 +90,10 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
     """The validation images scored as they are and under fixed acquisition shifts: a recipe-selection aid."""
     import numpy as np
 
+    from .data import medmnist
     from .evaluate import VALIDATION, evaluate_shifts, validation_images
 
-    if args.split not in (VALIDATION, "val"):
+    if args.split != ("val" if medmnist.is_npz(args.data) else VALIDATION):
         raise PneumoscanError("--shifts scores the validation split only (--split validation, or val for a .npz): "
                               "recipes are chosen on it")
     images, labels = validation_images(model, args.data)

@@ -107,11 +107,11 @@ class Model:
         views = [v.contiguous(memory_format=torch.channels_last) for v in (tta_views(batch) if tta else [batch])]
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
             logits, feats = logits_and_features(self.network, views[0])
+            logits = logits.float()  # TTA views are summed in float32 whatever the network's precision
             for view in views[1:]:
-                logits = logits + logits_and_features(self.network, view)[0]
-        feats = feats.float()
-        scores = self.guard.score(feats) if self.guard is not None else torch.zeros(len(batch))
-        return logits.float() / len(views), scores  # the guard judges the image as given, not its TTA views
+                logits = logits + logits_and_features(self.network, view)[0].float()
+        scores = self.guard.score(feats.float()) if self.guard is not None else torch.zeros(len(batch))
+        return logits / len(views), scores  # the guard judges the image as given, not its TTA views
 
     def forward_images(self, images: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``forward``, from images (N, [1,] S, S), uint8 or float in [0, 1]: the ONNX backend overrides this
