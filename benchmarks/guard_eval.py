@@ -278,7 +278,7 @@ def report(sources: list[Source], threshold: float) -> dict:
 
 def two_level_report(model, sources: list[Source]) -> None:
     from pneumoscan.data.images import ImageReadError, read_image
-    from pneumoscan.predict import MAX_TWO_LEVEL_SHARE
+    from pneumoscan.predict import MAX_TWO_LEVEL_SHARE, two_level_share
 
     print(f"\nshare of the network input in its two most frequent gray levels (check rejects > {MAX_TWO_LEVEL_SHARE})")
     print(f"{'source':<16} {'images':>6} {'min':>6} {'p50':>6} {'p99.9':>6} {'max':>6}")
@@ -290,7 +290,7 @@ def two_level_report(model, sources: list[Source]) -> None:
                 small = prep.to_uint8(read_image(path, reduce_to=prep.size))
             except ImageReadError:
                 continue
-            shares.append(np.sort(np.bincount(small.ravel(), minlength=256))[-2:].sum() / small.size)
+            shares.append(two_level_share(small))
         if shares:
             q = np.percentile(shares, [0, 50, 99.9, 100])
             print(f"{source.name:<16} {len(shares):>6} " + " ".join(f"{v:6.3f}" for v in q))

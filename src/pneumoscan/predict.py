@@ -144,8 +144,7 @@ class Model:
             return f"image is {width}x{height} pixels, too elongated for a chest radiograph"
         if float(small.std()) / 255.0 < MIN_CONTRAST:
             return "image is blank or nearly uniform"
-        counts = np.bincount(np.asarray(small, dtype=np.uint8).ravel(), minlength=256)
-        if (share := float(np.sort(counts)[-2:].sum()) / small.size) > MAX_TWO_LEVEL_SHARE:
+        if (share := two_level_share(small)) > MAX_TWO_LEVEL_SHARE:
             return f"{share:.0%} of the image is two gray levels (a drawing, mask or binary scan)"
         return None
 
@@ -225,6 +224,12 @@ class Model:
             else:
                 probability = float(self.probability(item.logits[None])[0])
                 yield self._result(item.path, probability, item.guard_score, op, item.image_check)
+
+
+def two_level_share(small: np.ndarray) -> float:
+    """Share of a uint8-valued image held by its two most frequent gray levels (high for drawings and masks)."""
+    counts = np.bincount(np.asarray(small, dtype=np.uint8).ravel(), minlength=256)
+    return float(np.sort(counts)[-2:].sum()) / small.size
 
 
 def dicom_header_check(info: dict) -> str | None:
