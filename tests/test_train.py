@@ -303,3 +303,37 @@ def test_split_seed_keeps_the_validation_patients_when_the_seed_changes(tiny_dat
     val5 = sorted(str(s.path) for s in read_split(tmp_path / "s5" / "split.csv")[1])
     val0 = sorted(str(s.path) for s in read_split(tmp_path / "s0" / "split.csv")[1])
     assert val5 == val0
+
+
+def test_ema_saves_the_weight_average_and_resumes_it_exactly(tiny_dataset, tmp_path, monkeypatch):
+    fit(fast_config(epochs=1, ema=0.9), tiny_dataset, tmp_path / "one", progress=False)
+    ckpt = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
+    best = load_file(str(tmp_path / "one" / "best.safetensors"))
+    average = {k[len("ema.module."):]: v for k, v in ckpt.items() if k.startswith("ema.module.")}
+    raw = {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
+    assert average.keys() == raw.keys() == best.keys()
+    assert int(ckpt["ema.n_averaged"]) > 1
+    assert any(raw[k].is_floating_point() and not torch.equal(average[k], raw[k]) for k in raw)
+    assert all(torch.equal(best[k], average[k]) for k in best)  # the average is what is evaluated and kept
+
+    real_save = train_mod._save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(fast_config(ema=0.9), tiny_dataset, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    fit(fast_config(ema=0.9), tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    fit(fast_config(ema=0.9), tiny_dataset, tmp_path / "whole", progress=False)
+    resumed = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_ema_outside_zero_to_one_is_a_clear_error(tiny_dataset, tmp_path):
+    with pytest.raises(PneumoscanError, match=r"ema must be a decay in \[0, 1\)"):
+        fit(fast_config(ema=1.5), tiny_dataset, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -173,17 +173,23 @@ class ShiftResult:
     balanced_accuracy: float  # accuracy at the balanced threshold
 
 
-def evaluate_shifts(model: Model, images: np.ndarray, labels: np.ndarray, *,
-                    batch_size: int = BATCH_SIZE) -> list[ShiftResult]:
-    """Scores of uint8 network inputs (N, S, S) as given ("none") and under each fixed acquisition shift."""
+def shifted_logits(model: Model, images: np.ndarray, *, batch_size: int = BATCH_SIZE):
+    """(shift name, logits (N, 2)) for uint8 network inputs (N, S, S) as given ("none") and under each shift."""
     ops = {"none": lambda x: x, **_shift_ops(model.preprocessing.size)}
-    results = []
     for name, op in ops.items():
         logits = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([op(torch.from_numpy(im)[None]) for im in images[start:start + batch_size]])
             logits.append(model.forward_images(batch)[0])
-        p = model.probability(torch.cat(logits)).numpy()
+        yield name, torch.cat(logits)
+
+
+def evaluate_shifts(model: Model, images: np.ndarray, labels: np.ndarray, *,
+                    batch_size: int = BATCH_SIZE) -> list[ShiftResult]:
+    """Scores of uint8 network inputs (N, S, S) as given ("none") and under each fixed acquisition shift."""
+    results = []
+    for name, logits in shifted_logits(model, images, batch_size=batch_size):
+        p = model.probability(logits).numpy()
         balanced = operating_point(labels, p, model.thresholds["balanced"])
         results.append(ShiftResult(name, roc_auc(labels, p), operating_point(labels, p, model.thresholds["screening"]),
                                    balanced.accuracy))

@@ -140,9 +140,12 @@ def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
-def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                     ema: nn.Module | None = None) -> None:
     """Everything --resume needs, in safetensors (no pickle): weights, optimizer tensors, loop state as JSON."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unwrap(net).state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for index, values in opt_state["state"].items():
         for key, value in values.items():
@@ -151,13 +154,18 @@ def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, sta
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module | None = None) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     _unwrap(net).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not ema_state:
+            raise TrainError(f"{path}: the checkpoint has no weight average to resume (ema was off)")
+        ema.load_state_dict(ema_state)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -223,6 +231,8 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     started = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     spec = arch_spec(cfg.arch)
+    if not 0.0 <= cfg.ema < 1.0:
+        raise TrainError(f"ema must be a decay in [0, 1) (0: off), got {cfg.ema!r}")
     rt = setup_runtime(cfg.amp)
     checkpoint = out_dir / "checkpoint.safetensors"
     if resume and not checkpoint.is_file():
@@ -265,9 +275,15 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
 
+    # Weight EMA: the average (parameters and BatchNorm statistics) is what gets evaluated, selected and saved.
+    ema = None
+    if cfg.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     state = {"epoch": 0, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0}
     if resume:
-        state = _load_checkpoint(checkpoint, net, opt)
+        state = _load_checkpoint(checkpoint, net, opt, ema)
         if rt.main:
             print(f"resuming after epoch {state['epoch']} (best AUC {state['best_auc']:.4f})", file=sys.stderr)
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
@@ -319,12 +335,15 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(net)
             total += float(loss.detach()) * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
         stop = torch.zeros(1)
         if rt.main:
-            logits, _ = infer(net, val_x, prep, rt, amp=True, channels_last=cfg.channels_last)
+            scored = ema.module if ema is not None else net
+            logits, _ = infer(scored, val_x, prep, rt, amp=True, channels_last=cfg.channels_last)
             val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val_y)))
             val_auc = roc_auc(val_y, softmax_pneumonia(logits))
             seconds = time.time() - t0
@@ -338,12 +357,12 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
             better = (val_auc, -val_loss) > (state["best_auc"], -state["best_loss"])
             if better:
                 state.update(best_auc=val_auc, best_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-                best = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                best = {k: v.detach().cpu().contiguous() for k, v in scored.state_dict().items()}
                 atomic_write(out_dir / "best.safetensors", lambda tmp, best=best: save_file(best, tmp))
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
-            _save_checkpoint(checkpoint, net, opt, state)
+            _save_checkpoint(checkpoint, net, opt, state, ema)
             if state["bad_epochs"] >= cfg.patience:
                 print(f"early stopping: no better validation AUC for {cfg.patience} epochs", file=sys.stderr)
                 stop += 1

@@ -1,0 +1,94 @@
+"""Report, once, the test figures of an ensemble chosen on validation by benchmarks/combine_runs.py.
+
+The ensemble averages its members' calibrated log-odds. Exactly as ``pneumoscan train`` does for one network, its
+own calibration (Platt) and its screening and balanced thresholds are fitted on the members' shared validation
+split; the official test split is then scored with them. Nothing is chosen on test. The members' own test
+figures are printed beside it, at their own thresholds.
+
+Usage: python benchmarks/ensemble_test.py runs/fast4-seed1 runs/default [--data ../shared/data/chest_xray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log_odds(model, logits: torch.Tensor) -> np.ndarray:
+    return ((logits[:, 1] - logits[:, 0]).float() / model.temperature + model.bias).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories sharing one split.csv")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
+    parser.add_argument("--precision", default="auto", choices=["float32", "bfloat16", "auto"])
+    args = parser.parse_args(argv)
+
+    from pneumoscan import load_model
+    from pneumoscan.calibrate import (
+        balanced_threshold,
+        fit_calibration,
+        screening_threshold,
+        softmax_pneumonia,
+    )
+    from pneumoscan.evaluate import _score_folder, validation_images
+    from pneumoscan.metrics import operating_point, roc_auc
+
+    runs = [Path(r) for r in args.runs]
+    if len({(r / "split.csv").read_bytes() for r in runs}) != 1:
+        print("ensemble_test: the runs do not share one split.csv", file=sys.stderr)
+        return 2
+    models = [load_model(r, precision=args.precision) for r in runs]
+    config = models[0].meta["training"]["config"]
+
+    # validation: the ensemble's calibration and thresholds, fitted as train.py fits a single network's
+    images, val_y = validation_images(models[0])
+    val_z = np.mean([log_odds(m, torch.cat([m.forward_images(torch.from_numpy(images[i:i + 64]))[0]
+                                            for i in range(0, len(images), 64)])) for m in models], axis=0)
+    pseudo = np.stack([np.zeros_like(val_z), val_z], axis=1)  # (N, 2) logits whose margin is the mean log-odds
+    temperature, bias = fit_calibration(pseudo, val_y)
+    val_p = softmax_pneumonia(pseudo, temperature, bias)
+    thresholds = {"screening": screening_threshold(val_y, val_p, config["target_sensitivity"],
+                                                   config["threshold_confidence"]),
+                  "balanced": balanced_threshold(val_y, val_p)}
+
+    # test, once: every member's logits, then the ensemble at its validation-fitted calibration and thresholds
+    test = {}
+    for run, model in zip(runs, models, strict=True):
+        labels, logits, _, errors = _score_folder(model, args.data, "test", 32, False)
+        if errors:
+            print(f"ensemble_test: {len(errors)} unreadable test images", file=sys.stderr)
+            return 1
+        test[run.name] = (np.array(labels), torch.stack(logits))
+    test_y = next(iter(test.values()))[0]
+    assert all(np.array_equal(y, test_y) for y, _ in test.values()), "members scored the files in one order"
+    test_z = np.mean([log_odds(m, test[r.name][1]) for r, m in zip(runs, models, strict=True)], axis=0)
+    test_p = softmax_pneumonia(np.stack([np.zeros_like(test_z), test_z], axis=1), temperature, bias)
+
+    print(f"test split: {len(test_y)} images; network precision {models[0].precision}")
+    print(f"{'model':<40} {'AUC':>6}  {'screening thr  sens   spec':>27}  {'balanced thr  acc (sens / spec)':>33}")
+
+    def row(name: str, y, p, thr: dict) -> None:
+        s, b = operating_point(y, p, thr["screening"]), operating_point(y, p, thr["balanced"])
+        print(f"{name:<40} {roc_auc(y, p):6.4f}  {thr['screening']:13.3f} {s.sensitivity:6.3f} {s.specificity:6.3f}"
+              f"  {thr['balanced']:12.3f} {b.accuracy:6.3f} ({b.sensitivity:.3f} / {b.specificity:.3f})")
+
+    for run, model in zip(runs, models, strict=True):
+        y, logits = test[run.name]
+        row(run.name, y, model.probability(logits).numpy(), model.thresholds)
+    row("ensemble: " + " + ".join(r.name for r in runs), test_y, test_p, thresholds)
+    val_auc = roc_auc(val_y, val_p)
+    print(f"ensemble validation: AUC {val_auc:.4f}, T={temperature:.2f}, bias={bias:+.2f}, thresholds "
+          f"screening {thresholds['screening']:.3f}, balanced {thresholds['balanced']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
