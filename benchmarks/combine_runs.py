@@ -18,12 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-
-
-def log_odds(model, logits: torch.Tensor) -> np.ndarray:
-    """The model's calibrated log-odds of pneumonia: the quantity averaged across ensemble members."""
-    return ((logits[:, 1] - logits[:, 0]).float() / model.temperature + model.bias).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scores: dict[str, dict[str, np.ndarray]] = {}  # run -> shift -> calibrated log-odds
     for run, model in zip(runs, models, strict=True):
-        scores[run.name] = {name: log_odds(model, lg) for name, lg in shifted_logits(model, images)}
+        scores[run.name] = {name: model.log_odds(lg).numpy() for name, lg in shifted_logits(model, images)}
         print(f"scored {run.name}", file=sys.stderr, flush=True)
 
     def figures(per_shift: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -74,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in states[0].items()}
         soup.network.load_state_dict(averaged)
         # a weight average has no calibration of its own; AUC needs none (it depends on the ranking only)
-        per_shift = {name: (lg[:, 1] - lg[:, 0]).float().numpy() for name, lg in shifted_logits(soup, images)}
+        per_shift = {name: soup.log_odds(lg, calibrated=False).numpy() for name, lg in shifted_logits(soup, images)}
         rows.append(("uniform weight average (soup) of all", *figures(per_shift)))
 
     width = max(len(r[0]) for r in rows)

@@ -20,8 +20,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def log_odds(model, logits: torch.Tensor) -> np.ndarray:
-    return ((logits[:, 1] - logits[:, 0]).float() / model.temperature + model.bias).numpy()
+def as_logits(z: np.ndarray) -> np.ndarray:
+    """(N, 2) logits whose margin is the ensemble's mean log-odds, the form calibrate.py's functions take."""
+    return np.stack([np.zeros_like(z), z], axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         screening_threshold,
         softmax_pneumonia,
     )
-    from pneumoscan.evaluate import _score_folder, validation_images
+    from pneumoscan.evaluate import _score_folder, shifted_logits, validation_images
     from pneumoscan.metrics import operating_point, roc_auc
 
     runs = [Path(r) for r in args.runs]
@@ -50,11 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # validation: the ensemble's calibration and thresholds, fitted as train.py fits a single network's
     images, val_y = validation_images(models[0])
-    val_z = np.mean([log_odds(m, torch.cat([m.forward_images(torch.from_numpy(images[i:i + 64]))[0]
-                                            for i in range(0, len(images), 64)])) for m in models], axis=0)
-    pseudo = np.stack([np.zeros_like(val_z), val_z], axis=1)  # (N, 2) logits whose margin is the mean log-odds
-    temperature, bias = fit_calibration(pseudo, val_y)
-    val_p = softmax_pneumonia(pseudo, temperature, bias)
+    val_z = np.mean([m.log_odds(next(shifted_logits(m, images))[1]).numpy() for m in models], axis=0)  # unshifted
+    temperature, bias = fit_calibration(as_logits(val_z), val_y)
+    val_p = softmax_pneumonia(as_logits(val_z), temperature, bias)
     thresholds = {"screening": screening_threshold(val_y, val_p, config["target_sensitivity"],
                                                    config["threshold_confidence"]),
                   "balanced": balanced_threshold(val_y, val_p)}
@@ -69,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         test[run.name] = (np.array(labels), torch.stack(logits))
     test_y = next(iter(test.values()))[0]
     assert all(np.array_equal(y, test_y) for y, _ in test.values()), "members scored the files in one order"
-    test_z = np.mean([log_odds(m, test[r.name][1]) for r, m in zip(runs, models, strict=True)], axis=0)
-    test_p = softmax_pneumonia(np.stack([np.zeros_like(test_z), test_z], axis=1), temperature, bias)
+    test_z = np.mean([m.log_odds(test[r.name][1]).numpy() for r, m in zip(runs, models, strict=True)], axis=0)
+    test_p = softmax_pneumonia(as_logits(test_z), temperature, bias)
 
     print(f"test split: {len(test_y)} images; network precision {models[0].precision}")
     print(f"{'model':<40} {'AUC':>6}  {'screening thr  sens   spec':>27}  {'balanced thr  acc (sens / spec)':>33}")

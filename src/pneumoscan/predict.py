@@ -118,11 +118,16 @@ class Model:
         because its graph normalises inside."""
         return self.forward(self.preprocessing.normalize(images), tta=tta)
 
+    def log_odds(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
+        """Log-odds of pneumonia from (N, 2) logits, with the temperature and bias fitted on validation (or
+        none): the scale on which ensemble members are averaged."""
+        margin = (logits[:, 1] - logits[:, 0]).float()
+        return margin / self.temperature + self.bias if calibrated else margin
+
     def probability(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
         """Probability of pneumonia from (N, 2) logits; calibrated with the temperature and bias fitted on
         validation, or the plain softmax when ``calibrated`` is False."""
-        margin = (logits[:, 1] - logits[:, 0]).float()
-        return torch.sigmoid(margin / self.temperature + self.bias) if calibrated else torch.sigmoid(margin)
+        return torch.sigmoid(self.log_odds(logits, calibrated=calibrated))
 
     @property
     def min_side(self) -> int:
