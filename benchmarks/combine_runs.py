@@ -20,6 +20,17 @@ from pathlib import Path
 import numpy as np
 
 
+def load_members(runs: list[Path], precision: str):
+    """The runs' models, or None (said on stderr) when they do not share one split.csv: their validation images
+    would differ."""
+    from pneumoscan import load_model
+
+    if len({(r / "split.csv").read_bytes() for r in runs}) != 1:
+        print("the runs do not share one split.csv; their validation images differ", file=sys.stderr)
+        return None
+    return [load_model(r, precision=precision) for r in runs]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories sharing one split.csv")
@@ -28,16 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soup", action="store_true", help="also score the uniform average of the weights")
     args = parser.parse_args(argv)
 
-    from pneumoscan import load_model
     from pneumoscan.evaluate import shifted_logits, validation_images
     from pneumoscan.metrics import roc_auc
 
     runs = [Path(r) for r in args.runs]
-    splits = {(r / "split.csv").read_bytes() for r in runs}
-    if len(splits) != 1:
-        print("combine_runs: the runs do not share one split.csv; their validation images differ", file=sys.stderr)
+    models = load_members(runs, args.precision)
+    if models is None:
         return 2
-    models = [load_model(r, precision=args.precision) for r in runs]
     images, labels = validation_images(models[0])
     print(f"{len(labels)} validation images of {runs[0]}/split.csv, network {args.precision}", flush=True)
 

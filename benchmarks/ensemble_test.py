@@ -32,31 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=["float32", "bfloat16", "auto"])
     args = parser.parse_args(argv)
 
-    from pneumoscan import load_model
-    from pneumoscan.calibrate import (
-        balanced_threshold,
-        fit_calibration,
-        screening_threshold,
-        softmax_pneumonia,
-    )
+    from combine_runs import load_members  # the sibling script: same member loading and split check
+
+    from pneumoscan.calibrate import fit_decision_rule, softmax_pneumonia
     from pneumoscan.evaluate import _score_folder, shifted_logits, validation_images
     from pneumoscan.metrics import operating_point, roc_auc
 
     runs = [Path(r) for r in args.runs]
-    if len({(r / "split.csv").read_bytes() for r in runs}) != 1:
-        print("ensemble_test: the runs do not share one split.csv", file=sys.stderr)
+    models = load_members(runs, args.precision)
+    if models is None:
         return 2
-    models = [load_model(r, precision=args.precision) for r in runs]
     config = models[0].meta["training"]["config"]
 
     # validation: the ensemble's calibration and thresholds, fitted as train.py fits a single network's
     images, val_y = validation_images(models[0])
     val_z = np.mean([m.log_odds(next(shifted_logits(m, images))[1]).numpy() for m in models], axis=0)  # unshifted
-    temperature, bias = fit_calibration(as_logits(val_z), val_y)
+    temperature, bias, thresholds = fit_decision_rule(as_logits(val_z), val_y, config["target_sensitivity"],
+                                                      config["threshold_confidence"])
     val_p = softmax_pneumonia(as_logits(val_z), temperature, bias)
-    thresholds = {"screening": screening_threshold(val_y, val_p, config["target_sensitivity"],
-                                                   config["threshold_confidence"]),
-                  "balanced": balanced_threshold(val_y, val_p)}
 
     # test, once: every member's logits, then the ensemble at its validation-fitted calibration and thresholds
     test = {}

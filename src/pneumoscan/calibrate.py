@@ -78,3 +78,14 @@ def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
     fpr, tpr, thresholds = roc_curve(y, p)
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))
+
+
+def fit_decision_rule(logits: np.ndarray, y: np.ndarray, target_sensitivity: float,
+                      confidence: float = 0.95) -> tuple[float, float, dict[str, float]]:
+    """(temperature, bias, {"screening", "balanced"} thresholds) fitted on validation logits: everything a model
+    file stores to turn logits into decisions, for one network or an ensemble's averaged log-odds."""
+    temperature, bias = fit_calibration(logits, y)
+    p = softmax_pneumonia(logits, temperature, bias)
+    thresholds = {"screening": screening_threshold(y, p, target_sensitivity, confidence),
+                  "balanced": balanced_threshold(y, p)}
+    return temperature, bias, thresholds

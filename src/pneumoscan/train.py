@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import build_augment
-from .calibrate import balanced_threshold, fit_calibration, screening_threshold, softmax_pneumonia
+from .calibrate import fit_decision_rule, softmax_pneumonia
 from .config import TrainConfig
 from .data import medmnist
 from .data.cache import decode_cache
@@ -427,11 +427,10 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
     rng = np.random.default_rng(cfg.seed)
     subset = np.sort(rng.choice(len(train_x), size=min(len(train_x), 2000), replace=False))
     _, train_feats = infer(net, train_x[subset], prep, rt, channels_last=False)
-    temperature, bias = fit_calibration(val_logits, val_y)
+    temperature, bias, thresholds = fit_decision_rule(val_logits, val_y, cfg.target_sensitivity,
+                                                      cfg.threshold_confidence)
     raw = softmax_pneumonia(val_logits)
     p = softmax_pneumonia(val_logits, temperature, bias)
-    thresholds = {"screening": screening_threshold(val_y, p, cfg.target_sensitivity, cfg.threshold_confidence),
-                  "balanced": balanced_threshold(val_y, p)}
     guard = Guard.fit(torch.from_numpy(train_feats), torch.from_numpy(val_feats), quantile=cfg.guard_quantile)
     with (out_dir / "val_predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
