@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_gray, synthetic_xray
+from conftest import make_model_file, save_gray, synthetic_xray
 
 from pneumoscan import load_model
 from pneumoscan.cli import main
@@ -114,6 +114,19 @@ def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
     assert model.uint8_input
     images = torch.from_numpy(_images(tiny_model, 3, offset=400))
     assert (model.forward_images(images)[0] - tiny_model.forward_images(images)[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, tmp_path):
+    model = load_model(make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25)), precision="float32")
+    result = export_onnx(model, tmp_path / "std.onnx", images=_images(model, 4), input_dtype=input_dtype)
+    onnx_model = load_model(result.path, backend="onnx")
+    assert onnx_model.preprocessing.standardize == (0.5, 0.25)
+    images = torch.from_numpy(_images(model, 3, offset=500))
+    darker = (images.float() * 0.6 + 20).round().to(torch.uint8)  # a linear exposure change
+    for batch in (images, darker):
+        assert (onnx_model.forward_images(batch)[0] - model.forward_images(batch)[0]).abs().max() < 1e-4
+    assert (model.forward_images(darker)[0] - model.forward_images(images)[0]).abs().max() < 0.05
 
 
 def test_export_refuses_to_publish_when_runtimes_disagree(tiny_model, tmp_path):

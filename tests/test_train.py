@@ -337,3 +337,13 @@ def test_ema_outside_zero_to_one_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(PneumoscanError, match=r"ema must be a decay in \[0, 1\)"):
         fit(fast_config(ema=1.5), tiny_dataset, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_standardize_trains_with_and_saves_per_image_standardization(tiny_dataset, tmp_path):
+    from pneumoscan import load_model
+    from pneumoscan.preprocess import STANDARD_INTENSITY
+
+    run = tmp_path / "std"
+    fit(fast_config(epochs=1, standardize=True), tiny_dataset, run, progress=False)
+    assert load_model(run / "model.safetensors").preprocessing.standardize == STANDARD_INTENSITY
+    assert train_mod.preprocessing_for(fast_config()).standardize is None  # off by default

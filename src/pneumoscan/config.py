@@ -42,6 +42,7 @@ class TrainConfig:
     pretrained: str = "imagenet"  # imagenet | none
     weights: str | None = None  # local state dict to start from instead of downloading ImageNet weights
     image_size: int | None = None  # None: 224
+    standardize: bool = False  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3

@@ -3,6 +3,11 @@
 ``Preprocessing`` is saved inside every model file; training, evaluation, prediction, ONNX export and the server
 all build their inputs through it, so inference can never drift from training. The image is squashed (not
 cropped or padded) to ``size`` x ``size`` because that is how the Kermany 224 px training copies were made.
+
+``standardize`` optionally rescales each image's intensities to a fixed mean and spread before the fixed
+normalisation: exposure, windowing and contrast differ between X-ray machines and hospitals, and a per-image
+standardisation removes the linear part of that shift by construction instead of asking the network to learn it.
+It lives in ``normalize``, after augmentation, so training sees the same standardised inputs as inference.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from PIL import Image
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                 "area": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
 
+# The (mean, std) that config key ``standardize`` rescales every image to: a mid-gray mean and a spread of a quarter
+# of the range, round values near those of a typical Kermany film, so an ImageNet stem sees familiar input ranges.
+STANDARD_INTENSITY = (0.5, 0.25)
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -24,12 +33,15 @@ class Preprocessing:
     channels: int = 3  # the gray image is repeated to match ImageNet-pretrained stems
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    standardize: tuple[float, float] | None = None  # (mean, std) each image is rescaled to, in [0, 1] units; None: off
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL_FILTERS:
             raise ValueError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {self.interpolation!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if self.standardize is not None and (len(self.standardize) != 2 or self.standardize[1] <= 0):
+            raise ValueError(f"standardize must be (mean, std) with std > 0, got {self.standardize!r}")
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """float32 (H, W) in [0, 1] -> float32 (size, size) in [0, 1]."""
@@ -50,6 +62,11 @@ class Preprocessing:
             batch = batch.float().div_(255.0)
         if batch.ndim == 3:
             batch = batch.unsqueeze(1)
+        if self.standardize is not None:
+            target_mean, target_std = self.standardize
+            mean = batch.mean(dim=(-3, -2, -1), keepdim=True)
+            std = batch.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-3)  # a blank image stays finite
+            batch = (batch - mean) / std * target_std + target_mean
         batch = batch.expand(-1, self.channels, -1, -1)
         mean = torch.tensor(self.mean, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
@@ -69,7 +86,7 @@ class Preprocessing:
         if unknown:
             raise ValueError(f"unknown preprocessing key(s): {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("mean", "std"):
-            if key in values:
+        for key in ("mean", "std", "standardize"):
+            if values.get(key) is not None:
                 values[key] = tuple(float(v) for v in values[key])
         return cls(**values)

@@ -37,7 +37,7 @@ from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
 from .modelfile import atomic_write, save_model_file, sha256_file
 from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages, logits_and_features
-from .preprocess import Preprocessing
+from .preprocess import STANDARD_INTENSITY, Preprocessing
 
 
 class TrainError(PneumoscanError):
@@ -225,12 +225,18 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
+    """The preprocessing a run trains with, and saves into its model file."""
+    spec = arch_spec(cfg.arch)
+    return Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std,
+                         standardize=STANDARD_INTENSITY if cfg.standardize else None)
+
+
 def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
         progress: bool = True) -> Path:
     """Train, select the best epoch by validation AUC, calibrate on validation, write out_dir/model.safetensors."""
     started = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    spec = arch_spec(cfg.arch)
     if not 0.0 <= cfg.ema < 1.0:
         raise TrainError(f"ema must be a decay in [0, 1) (0: off), got {cfg.ema!r}")
     rt = setup_runtime(cfg.amp)
@@ -240,7 +246,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     if not resume and (out_dir / "model.safetensors").exists():
         raise TrainError(f"{out_dir}: already holds a trained model; choose another --out or pass --resume")
     torch.manual_seed(cfg.seed)
-    prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    prep = preprocessing_for(cfg)
     # Build the network and read the data before writing anything: a bad --weights, an offline ImageNet
     # download or a bad data folder must not leave a half-made run directory behind.
     net = create_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(rt.device)
@@ -399,8 +405,7 @@ def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path
     previous = read_model_file(run_dir / "model.safetensors")[1]
     data_dir = Path(data_dir or previous["training"]["data"])
     rt = setup_runtime("off")
-    spec = arch_spec(cfg.arch)
-    prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    prep = preprocessing_for(cfg)
     train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, run_dir, prep, rt, True, False)
     net = create_model(cfg.arch, pretrained="none").to(rt.device)
     from safetensors import safe_open
