@@ -59,7 +59,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def make_model_file(path: Path, arch: str = "efficientnet_lite0", size: int = 64, seed: int = 0,
-                    standardize: tuple[float, float] | None = None) -> Path:
+                    standardize: tuple[float, float] | None = None, equalize: bool = False) -> Path:
     """An untrained but complete model file: real network, preprocessing, thresholds, temperature, guard."""
     from pneumoscan.guard import Guard
     from pneumoscan.modelfile import save_model_file
@@ -69,7 +69,7 @@ def make_model_file(path: Path, arch: str = "efficientnet_lite0", size: int = 64
     torch.manual_seed(seed)
     spec = arch_spec(arch)
     net = create_model(arch, pretrained="none").eval()
-    prep = Preprocessing(size=size, mean=spec.mean, std=spec.std, standardize=standardize)
+    prep = Preprocessing(size=size, mean=spec.mean, std=spec.std, standardize=standardize, equalize=equalize)
     with torch.no_grad():
         batch = torch.stack([prep.apply(synthetic_xray(size, s)) for s in range(40)])
         feats = features(net, batch)

@@ -116,12 +116,13 @@ def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
     assert (model.forward_images(images)[0] - tiny_model.forward_images(images)[0]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
-def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, tmp_path):
-    model = load_model(make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25)), precision="float32")
+@pytest.mark.parametrize(("input_dtype", "equalize"), [("float32", False), ("uint8", False), ("uint8", True)])
+def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, equalize, tmp_path):
+    path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25), equalize=equalize)
+    model = load_model(path, precision="float32")
     result = export_onnx(model, tmp_path / "std.onnx", images=_images(model, 4), input_dtype=input_dtype)
     onnx_model = load_model(result.path, backend="onnx")
-    assert onnx_model.preprocessing.standardize == (0.5, 0.25)
+    assert onnx_model.preprocessing == model.preprocessing
     images = torch.from_numpy(_images(model, 3, offset=500))
     darker = (images.float() * 0.6 + 20).round().to(torch.uint8)  # a linear exposure change
     for batch in (images, darker):

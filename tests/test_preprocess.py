@@ -1,5 +1,6 @@
-"""Preprocessing.standardize: per-image intensity standardisation removes exposure and contrast differences, is
-saved with the model, and stays finite on degenerate images."""
+"""Preprocessing.standardize and .equalize: per-image intensity standardisation removes exposure and contrast
+differences, histogram equalisation gamma too; both are saved with the model and stay finite on degenerate
+images."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import torch
 from conftest import synthetic_xray
 
 from pneumoscan.preprocess import Preprocessing
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    """Back to 256 gray levels, the levels histogram equalisation works on."""
+    return (x * 255).round().to(torch.uint8)
 
 
 @pytest.fixture
@@ -40,15 +46,31 @@ def test_uint8_and_float_inputs_standardize_alike(image):
     assert (prep.normalize(as_uint8) - prep.normalize(as_uint8.float() / 255)).abs().max() < 1e-5
 
 
+def test_equalize_also_removes_a_gamma_difference(image):
+    gamma = image.pow(1.5)  # a monotone, non-linear change of the film's response
+    standardized = Preprocessing(size=32, standardize=(0.5, 0.25))
+    equalized = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True)
+    gap_standardized = (standardized.normalize(_u8(image)) - standardized.normalize(_u8(gamma))).abs().mean()
+    gap_equalized = (equalized.normalize(_u8(image)) - equalized.normalize(_u8(gamma))).abs().mean()
+    assert gap_equalized < gap_standardized / 3
+
+
+def test_equalize_works_per_image_in_a_batch(image):
+    prep = Preprocessing(size=32, equalize=True)
+    pair = torch.cat([image, image * 0.5])
+    assert (prep.normalize(pair)[1] - prep.normalize(image * 0.5)[0]).abs().max() < 1e-6
+
+
 def test_standardize_keeps_a_blank_image_finite():
-    prep = Preprocessing(size=8, standardize=(0.5, 0.25))
+    prep = Preprocessing(size=8, standardize=(0.5, 0.25), equalize=True)
     assert torch.isfinite(prep.normalize(torch.zeros(2, 8, 8, dtype=torch.uint8))).all()
 
 
 def test_standardize_is_saved_with_the_model_and_read_back():
-    prep = Preprocessing(size=32, standardize=(0.5, 0.25))
+    prep = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True)
     assert Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict()))) == prep
-    assert Preprocessing.from_dict({"size": 32}).standardize is None  # model files written before the key
+    old = Preprocessing.from_dict({"size": 32})  # model files written before the keys
+    assert old.standardize is None and not old.equalize
 
 
 def test_standardize_with_a_nonpositive_spread_is_refused():

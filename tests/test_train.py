@@ -339,11 +339,13 @@ def test_ema_outside_zero_to_one_is_a_clear_error(tiny_dataset, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_standardize_trains_with_and_saves_per_image_standardization(tiny_dataset, tmp_path):
+def test_standardize_and_equalize_are_trained_with_and_saved_in_the_model(tiny_dataset, tmp_path):
     from pneumoscan import load_model
     from pneumoscan.preprocess import STANDARD_INTENSITY
 
     run = tmp_path / "std"
-    fit(fast_config(epochs=1, standardize=True), tiny_dataset, run, progress=False)
-    assert load_model(run / "model.safetensors").preprocessing.standardize == STANDARD_INTENSITY
-    assert train_mod.preprocessing_for(fast_config()).standardize is None  # off by default
+    fit(fast_config(epochs=1, standardize=True, equalize=True), tiny_dataset, run, progress=False)
+    prep = load_model(run / "model.safetensors").preprocessing
+    assert prep.standardize == STANDARD_INTENSITY and prep.equalize
+    default = train_mod.preprocessing_for(fast_config())
+    assert default.standardize is None and not default.equalize  # off unless the config asks

@@ -43,6 +43,7 @@ class TrainConfig:
     weights: str | None = None  # local state dict to start from instead of downloading ImageNet weights
     image_size: int | None = None  # None: 224
     standardize: bool = False  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
+    equalize: bool = False  # histogram-equalise each image (Preprocessing.equalize)
     epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3

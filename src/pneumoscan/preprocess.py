@@ -7,7 +7,9 @@ cropped or padded) to ``size`` x ``size`` because that is how the Kermany 224 px
 ``standardize`` optionally rescales each image's intensities to a fixed mean and spread before the fixed
 normalisation: exposure, windowing and contrast differ between X-ray machines and hospitals, and a per-image
 standardisation removes the linear part of that shift by construction instead of asking the network to learn it.
-It lives in ``normalize``, after augmentation, so training sees the same standardised inputs as inference.
+``equalize`` optionally applies global histogram equalisation (torchvision's, PIL's lookup table) first, which
+also removes monotone non-linear differences such as gamma. Both live in ``normalize``, after augmentation, so
+training sees the same inputs as inference, and both are traced into the ONNX graph.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                 "area": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
@@ -34,6 +37,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     standardize: tuple[float, float] | None = None  # (mean, std) each image is rescaled to, in [0, 1] units; None: off
+    equalize: bool = False  # global histogram equalisation of each image, before standardize
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL_FILTERS:
@@ -62,6 +66,8 @@ class Preprocessing:
             batch = batch.float().div_(255.0)
         if batch.ndim == 3:
             batch = batch.unsqueeze(1)
+        if self.equalize:
+            batch = TF.equalize(batch.clamp(0.0, 1.0))
         if self.standardize is not None:
             target_mean, target_std = self.standardize
             mean = batch.mean(dim=(-3, -2, -1), keepdim=True)
