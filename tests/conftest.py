@@ -59,8 +59,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def make_model_file(path: Path, arch: str = "efficientnet_lite0", size: int = 64, seed: int = 0,
-                    standardize: tuple[float, float] | None = None, equalize: bool = False) -> Path:
-    """An untrained but complete model file: real network, preprocessing, thresholds, temperature, guard."""
+                    **preprocessing) -> Path:
+    """An untrained but complete model file: real network, preprocessing (plus any ``Preprocessing`` options),
+    thresholds, temperature, guard."""
     from pneumoscan.guard import Guard
     from pneumoscan.modelfile import save_model_file
     from pneumoscan.models import arch_spec, create_model, features
@@ -69,7 +70,7 @@ def make_model_file(path: Path, arch: str = "efficientnet_lite0", size: int = 64
     torch.manual_seed(seed)
     spec = arch_spec(arch)
     net = create_model(arch, pretrained="none").eval()
-    prep = Preprocessing(size=size, mean=spec.mean, std=spec.std, standardize=standardize, equalize=equalize)
+    prep = Preprocessing(size=size, mean=spec.mean, std=spec.std, **preprocessing)
     with torch.no_grad():
         batch = torch.stack([prep.apply(synthetic_xray(size, s)) for s in range(40)])
         feats = features(net, batch)

@@ -116,9 +116,11 @@ def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
     assert (model.forward_images(images)[0] - tiny_model.forward_images(images)[0]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize(("input_dtype", "equalize"), [("float32", False), ("uint8", False), ("uint8", True)])
-def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, equalize, tmp_path):
-    path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25), equalize=equalize)
+@pytest.mark.parametrize(("input_dtype", "options"), [
+    ("float32", {}), ("uint8", {}), ("uint8", {"equalize": True}), ("float32", {"standardize_region": 0.7}),
+])
+def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, options, tmp_path):
+    path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25), **options)
     model = load_model(path, precision="float32")
     result = export_onnx(model, tmp_path / "std.onnx", images=_images(model, 4), input_dtype=input_dtype)
     onnx_model = load_model(result.path, backend="onnx")

@@ -61,16 +61,32 @@ def test_equalize_works_per_image_in_a_batch(image):
     assert (prep.normalize(pair)[1] - prep.normalize(image * 0.5)[0]).abs().max() < 1e-6
 
 
+def test_standardize_region_ignores_borders_and_labels_at_the_edges(image):
+    framed = image.clone()
+    framed[..., :3, :] = 1.0  # a burnt-in white label strip and a black collimation edge
+    framed[..., :, -3:] = 0.0
+    centre = slice(5, 27)
+    for region, moved in ((0.7, False), (1.0, True)):
+        prep = Preprocessing(size=32, standardize=(0.5, 0.25), standardize_region=region)
+        gap = (prep.normalize(image) - prep.normalize(framed))[..., centre, centre].abs().max()
+        assert (gap > 1e-2) == moved, region
+
+
+def test_standardize_region_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="standardize_region"):
+        Preprocessing(standardize=(0.5, 0.25), standardize_region=0.0)
+
+
 def test_standardize_keeps_a_blank_image_finite():
     prep = Preprocessing(size=8, standardize=(0.5, 0.25), equalize=True)
     assert torch.isfinite(prep.normalize(torch.zeros(2, 8, 8, dtype=torch.uint8))).all()
 
 
 def test_standardize_is_saved_with_the_model_and_read_back():
-    prep = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True)
+    prep = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True, standardize_region=0.7)
     assert Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict()))) == prep
     old = Preprocessing.from_dict({"size": 32})  # model files written before the keys
-    assert old.standardize is None and not old.equalize
+    assert old.standardize is None and not old.equalize and old.standardize_region == 1.0
 
 
 def test_standardize_with_a_nonpositive_spread_is_refused():

@@ -349,3 +349,4 @@ def test_standardize_and_equalize_are_trained_with_and_saved_in_the_model(tiny_d
     assert prep.standardize == STANDARD_INTENSITY and prep.equalize
     default = train_mod.preprocessing_for(fast_config())
     assert default.standardize is None and not default.equalize  # off unless the config asks
+    assert train_mod.preprocessing_for(fast_config(standardize=True, standardize_region=0.7)).standardize_region == 0.7

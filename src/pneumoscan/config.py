@@ -44,6 +44,7 @@ class TrainConfig:
     image_size: int | None = None  # None: 224
     standardize: bool = False  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     equalize: bool = False  # histogram-equalise each image (Preprocessing.equalize)
+    standardize_region: float = 1.0  # central fraction of each side that standardize takes its statistics from
     epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3

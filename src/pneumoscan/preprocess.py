@@ -38,6 +38,9 @@ class Preprocessing:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     standardize: tuple[float, float] | None = None  # (mean, std) each image is rescaled to, in [0, 1] units; None: off
     equalize: bool = False  # global histogram equalisation of each image, before standardize
+    # Central fraction of each side whose statistics standardize uses: borders, burnt-in labels and collimation
+    # sit at the edges of a film and say nothing about its exposure. 1.0: the whole image.
+    standardize_region: float = 1.0
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL_FILTERS:
@@ -46,6 +49,8 @@ class Preprocessing:
             raise ValueError("mean and std need one value per channel")
         if self.standardize is not None and (len(self.standardize) != 2 or self.standardize[1] <= 0):
             raise ValueError(f"standardize must be (mean, std) with std > 0, got {self.standardize!r}")
+        if not 0 < self.standardize_region <= 1:
+            raise ValueError(f"standardize_region must be in (0, 1], got {self.standardize_region!r}")
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """float32 (H, W) in [0, 1] -> float32 (size, size) in [0, 1]."""
@@ -70,13 +75,21 @@ class Preprocessing:
             batch = TF.equalize(batch.clamp(0.0, 1.0))
         if self.standardize is not None:
             target_mean, target_std = self.standardize
-            mean = batch.mean(dim=(-3, -2, -1), keepdim=True)
-            std = batch.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-3)  # a blank image stays finite
+            region = self._central(batch)
+            mean = region.mean(dim=(-3, -2, -1), keepdim=True)
+            std = region.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-3)  # a blank image stays finite
             batch = (batch - mean) / std * target_std + target_mean
         batch = batch.expand(-1, self.channels, -1, -1)
         mean = torch.tensor(self.mean, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
         return (batch - mean) / std
+
+    def _central(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.standardize_region >= 1:
+            return batch
+        h, w = batch.shape[-2:]
+        dh, dw = round(h * (1 - self.standardize_region) / 2), round(w * (1 - self.standardize_region) / 2)
+        return batch[..., dh:h - dh, dw:w - dw]
 
     def apply(self, image: np.ndarray) -> torch.Tensor:
         """One image array -> one (channels, size, size) tensor."""

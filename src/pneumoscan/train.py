@@ -229,7 +229,8 @@ def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
     """The preprocessing a run trains with, and saves into its model file."""
     spec = arch_spec(cfg.arch)
     return Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std,
-                         standardize=STANDARD_INTENSITY if cfg.standardize else None, equalize=cfg.equalize)
+                         standardize=STANDARD_INTENSITY if cfg.standardize else None, equalize=cfg.equalize,
+                         standardize_region=cfg.standardize_region)
 
 
 def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
