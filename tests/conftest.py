@@ -81,7 +81,7 @@ def make_model_file(path: Path, arch: str = "efficientnet_lite0", size: int = 64
         "preprocessing": prep.to_dict(), "temperature": 1.5,
         "thresholds": {"screening": 0.3, "balanced": 0.5}, "target_sensitivity": 0.98,
         "guard": {"threshold": guard.threshold, "quantile": 1.0},
-        "validation": {"n": 0, "auc": 0.5}, "training": {"note": "untrained test fixture"},
+        "validation": {"n": 0, "auc": 0.5}, "training": {"note": "untrained test fixture", "val_counts": [25, 75]},
         "version": "test", "created": "2026-01-01T00:00:00Z",
     }
     save_model_file(path, {**net.state_dict(), **guard.to_tensors()}, meta)

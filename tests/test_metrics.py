@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
@@ -91,3 +93,13 @@ def test_balanced_threshold_maximises_youden_j():
     grid = np.unique(p)
     assert j(t) == pytest.approx(max(j(g) for g in grid[:: max(1, len(grid) // 400)]), abs=0.01)
     assert 0.4 < t < 0.6  # the two score distributions cross at 0.5
+
+
+def test_prior_shift_moves_the_odds_by_the_ratio_of_prior_odds():
+    from pneumoscan.calibrate import prior_shift
+
+    assert prior_shift(0.75, 0.75) == 0.0
+    assert math.exp(prior_shift(0.75, 0.25)) == pytest.approx((0.25 / 0.75) / (0.75 / 0.25))
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="prevalence must be strictly between 0 and 1"):
+            prior_shift(0.75, bad)

@@ -98,6 +98,41 @@ def test_named_and_numeric_thresholds(tiny_model):
     assert (result.operating_point, result.threshold) == ("custom", 0.42)
 
 
+def test_prevalence_rebases_probabilities_and_thresholds_but_keeps_every_decision(tiny_model_path):
+    fitted = load_model(tiny_model_path, precision="float32")
+    rare = load_model(tiny_model_path, precision="float32", prevalence=0.05)
+    assert fitted.fitted_prevalence == rare.fitted_prevalence == 0.75  # the fixture's validation counts
+    odds = (0.05 / 0.95) / (0.75 / 0.25)
+    for image in XRAYS:
+        for threshold in ("screening", "balanced"):
+            a, b = fitted.predict(image, threshold=threshold), rare.predict(image, threshold=threshold)
+            assert b.decision == a.decision
+            assert b.probability / (1 - b.probability) == pytest.approx(odds * a.probability / (1 - a.probability))
+            assert b.threshold / (1 - b.threshold) == pytest.approx(odds * a.threshold / (1 - a.threshold))
+    same = load_model(tiny_model_path, precision="float32", prevalence=0.75)
+    assert same.predict(XRAYS[0]).probability == pytest.approx(fitted.predict(XRAYS[0]).probability, abs=1e-9)
+    assert same.thresholds == pytest.approx(fitted.thresholds)
+
+
+def test_prevalence_needs_a_file_that_records_its_validation_counts(tmp_path):
+    path = make_model_file(tmp_path / "old.safetensors")
+    tensors, meta = read_model_file(path)
+    meta["training"] = {}
+    save_model_file(path, tensors, meta)
+    assert load_model(path).fitted_prevalence is None
+    with pytest.raises(PneumoscanError, match="does not record the prevalence its calibration was fitted at"):
+        load_model(path, prevalence=0.1)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
+def test_cli_prevalence_outside_zero_one_is_a_one_line_error(tiny_model_path, folder, tmp_path, capsys, value):
+    assert main(["predict", str(folder), "--model", str(tiny_model_path), "--prevalence", value,
+                 "--csv", str(tmp_path / "out.csv")]) != 0
+    err = capsys.readouterr().err
+    assert "prevalence must be strictly between 0 and 1" in err and "Traceback" not in err
+    assert not (tmp_path / "out.csv").exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     ("bogus", "threshold must be one of balanced, screening or a number in (0, 1), got 'bogus'"),
     ("1.5", "threshold must be in (0, 1), got 1.5"),

@@ -136,6 +136,7 @@ def test_model_endpoint_reports_metadata_from_the_model_file(server, tiny_model)
     assert body["arch"] == "efficientnet_lite0"
     assert body["thresholds"] == {"screening": 0.3, "balanced": 0.5}
     assert body["temperature"] == 1.5
+    assert body["prevalence"] == {"fitted": 0.75, "used": 0.75}  # the fixture's validation: 75 of 100 pneumonia
     assert body["preprocessing"] == tiny_model.meta["preprocessing"]
     assert body["validation"] == {"n": 0, "auc": 0.5}
     assert body["heatmap"] is HAS_EXPLAIN

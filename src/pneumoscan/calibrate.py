@@ -52,6 +52,19 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.exp(np.clip(log_t, np.log(0.05), np.log(20.0)))), float(bias)
 
 
+def prior_shift(fitted_prevalence: float, prevalence: float) -> float:
+    """Log-odds to add so calibrated probabilities fitted at one pneumonia prevalence hold at another.
+
+    For a calibrated posterior, a change of class priors multiplies the posterior odds by the ratio of the prior
+    odds (Saerens et al. 2002), so only the intercept moves: decisions at thresholds moved the same way, and the
+    ranking, are unchanged.
+    """
+    for name, value in (("prevalence", prevalence), ("fitted prevalence", fitted_prevalence)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
+    return float(np.log(prevalence / (1 - prevalence)) - np.log(fitted_prevalence / (1 - fitted_prevalence)))
+
+
 def screening_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float, confidence: float = 0.95) -> float:
     """The highest threshold whose sensitivity is >= target with ``confidence`` (one-sided Clopper-Pearson).
 

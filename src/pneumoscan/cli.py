@@ -51,7 +51,9 @@ def _format_evaluation(result, model) -> str:
              + f", network on {model.runtime}",
              f"ROC AUC {result.auc:.4f}   PR AUC {result.pr_auc:.4f}   "
              f"ECE {result.ece_uncalibrated:.4f} before calibration, {result.ece:.4f} after "
-             f"(temperature {model.temperature:.3f}, bias {model.bias:+.3f})"]
+             f"(temperature {model.temperature:.3f}, bias {model.bias:+.3f}"
+             + (f", re-based from prevalence {model.fitted_prevalence:.3f} to {model.prevalence:.3f})"
+                if model.prevalence is not None else ")")]
     if result.guard_rejected:
         lines.append(f"guard: {result.guard_rejected} of these X-rays would be rejected as not a chest X-ray")
     for name, point in result.points.items():
@@ -70,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .modelfile import atomic_write
     from .predict import load_model
 
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, precision=args.precision, prevalence=args.prevalence)
     if args.shifts:
         return _print_shifts(model, args)
     result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
@@ -134,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.heatmaps and args.backend != "torch":
         raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
-    model = load_model(args.model, backend=args.backend, precision=args.precision)
+    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
     model.resolve_threshold(args.threshold)  # fail before reading anything
     failed = 0
     with PredictionWriter(args.csv, args.heatmaps, model) as writer:
@@ -190,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0 or args.concurrency < 1:
         raise PneumoscanError("--max-upload-mb and --concurrency must be positive")
-    model = load_model(args.model, backend=args.backend, precision=args.precision)
+    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
     app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency)
     print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on http://{args.host}:{args.port}/",
           file=sys.stderr)
@@ -198,11 +200,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_precision(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that loads a model to answer with it."""
     from .predict import PRECISIONS
 
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="PyTorch network arithmetic: auto (bfloat16 autocast on CPUs with native bf16, else float32)")
+    p.add_argument("--prevalence", type=float, default=None, metavar="P",
+                   help="pneumonia share where the model is used (0-1): re-bases probabilities from the validation "
+                        "prevalence they were calibrated at; decisions at the named thresholds do not change")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="folder for plots (confusion matrix, ROC, PR, reliability, training curves)")
     p.add_argument("--shifts", action="store_true",
                    help="score the validation split under fixed acquisition shifts (gamma, contrast, blur, ...)")
-    _add_precision(p)
+    _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="screen images, folders of images, DICOM files")
@@ -266,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")
-    _add_precision(p)
+    _add_model_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write an ONNX model (preprocessing inside), checked against PyTorch")
@@ -289,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
     p.add_argument("--concurrency", type=int, default=2, help="images decoded and screened at the same time")
     p.add_argument("--verbose", action="store_true", help="log every request")
-    _add_precision(p)
+    _add_model_options(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -81,6 +81,38 @@ class Model:
         self.bias = float(meta.get("bias", 0.0))  # absent in files written before Platt scaling
         self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
         self.classes: list[str] = list(meta["classes"])
+        self.prevalence: float | None = None  # set by ``set_prevalence``; None: as fitted on validation
+
+    @property
+    def fitted_prevalence(self) -> float | None:
+        """Pneumonia share of the validation images the calibration was fitted on, when the file records it."""
+        counts = self.meta.get("training", {}).get("val_counts")
+        return counts[1] / sum(counts) if counts and sum(counts) and 0 < counts[1] < sum(counts) else None
+
+    def set_prevalence(self, prevalence: float | None) -> None:
+        """Re-base calibrated probabilities to the pneumonia prevalence where the model is used.
+
+        The calibration bias was fitted on validation images, whose prevalence (74% pneumonia for Kermany) is rarely
+        a clinic's. The log-odds shift moves the bias and the named thresholds together, so every decision stays
+        the same; only the probabilities, and numeric thresholds a caller passes, mean the new prevalence.
+        """
+        if prevalence is None:
+            return
+        fitted = self.fitted_prevalence
+        if fitted is None:
+            raise PneumoscanError(f"{self.path}: the model file does not record the prevalence its calibration "
+                                  "was fitted at (training.val_counts), so it cannot be re-based")
+        # imported here: calibrate pulls in scipy, which screening never needs
+        from .calibrate import prior_shift
+
+        try:
+            shift = prior_shift(fitted, float(prevalence))
+        except ValueError as exc:
+            raise PneumoscanError(str(exc)) from None
+        self.bias = float(self.meta.get("bias", 0.0)) + shift
+        self.thresholds = {k: float(torch.sigmoid(torch.logit(torch.tensor(float(v), dtype=torch.float64)) + shift))
+                           for k, v in self.meta["thresholds"].items()}
+        self.prevalence = float(prevalence)
 
     @property
     def name(self) -> str:
@@ -294,13 +326,20 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch",
-               precision: str = "auto") -> Model:
+               precision: str = "auto", prevalence: float | None = None) -> Model:
     """Load a model file or run directory; None loads the bundled default model.
 
     backend "onnx" runs the network on onnxruntime and needs an .onnx file from ``pneumoscan export``.
     precision (torch backend): "auto" runs the network under bfloat16 autocast on CPUs with native bf16 (AVX512-BF16
     or AMX; 1.5-2.2x faster, answers checked in docs/benchmarks.md) and in float32 elsewhere.
+    prevalence: the pneumonia share where the model is used, to re-base its probabilities (``Model.set_prevalence``).
     """
+    model = _load(path, device=device, backend=backend, precision=precision)
+    model.set_prevalence(prevalence)
+    return model
+
+
+def _load(path: str | Path | None, *, device: str, backend: str, precision: str) -> Model:
     if precision not in PRECISIONS:
         raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if backend == "onnx":

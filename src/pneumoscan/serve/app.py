@@ -431,6 +431,7 @@ def create_app(
             thresholds=_ordered(model.thresholds),
             temperature=model.temperature,
             bias=model.bias,
+            prevalence={"fitted": model.fitted_prevalence, "used": model.prevalence or model.fitted_prevalence},
             backend=_backend(model),
             runtime=model.runtime,
             heatmap=heatmap_ok,
