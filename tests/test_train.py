@@ -284,10 +284,11 @@ def test_shifted_evaluation_refuses_the_test_split(trained_run, tiny_dataset, ca
     assert "--shifts scores the validation split only" in capsys.readouterr().err
 
 
-def test_mixup_trains_on_blended_pairs_and_stays_reproducible(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("mixing", ["mixup", "cutmix"])
+def test_mixing_trains_on_mixed_pairs_and_stays_reproducible(tiny_dataset, tmp_path, mixing):
     runs = {"a": 0.4, "b": 0.4, "plain": 0.0}
     for name, alpha in runs.items():
-        fit(fast_config(epochs=1, mixup=alpha), tiny_dataset, tmp_path / name, progress=False)
+        fit(fast_config(epochs=1, **{mixing: alpha}), tiny_dataset, tmp_path / name, progress=False)
     a, b, plain = (load_file(str(tmp_path / name / "best.safetensors")) for name in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same mixing weights and pairs
     assert not all(torch.equal(a[k], plain[k]) for k in a)

