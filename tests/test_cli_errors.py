@@ -61,6 +61,14 @@ def test_train_with_missing_config_file(tmp_path, tiny_dataset, capsys):
     assert "config file not found" in line
 
 
+def test_train_with_standardize_region_but_no_standardize(tmp_path, tiny_dataset, capsys):
+    config = tmp_path / "region.yaml"
+    config.write_text("standardize_region: 0.7\n")
+    line = run_cli(capsys, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--config", config)
+    assert line == f"pneumoscan: error: {config}: standardize_region only applies with standardize: true"
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_with_invalid_yaml(tmp_path, tiny_dataset, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text("epochs: [1\n")

@@ -92,3 +92,8 @@ def test_standardize_is_saved_with_the_model_and_read_back():
 def test_standardize_with_a_nonpositive_spread_is_refused():
     with pytest.raises(ValueError, match="standardize"):
         Preprocessing(standardize=(0.5, 0.0))
+
+
+def test_standardize_region_without_standardize_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="standardize_region only applies with standardize"):
+        Preprocessing(size=32, standardize_region=0.7)

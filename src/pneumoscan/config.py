@@ -111,4 +111,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(TrainConfig, data, str(path) if path else "config")
+    where = str(path) if path else "config"
+    cfg = _build(TrainConfig, data, where)
+    if cfg.standardize_region != 1.0 and not cfg.standardize:
+        raise ConfigError(f"{where}: standardize_region only applies with standardize: true")
+    return cfg

@@ -51,6 +51,8 @@ class Preprocessing:
             raise ValueError(f"standardize must be (mean, std) with std > 0, got {self.standardize!r}")
         if not 0 < self.standardize_region <= 1:
             raise ValueError(f"standardize_region must be in (0, 1], got {self.standardize_region!r}")
+        if self.standardize_region < 1 and self.standardize is None:
+            raise ValueError("standardize_region only applies with standardize: turn standardize on or drop it")
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """float32 (H, W) in [0, 1] -> float32 (size, size) in [0, 1]."""
