@@ -351,3 +351,35 @@ def test_standardize_and_equalize_are_trained_with_and_saved_in_the_model(tiny_d
     default = train_mod.preprocessing_for(fast_config())
     assert default.standardize is None and not default.equalize  # off unless the config asks
     assert train_mod.preprocessing_for(fast_config(standardize=True, standardize_region=0.7)).standardize_region == 0.7
+
+
+def test_linear_probe_starts_fine_tuning_from_a_head_that_already_separates_the_classes(tiny_dataset, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscan.augment import build_augment
+    from pneumoscan.models import create_model
+
+    cfg = fast_config(linear_probe=True)
+    prep, rt = train_mod.preprocessing_for(cfg), train_mod.setup_runtime("off")
+    train_s, _ = train_mod._split(cfg, tiny_dataset, tmp_path, rt, resume=False)
+    images, kept, _ = train_mod.decode_cache(train_s, prep, desc="", progress=False)
+    labels = np.array([s.label for s in kept])
+    torch.manual_seed(0)
+    net = create_model(cfg.arch, pretrained="none")
+    random_head, _ = train_mod.infer(net, images, prep, rt)
+    train_mod.linear_probe(net, images, labels, build_augment(cfg.augment, prep.size), prep, rt)
+    probed, _ = train_mod.infer(net, images, prep, rt)
+    assert roc_auc_score(labels, probed[:, 1] - probed[:, 0]) > 0.95
+    assert roc_auc_score(labels, probed[:, 1] - probed[:, 0]) > roc_auc_score(labels, random_head[:, 1] - random_head[:, 0])
+
+
+def test_linear_probe_run_keeps_batchnorm_statistics_through_fine_tuning(tiny_dataset, tmp_path):
+    fit(fast_config(epochs=1, linear_probe=True), tiny_dataset, tmp_path / "lp", progress=False)
+    fit(fast_config(epochs=1), tiny_dataset, tmp_path / "plain", progress=False)
+    lp, plain = (load_file(str(tmp_path / name / "best.safetensors")) for name in ("lp", "plain"))
+    key = "conv_head.weight"  # trained in both runs
+    assert not torch.equal(lp[key], plain[key])
+    stats = [k for k in lp if k.startswith("bn2.running_")]  # the last BatchNorm: not frozen by freeze_stages
+    assert stats and all(torch.equal(lp[k], torch.zeros_like(lp[k]) if k.endswith("mean") else torch.ones_like(lp[k]))
+                         for k in stats)
+    assert not all(torch.equal(plain[k], lp[k]) for k in stats)

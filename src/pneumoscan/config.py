@@ -53,6 +53,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight; 0: off
     cutmix: float = 0.0  # alpha of CutMix (torchvision): a box of a paired image pasted in, labels mixed by area
+    linear_probe: bool = False  # LP-FT: fit the classifier on the frozen ImageNet features before fine-tuning
     ema: float = 0.0  # decay of an exponential moving average of the weights, updated every step; 0: off
     freeze_stages: int | None = None  # early stages kept frozen; None: the arch default (cheaper backward)
     sampler: str = "weighted"  # weighted (WeightedRandomSampler-style, balanced classes) | shuffle

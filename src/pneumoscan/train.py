@@ -136,6 +136,47 @@ def infer(net: nn.Module, images: np.ndarray, prep: Preprocessing, rt: Runtime, 
     return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
 
+LINEAR_PROBE_C = 0.01  # inverse L2 strength of the probe on standardised features; fixed before the experiment
+
+
+def linear_probe(net: nn.Module, images: np.ndarray, labels: np.ndarray, augment, prep: Preprocessing, rt: Runtime,
+                 *, channels_last: bool = True, batch_size: int = 64) -> None:
+    """Set the classifier to a logistic regression fitted on the network's frozen features (LP-FT).
+
+    Fine-tuning from a random head lets its first, large gradients reshape the pretrained features; starting from
+    a fitted head changes them less, which Kumar et al. (ICLR 2022) found keeps accuracy under distribution shift.
+    The probe sees every training image twice, as it is and as one augmented view: the frozen ImageNet features of
+    the two differ so much that a probe fitted on either alone ranks the other poorly. BatchNorm is in eval mode
+    here, and ``fit`` keeps it so with the probe. Classes are weighted equally, as the balanced sampler does.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    net.eval()
+    feats = []
+    for view in (None, augment):
+        loader = torch.utils.data.DataLoader(CachedImages(images, labels, view), batch_size=batch_size)
+        with torch.no_grad():
+            for x, _ in loader:
+                x = prep.normalize(x).to(rt.device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16,
+                                    enabled=rt.amp_dtype is not None):
+                    feats.append(logits_and_features(net, x)[1].float().cpu())
+    feats_np, labels_np = torch.cat(feats).numpy(), np.concatenate([labels, labels])
+    scaler = StandardScaler().fit(feats_np)
+    probe = LogisticRegression(C=LINEAR_PROBE_C, class_weight="balanced", max_iter=3000)
+    probe.fit(scaler.transform(feats_np), labels_np)
+    # Fold the standardisation into one linear map: margin = w . (f - mean) / scale + b
+    w = probe.coef_[0] / scaler.scale_
+    b = probe.intercept_[0] - float(np.dot(w, scaler.mean_))
+    head = net.get_classifier()
+    with torch.no_grad():  # two logits whose difference is the probe's margin
+        head.weight.copy_(torch.as_tensor(np.stack([-w / 2, w / 2]), dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor([-b / 2, b / 2], dtype=head.bias.dtype))
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
@@ -298,9 +339,16 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         state = _load_checkpoint(checkpoint, net, opt, ema)
         if rt.main:
             print(f"resuming after epoch {state['epoch']} (best AUC {state['best_auc']:.4f})", file=sys.stderr)
+    augment = build_augment(cfg.augment, prep.size)
+    dataset = CachedImages(train_x, train_y, augment)
+    if cfg.linear_probe and not resume:
+        linear_probe(net, train_x, train_y, augment, prep, rt, channels_last=cfg.channels_last)
+    # With a probed head, BatchNorm keeps its ImageNet statistics: batch statistics would move the features the
+    # head was fitted on, and its first gradients would be as large as a random head's.
+    fixed = frozen + ([m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                      if cfg.linear_probe else [])
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
 
-    dataset = CachedImages(train_x, train_y, build_augment(cfg.augment, prep.size))
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
     steps_per_epoch = max(1, len(train_y) // rt.world // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -324,7 +372,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, drop_last=True,
                                              num_workers=workers, pin_memory=rt.device.type == "cuda")
         model.train()
-        for module in frozen:
+        for module in fixed:
             module.eval()
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and rt.main), leave=False)
