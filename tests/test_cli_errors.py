@@ -69,6 +69,13 @@ def test_train_with_standardize_region_but_no_standardize(tmp_path, tiny_dataset
     assert not (tmp_path / "run").exists()
 
 
+def test_train_with_a_fold_outside_the_split_names_the_range(tmp_path, tiny_dataset, capsys):
+    line = run_cli(capsys, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--fold", "5")
+    assert line == ("pneumoscan: error: config: fold must be in 0..4 (val_fraction 0.2 makes 5 patient-grouped "
+                    "folds), got 5")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_with_invalid_yaml(tmp_path, tiny_dataset, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text("epochs: [1\n")

@@ -121,6 +121,18 @@ def test_patient_split_rejects_a_nonsense_fraction():
         patient_split(synthetic_samples(), 0.7, seed=0)
 
 
+def test_folds_are_a_patient_grouped_k_fold_whose_validation_sets_cover_train_once():
+    samples = synthetic_samples(200)
+    vals = [patient_split(samples, 0.2, seed=0, fold=k)[1] for k in range(5)]
+    assert sorted(s.path for v in vals for s in v) == sorted(s.path for s in samples)  # each image exactly once
+    for k, val in enumerate(vals):
+        train, _ = patient_split(samples, 0.2, seed=0, fold=k)
+        assert not {s.patient for s in train} & {s.patient for s in val}
+    assert patient_split(samples, 0.2, seed=0, fold=0) == patient_split(samples, 0.2, seed=0)  # runs before folds
+    with pytest.raises(ValueError, match="fold must be in 0..4"):
+        patient_split(samples, 0.2, seed=0, fold=5)
+
+
 def test_split_csv_round_trip(tmp_path):
     train, val = patient_split(synthetic_samples(), 0.2, seed=0)
     write_split(tmp_path / "split.csv", train, val)

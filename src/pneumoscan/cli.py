@@ -31,7 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import fit
 
     cfg = load_config(args.config, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained,
-                      weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size)
+                      weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size,
+                      fold=args.fold)
     path = fit(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line of output, not one per process
         print(path)
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local state dict to start from (.safetensors or .pth)")
     p.add_argument("--sampler", choices=["weighted", "shuffle"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--fold", type=int, help="which patient-grouped fold is validation (0 to 4 with val_fraction "
+                                            "0.2; default 0): one run per fold is a k-fold cross-validation")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.layout import n_folds
 from .errors import PneumoscanError
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
     sampler: str = "weighted"  # weighted (WeightedRandomSampler-style, balanced classes) | shuffle
     class_weighted_loss: bool = False
     val_fraction: float = 0.2
+    fold: int = 0  # which of the round(1 / val_fraction) patient-grouped folds is validation (k-fold: one run each)
     seed: int = 0
     split_seed: int | None = None  # seed of the patient-grouped validation split; None: seed (set it to compare seeds)
     patience: int = 3  # early stopping: epochs without a better validation AUC
@@ -116,4 +118,11 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     cfg = _build(TrainConfig, data, where)
     if cfg.standardize_region != 1.0 and not cfg.standardize:
         raise ConfigError(f"{where}: standardize_region only applies with standardize: true")
+    try:
+        folds = n_folds(cfg.val_fraction)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not 0 <= cfg.fold < folds:
+        raise ConfigError(f"{where}: fold must be in 0..{folds - 1} (val_fraction {cfg.val_fraction} makes {folds} "
+                          f"patient-grouped folds), got {cfg.fold}")
     return cfg

@@ -220,7 +220,7 @@ def _split(cfg: TrainConfig, data_dir: Path, out_dir: Path, rt: Runtime, resume:
     split_file = out_dir / "split.csv"
     if resume and split_file.is_file():
         return read_split(split_file)
-    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, cfg.validation_seed)
+    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, cfg.validation_seed, cfg.fold)
     if rt.main:
         write_split(split_file, train, val)
     return train, val

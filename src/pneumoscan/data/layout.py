@@ -83,21 +83,33 @@ def list_split(data_dir: str | Path, split: str) -> list[Sample]:
     return samples
 
 
-def patient_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def n_folds(val_fraction: float) -> int:
+    """How many patient-grouped folds a validation fraction cuts the train split into (0.2: 5)."""
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    return max(2, round(1.0 / val_fraction))
+
+
+def patient_split(samples: list[Sample], val_fraction: float, seed: int,
+                  fold: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Split into (train, val) with every patient on one side, stratified by class, reproducible by seed.
 
-    scikit-learn's StratifiedGroupKFold does the grouping and stratification; we take one fold as validation.
+    scikit-learn's StratifiedGroupKFold does the grouping and stratification; fold ``fold`` of ``n_folds`` is
+    validation. Fold 0 is every run's default; runs over folds 0 to n-1 are a patient-grouped k-fold
+    cross-validation whose validation sets cover every training image once.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if not 0.0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    n_splits = max(2, round(1.0 / val_fraction))
+    n_splits = n_folds(val_fraction)
+    if not 0 <= fold < n_splits:
+        raise ValueError(f"fold must be in 0..{n_splits - 1} for val_fraction {val_fraction}, got {fold}")
     labels = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(folds.split(np.zeros(len(samples)), labels, groups))
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    for index, (train_idx, val_idx) in enumerate(folds.split(np.zeros(len(samples)), labels, groups)):
+        if index == fold:
+            return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    raise AssertionError("unreachable: fold was checked against n_splits")
 
 
 def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
