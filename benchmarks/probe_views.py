@@ -23,19 +23,15 @@ from pneumoscan.augment import build_augment
 from pneumoscan.config import load_config
 from pneumoscan.data.cache import decode_cache
 from pneumoscan.data.layout import list_split, patient_split
-from pneumoscan.models import create_model, logits_and_features
-from pneumoscan.train import CachedImages, preprocessing_for
+from pneumoscan.models import create_model
+from pneumoscan.train import CachedImages, infer, preprocessing_for, setup_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def features(net, images, labels, augment, prep) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for x, _ in torch.utils.data.DataLoader(CachedImages(images, labels, augment), batch_size=64):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out.append(logits_and_features(net, prep.normalize(x))[1].float())
-    return torch.cat(out).numpy()
+def features(net, images, labels, augment, prep, rt) -> np.ndarray:
+    loader = torch.utils.data.DataLoader(CachedImages(images, labels, augment), batch_size=64)
+    return infer(net, (x for x, _ in loader), prep, rt, amp=True, channels_last=False)[1]
 
 
 def main() -> None:
@@ -57,7 +53,8 @@ def main() -> None:
     torch.manual_seed(0)
     augment = build_augment(cfg.augment, prep.size)
     net = create_model(cfg.arch, pretrained="imagenet").eval()
-    feats = {(name, view): features(net, *subsets[name], aug, prep)
+    rt = setup_runtime("auto")
+    feats = {(name, view): features(net, *subsets[name], aug, prep, rt)
              for name in subsets for view, aug in (("clean", None), ("augmented", augment))}
     ty, vy = subsets["train"][1], subsets["val"][1]
     fits = {"clean": (feats["train", "clean"], ty), "augmented": (feats["train", "augmented"], ty),

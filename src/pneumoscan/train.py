@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,19 +121,24 @@ def epoch_indices(labels: np.ndarray, sampler: str, seed: int, epoch: int, rank:
 
 
 @torch.no_grad()
-def infer(net: nn.Module, images: np.ndarray, prep: Preprocessing, rt: Runtime, *, batch_size: int = 64,
-          amp: bool = False, channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, 2), features (N, D)) for cached uint8 images, without augmentation."""
+def infer(net: nn.Module, images: np.ndarray | Iterable[torch.Tensor], prep: Preprocessing, rt: Runtime, *,
+          batch_size: int = 64, amp: bool = False, channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, 2), features (N, D)) in eval mode for cached uint8 images (without augmentation), or for any
+    iterable of image batches (uint8 or float in [0, 1])."""
     net.eval()
+    if isinstance(images, np.ndarray):
+        images = (torch.from_numpy(images[start:start + batch_size]) for start in range(0, len(images), batch_size))
     logits, feats = [], []
-    for start in range(0, len(images), batch_size):
-        x = prep.normalize(torch.from_numpy(images[start:start + batch_size])).to(rt.device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=amp and rt.amp_dtype is not None):
-            out, f = logits_and_features(net, x)
-        logits.append(out.float().cpu())
-        feats.append(f.float().cpu())
+    with torch.no_grad():
+        for batch in images:
+            x = prep.normalize(batch).to(rt.device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16,
+                                enabled=amp and rt.amp_dtype is not None):
+                out, f = logits_and_features(net, x)
+            logits.append(out.float().cpu())
+            feats.append(f.float().cpu())
     return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
 
@@ -152,19 +158,12 @@ def linear_probe(net: nn.Module, images: np.ndarray, labels: np.ndarray, augment
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    net.eval()
-    feats = []
-    for view in (None, augment):
+    def batches(view):
         loader = torch.utils.data.DataLoader(CachedImages(images, labels, view), batch_size=batch_size)
-        with torch.no_grad():
-            for x, _ in loader:
-                x = prep.normalize(x).to(rt.device)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16,
-                                    enabled=rt.amp_dtype is not None):
-                    feats.append(logits_and_features(net, x)[1].float().cpu())
-    feats_np, labels_np = torch.cat(feats).numpy(), np.concatenate([labels, labels])
+        return (x for x, _ in loader)
+
+    views = [infer(net, batches(view), prep, rt, amp=True, channels_last=channels_last)[1] for view in (None, augment)]
+    feats_np, labels_np = np.concatenate(views), np.concatenate([labels, labels])
     scaler = StandardScaler().fit(feats_np)
     probe = LogisticRegression(C=LINEAR_PROBE_C, class_weight="balanced", max_iter=3000)
     probe.fit(scaler.transform(feats_np), labels_np)
