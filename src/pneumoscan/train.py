@@ -123,22 +123,21 @@ def epoch_indices(labels: np.ndarray, sampler: str, seed: int, epoch: int, rank:
 @torch.no_grad()
 def infer(net: nn.Module, images: np.ndarray | Iterable[torch.Tensor], prep: Preprocessing, rt: Runtime, *,
           batch_size: int = 64, amp: bool = False, channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, 2), features (N, D)) in eval mode for cached uint8 images (without augmentation), or for any
-    iterable of image batches (uint8 or float in [0, 1])."""
+    """(logits (N, 2), features (N, D)) for cached uint8 images (without augmentation), or for any iterable of
+    image batches (uint8 or float in [0, 1])."""
     net.eval()
+    batches = images
     if isinstance(images, np.ndarray):
-        images = (torch.from_numpy(images[start:start + batch_size]) for start in range(0, len(images), batch_size))
+        batches = (torch.from_numpy(images[start:start + batch_size]) for start in range(0, len(images), batch_size))
     logits, feats = [], []
-    with torch.no_grad():
-        for batch in images:
-            x = prep.normalize(batch).to(rt.device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16,
-                                enabled=amp and rt.amp_dtype is not None):
-                out, f = logits_and_features(net, x)
-            logits.append(out.float().cpu())
-            feats.append(f.float().cpu())
+    for batch in batches:
+        x = prep.normalize(batch).to(rt.device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=amp and rt.amp_dtype is not None):
+            out, f = logits_and_features(net, x)
+        logits.append(out.float().cpu())
+        feats.append(f.float().cpu())
     return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
 
