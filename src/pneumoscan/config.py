@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .data.layout import n_folds
+from .data.layout import check_fold
 from .errors import PneumoscanError
 
 
@@ -119,10 +119,7 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     if cfg.standardize_region != 1.0 and not cfg.standardize:
         raise ConfigError(f"{where}: standardize_region only applies with standardize: true")
     try:
-        folds = n_folds(cfg.val_fraction)
+        check_fold(cfg.val_fraction, cfg.fold)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if not 0 <= cfg.fold < folds:
-        raise ConfigError(f"{where}: fold must be in 0..{folds - 1} (val_fraction {cfg.val_fraction} makes {folds} "
-                          f"patient-grouped folds), got {cfg.fold}")
     return cfg

@@ -9,6 +9,7 @@ inflated by near-duplicate images of patients the network has already seen.
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,33 +84,33 @@ def list_split(data_dir: str | Path, split: str) -> list[Sample]:
     return samples
 
 
-def n_folds(val_fraction: float) -> int:
-    """How many patient-grouped folds a validation fraction cuts the train split into (0.2: 5)."""
+def check_fold(val_fraction: float, fold: int) -> int:
+    """The number of patient-grouped folds ``val_fraction`` cuts train into (0.2: 5), once ``fold`` is one of them."""
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    return max(2, round(1.0 / val_fraction))
+    n_splits = max(2, round(1.0 / val_fraction))
+    if not 0 <= fold < n_splits:
+        raise ValueError(f"fold must be in 0..{n_splits - 1} (val_fraction {val_fraction} makes {n_splits} "
+                         f"patient-grouped folds), got {fold}")
+    return n_splits
 
 
 def patient_split(samples: list[Sample], val_fraction: float, seed: int,
                   fold: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Split into (train, val) with every patient on one side, stratified by class, reproducible by seed.
 
-    scikit-learn's StratifiedGroupKFold does the grouping and stratification; fold ``fold`` of ``n_folds`` is
-    validation. Fold 0 is every run's default; runs over folds 0 to n-1 are a patient-grouped k-fold
-    cross-validation whose validation sets cover every training image once.
+    scikit-learn's StratifiedGroupKFold does the grouping and stratification; fold ``fold`` is validation. Fold 0
+    is every run's default; runs over all folds are a patient-grouped k-fold cross-validation whose validation
+    sets cover every training image once.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = n_folds(val_fraction)
-    if not 0 <= fold < n_splits:
-        raise ValueError(f"fold must be in 0..{n_splits - 1} for val_fraction {val_fraction}, got {fold}")
+    folds = StratifiedGroupKFold(n_splits=check_fold(val_fraction, fold), shuffle=True, random_state=seed)
     labels = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for index, (train_idx, val_idx) in enumerate(folds.split(np.zeros(len(samples)), labels, groups)):
-        if index == fold:
-            return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-    raise AssertionError("unreachable: fold was checked against n_splits")
+    splits = folds.split(np.zeros(len(samples)), labels, groups)
+    train_idx, val_idx = next(itertools.islice(splits, fold, None))
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
 def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
