@@ -383,3 +383,28 @@ def test_linear_probe_run_keeps_batchnorm_statistics_through_fine_tuning(tiny_da
     assert stats and all(torch.equal(lp[k], torch.zeros_like(lp[k]) if k.endswith("mean") else torch.ones_like(lp[k]))
                          for k in stats)
     assert not all(torch.equal(plain[k], lp[k]) for k in stats)
+
+
+def test_zoom_out_shrinks_the_radiograph_inside_a_black_border():
+    from pneumoscan.augment import build_augment
+    from pneumoscan.config import AugmentConfig
+
+    plain = dict(degrees=0.0, translate=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.0, contrast=0.0,
+                 gamma=(1.0, 1.0), blur_p=0.0, sharpen_p=0.0, noise_std=0.0, jpeg_p=0.0)
+    white = torch.full((1, 64, 64), 255, dtype=torch.uint8)
+    torch.manual_seed(0)
+    as_is = build_augment(AugmentConfig(**plain), 64)(white)
+    shrunk = [build_augment(AugmentConfig(**plain, zoom_out=0.5), 64)(white) for _ in range(8)]
+    assert as_is.min() == 1.0
+    assert all(s[0, 0, 0] == 0 and s[0, 32, 32] == 1.0 for s in shrunk)  # a border at the corner, the image inside
+    assert all(0.25 - 0.05 <= float((s > 0.5).float().mean()) <= 1.0 for s in shrunk)  # side scale in [0.5, 1]
+
+
+def test_zoom_out_off_by_default_leaves_the_augmentation_of_earlier_recipes_unchanged():
+    from torchvision.transforms import v2
+
+    from pneumoscan.augment import build_augment
+    from pneumoscan.config import AugmentConfig
+
+    affine = build_augment(AugmentConfig(), 64).transforms[1]
+    assert affine.scale is None and affine.interpolation == v2.InterpolationMode.NEAREST  # as before zoom_out existed

@@ -26,7 +26,11 @@ def build_augment(cfg: AugmentConfig, size: int) -> v2.Compose | None:
         return None
     steps: list = [
         v2.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
-        v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate)),
+        # zoom_out 1 keeps older recipes' random stream and nearest interpolation exactly as they were; a zoom-out
+        # shrinks the image, which nearest would alias, so it interpolates bilinearly
+        v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate),
+                        scale=(cfg.zoom_out, 1.0) if cfg.zoom_out < 1 else None,
+                        interpolation=v2.InterpolationMode.BILINEAR if cfg.zoom_out < 1 else v2.InterpolationMode.NEAREST),
     ]
     if cfg.hflip_p > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))

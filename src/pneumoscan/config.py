@@ -27,6 +27,7 @@ class AugmentConfig:
     ratio: tuple[float, float] = (0.90, 1.10)
     degrees: float = 7.0
     translate: float = 0.05
+    zoom_out: float = 1.0  # smallest side scale of a random zoom-out (black border), as in a wider field of view
     brightness: float = 0.25
     contrast: float = 0.25
     gamma: tuple[float, float] = (0.75, 1.35)
@@ -118,6 +119,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     cfg = _build(TrainConfig, data, where)
     if cfg.standardize_region != 1.0 and not cfg.standardize:
         raise ConfigError(f"{where}: standardize_region only applies with standardize: true")
+    if not 0 < cfg.augment.zoom_out <= 1:
+        raise ConfigError(f"{where}: augment.zoom_out must be in (0, 1], got {cfg.augment.zoom_out}")
     try:
         check_fold(cfg.val_fraction, cfg.fold)
     except ValueError as exc:
