@@ -24,13 +24,14 @@ def build_augment(cfg: AugmentConfig, size: int) -> v2.Compose | None:
     """uint8 (1, H, W) -> float (1, size, size) in [0, 1]; None when disabled."""
     if not cfg.enabled:
         return None
+    # zoom_out 1 keeps older recipes' random stream and nearest interpolation exactly as they were; a zoom-out
+    # shrinks the image, which nearest would alias, so it interpolates bilinearly
+    zoom = cfg.zoom_out < 1
     steps: list = [
         v2.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
-        # zoom_out 1 keeps older recipes' random stream and nearest interpolation exactly as they were; a zoom-out
-        # shrinks the image, which nearest would alias, so it interpolates bilinearly
         v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate),
-                        scale=(cfg.zoom_out, 1.0) if cfg.zoom_out < 1 else None,
-                        interpolation=v2.InterpolationMode.BILINEAR if cfg.zoom_out < 1 else v2.InterpolationMode.NEAREST),
+                        scale=(cfg.zoom_out, 1.0) if zoom else None,
+                        interpolation=v2.InterpolationMode.BILINEAR if zoom else v2.InterpolationMode.NEAREST),
     ]
     if cfg.hflip_p > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))
