@@ -16,7 +16,8 @@ from pneumoscan import Model, Prediction, load_model
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.modelfile import read_model_file, save_model_file
-from pneumoscan.predict import DEFAULT_MODEL, NOT_XRAY_MESSAGE
+from pneumoscan.guard import NOT_XRAY, OUTSIDE_POPULATION, image_check
+from pneumoscan.predict import DEFAULT_MODEL
 
 CSV_HEADER = ["path", "probability", "decision", "threshold", "status", "message"]
 XRAYS = [synthetic_xray(64, seed=s, opacity=0.5 * (s % 2)) for s in range(200, 204)]
@@ -84,7 +85,7 @@ def test_probability_uses_the_stored_temperature(tiny_model):
     import torch
 
     image = XRAYS[1]
-    logits, _ = tiny_model.forward(tiny_model.preprocessing.apply(image)[None])
+    logits = tiny_model.score(tiny_model.preprocessing.to_uint8(image)[None]).logits
     expected = torch.softmax(logits / 1.5, dim=1)[0, 1].item()  # the fixture's temperature is 1.5
     assert tiny_model.predict(image).probability == pytest.approx(expected, abs=1e-6)
 
@@ -154,7 +155,7 @@ def test_unreadable_file_raises_from_predict_but_is_a_row_from_predict_files(tin
         tiny_model.predict(bad)
     (row,) = tiny_model.predict_files([bad])
     assert row.status == "error" and row.probability is None and row.decision is None
-    assert row.message == f"{bad}: not a readable image (expected JPEG, PNG or DICOM)"
+    assert row.message == f"{bad}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)"
 
 
 def test_predict_files_keeps_input_order_across_batches(tiny_model, tmp_path):
@@ -176,17 +177,22 @@ def test_guard_rejects_a_blank_image_without_a_probability(strict_model_path):
     result = model.predict(BLANK)
     assert result.status == "not_xray"
     assert result.probability is None and result.decision is None
-    assert result.message.startswith(NOT_XRAY_MESSAGE)
+    assert result.message == f"{NOT_XRAY}: image is blank or nearly uniform; no probability reported"
     assert result.guard_score > model.guard.threshold
     assert all(model.predict(x).status == "ok" for x in XRAYS)
 
 
-def test_guard_alone_rejects_an_out_of_distribution_image_with_the_plain_message(strict_model_path):
+def test_guard_alone_says_outside_the_training_population_with_the_measured_distance(strict_model_path):
+    from pneumoscan.data.images import DecodedImage
+
     model = load_model(strict_model_path)
     noise = np.random.default_rng(1).random((64, 64)).astype(np.float32)  # has contrast: passes the cheap checks
     result = model.predict(noise)
-    assert model.image_check(np.round(model.preprocessing.resize(noise) * 255), {}) is None
-    assert result.status == "not_xray" and result.message == NOT_XRAY_MESSAGE
+    assert image_check(DecodedImage.from_array(noise), model.preprocessing.to_uint8(noise), 16) is None
+    assert result.status == "out_of_distribution"
+    assert result.message == (f"{OUTSIDE_POPULATION}: features far from the training X-rays: distance "
+                              f"{result.guard_score:.2f}, limit {model.guard.threshold:.2f}; no probability reported")
+    assert NOT_XRAY not in result.message  # the guard alone cannot say it is not a chest X-ray
 
 
 @pytest.mark.parametrize("kind, reason", [
@@ -218,7 +224,7 @@ def test_cheap_image_checks_reject_what_cannot_be_a_radiograph(tiny_model, tmp_p
     for result in (tiny_model.predict(path), *tiny_model.predict_files([path])):
         assert result.status == "not_xray", result
         assert result.probability is None and result.decision is None
-        assert result.message.startswith(f"{NOT_XRAY_MESSAGE}: {reason}")
+        assert result.message.startswith(f"{NOT_XRAY}: {reason}")
 
 
 def test_gray_xray_saved_as_rgb_passes_the_cheap_checks(tiny_model, tmp_path):
@@ -232,8 +238,8 @@ def test_min_side_comes_from_the_model_file_when_present(tiny_model_path, tmp_pa
     path = tmp_path / "m.safetensors"
     save_model_file(path, tensors, meta)
     model = load_model(path)
-    assert model.min_side == 100
-    assert load_model(tiny_model_path).min_side == 16  # absent key: a quarter of the 64 px input
+    assert model.record.min_side == 100
+    assert load_model(tiny_model_path).record.min_side == 16  # absent key: a quarter of the 64 px input
     result = model.predict(save_gray(tmp_path / "x.png", XRAYS[0]))
     assert result.status == "not_xray" and "below the 100 px minimum" in result.message
 
@@ -289,19 +295,19 @@ def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_pat
     assert set(rows) == {"a.jpeg", "b.png", "c.png", "d.png", "blank.png", "broken.png", "empty.jpeg", "gone.jpeg"}
     assert rows["blank.png"] == {"path": str(folder / "blank.png"), "probability": "", "decision": "",
                                  "threshold": "0.300000", "status": "not_xray",
-                                 "message": f"{NOT_XRAY_MESSAGE}: image is blank or nearly uniform"}
+                                 "message": f"{NOT_XRAY}: image is blank or nearly uniform; no probability reported"}
     assert rows["broken.png"]["status"] == "error"
-    assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG or DICOM)"
+    assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)"
     assert rows["empty.jpeg"]["message"] == f"{folder / 'empty.jpeg'}: empty file"
     assert rows["gone.jpeg"]["message"] == f"{missing}: file not found"
     for name in ("broken.png", "empty.jpeg", "gone.jpeg"):
         assert rows[name]["probability"] == rows[name]["decision"] == ""
     assert all(rows[n]["status"] == "ok" for n in ("a.jpeg", "b.png", "c.png", "d.png"))
     captured = capsys.readouterr()
-    assert captured.err == "pneumoscan: 3 file(s) could not be read\n"
+    assert "pneumoscan: 3 file(s) could not be read\n" in captured.err
     assert "Traceback" not in captured.out + captured.err
-    assert f"{folder / 'blank.png'}\t-\tNOT_XRAY\t{NOT_XRAY_MESSAGE}: image is blank or nearly uniform" in (
-        captured.out.splitlines())
+    assert (f"{folder / 'blank.png'}\t-\tNOT_XRAY\t{NOT_XRAY}: image is blank or nearly uniform; "
+            "no probability reported") in captured.out.splitlines()
 
 
 def test_cli_not_xray_alone_is_not_a_failure(strict_model_path, tmp_path):
@@ -390,14 +396,14 @@ def test_bundled_default_model_screens_a_real_test_image(kermany):
     assert results[1].decision == "PNEUMONIA"
 
 
-def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(tiny_model_path, monkeypatch):
-    import pneumoscan.predict as predict_mod
-
-    monkeypatch.setattr(predict_mod, "cpu_has_bf16", lambda: False)
-    assert load_model(tiny_model_path).precision == "float32"
-    monkeypatch.setattr(predict_mod, "cpu_has_bf16", lambda: True)
-    model = load_model(tiny_model_path)
-    assert model.precision == "bfloat16" and model.runtime == "PyTorch bfloat16"
+def test_precision_auto_is_the_precision_the_thresholds_were_fitted_in(tiny_model_path, tmp_path):
+    model = load_model(tiny_model_path)  # a file before record version 2: fitted in float32
+    assert model.record.precision == "float32" and model.runtime == "PyTorch float32"
+    tensors, meta = read_model_file(tiny_model_path)
+    path = tmp_path / "bf16.safetensors"
+    save_model_file(path, tensors, {**meta, "precision": "bfloat16", "record_version": 2})
+    assert load_model(path).runtime == "PyTorch bfloat16"
+    assert load_model(path, precision="float32").runtime == "PyTorch float32"
 
 
 def test_bf16_network_gives_nearly_the_float32_probability_and_the_same_guard_verdicts(strict_model_path):
@@ -408,7 +414,7 @@ def test_bf16_network_gives_nearly_the_float32_probability_and_the_same_guard_ve
         a, b = fp32.predict(image), bf16.predict(image)
         assert a.status == b.status == "ok"
         assert b.probability == pytest.approx(a.probability, abs=0.02)
-    assert fp32.predict(noise).status == bf16.predict(noise).status == "not_xray"
+    assert fp32.predict(noise).status == bf16.predict(noise).status == "out_of_distribution"
 
 
 def test_unknown_precision_is_a_clear_error(tiny_model_path, capsys):

@@ -180,7 +180,7 @@ def shifted_logits(model: Model, images: np.ndarray, *, batch_size: int = BATCH_
         logits = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([op(torch.from_numpy(im)[None]) for im in images[start:start + batch_size]])
-            logits.append(model.forward_images(batch)[0])
+            logits.append(model.score(batch[:, 0]).logits)
         yield name, torch.cat(logits)
 
 

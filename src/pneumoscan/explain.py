@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .data.images import read_image
 from .models import cam_layer
 
 PNEUMONIA = 1
 OVERLAY_ALPHA = 0.55  # opacity of the colour map where the heatmap is 1; it fades to 0 with the heatmap
-HEATMAP_DECODE_SIZE = 1024  # JPEGs are decoded at >= this many pixels a side: enough to read, seconds faster
+HEATMAP_MAX_SIDE = 1024  # longest side of a heatmap picture: enough to read, bounded memory and time
 
 _registry_lock = threading.Lock()
 _explainers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -38,7 +37,7 @@ class _Explainer:
     def __init__(self, model) -> None:
         self.network = copy.deepcopy(model.network).eval()
         self.network.requires_grad_(False)
-        self.layer = cam_layer(self.network, model.meta["arch"])
+        self.layer = cam_layer(self.network, model.record.arch)
         self.lock = threading.Lock()
 
 
@@ -50,24 +49,40 @@ def _explainer(model) -> _Explainer:
         return explainer
 
 
-def gradcam(model, image: np.ndarray) -> np.ndarray:
-    """Grad-CAM of the PNEUMONIA class for a float (H, W) image in [0, 1] -> float32 (H, W) heatmap in [0, 1]."""
+def display_copy(pixels: np.ndarray, max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
+    """The image at most ``max_side`` a side (antialiased): what people look at, at a bounded cost."""
+    height, width = pixels.shape
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return np.asarray(pixels, dtype=np.float32)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = Image.fromarray(np.asarray(pixels, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR,
+                                                                               reducing_gap=3.0)
+    return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
+
+
+def gradcam(model, pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Grad-CAM of the PNEUMONIA class for a float (H, W) image in [0, 1] -> float32 heatmap in [0, 1] of ``size``
+    (height, width; default the image's own shape).
+
+    The network sees exactly the uint8 input that scoring gives it (``Model.prepare``'s resize and rounding).
+    """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    if image.ndim != 2:
-        raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a grayscale (H, W) image, got shape {pixels.shape}")
     explainer = _explainer(model)
     device = next(explainer.network.parameters()).device
-    batch = model.preprocessing.apply(image)[None].to(device).requires_grad_(True)
+    small = torch.from_numpy(model.preprocessing.to_uint8(pixels))[None]
+    batch = model.preprocessing.normalize(small).to(device).requires_grad_(True)
     with explainer.lock, torch.enable_grad(), GradCAM(model=explainer.network, target_layers=[explainer.layer]) as cam:
-        small = cam(input_tensor=batch, targets=[ClassifierOutputTarget(PNEUMONIA)])[0]
+        heat = cam(input_tensor=batch, targets=[ClassifierOutputTarget(PNEUMONIA)])[0]
     # The network saw the image squashed to a square; squash the map back to the image's own shape.
-    height, width = image.shape
-    resized = Image.fromarray(np.asarray(small, dtype=np.float32), mode="F").resize((width, height),
-                                                                                      Image.Resampling.BILINEAR)
-    heat = np.nan_to_num(np.asarray(resized, dtype=np.float32))
-    return np.clip(heat, 0.0, 1.0)
+    height, width = size or pixels.shape
+    resized = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize((width, height),
+                                                                                     Image.Resampling.BILINEAR)
+    return np.clip(np.nan_to_num(np.asarray(resized, dtype=np.float32)), 0.0, 1.0)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, colormap: str = "jet") -> Image.Image:
@@ -81,9 +96,13 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, colormap: str = "jet") ->
     return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), "RGB")
 
 
-def gradcam_overlay(model, image: np.ndarray) -> Image.Image:
-    """The X-ray with its PNEUMONIA Grad-CAM overlaid, as a PIL RGB image of the same size."""
-    return overlay(image, gradcam(model, image))
+def gradcam_overlay(model, pixels: np.ndarray, max_side: int = HEATMAP_MAX_SIDE) -> Image.Image:
+    """The X-ray with its PNEUMONIA Grad-CAM overlaid, as a PIL RGB image at most ``max_side`` a side.
+
+    Working at a bounded resolution keeps a 7000 px scan's heatmap in megabytes rather than gigabytes.
+    """
+    display = display_copy(pixels, max_side)
+    return overlay(display, gradcam(model, pixels, display.shape))
 
 
 def heatmap_path(path: str | Path, out_dir: str | Path) -> Path:
@@ -114,8 +133,7 @@ _save_lock = threading.Lock()
 
 def save_heatmap(model, path: str | Path, out_dir: str | Path) -> Path:
     """Write the Grad-CAM overlay of the image file ``path`` into ``out_dir``; returns the PNG's path."""
-    image = read_image(path, reduce_to=HEATMAP_DECODE_SIZE)
-    picture = gradcam_overlay(model, image)
+    picture = gradcam_overlay(model, model.decode(path).pixels)
     info = PngImagePlugin.PngInfo()
     info.add_text("Source", str(Path(path).resolve()))
     info.add_text("Software", f"pneumoscan Grad-CAM, class {model.classes[PNEUMONIA]}, model {model.sha256[:12]}")

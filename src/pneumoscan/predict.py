@@ -1,8 +1,15 @@
-"""Screening with a trained model: the Python API behind ``pneumoscan predict`` and the server.
+"""Screening with a trained model: the Python API behind ``pneumoscan predict``, the server and the DICOM node.
 
-file -> read_image -> Preprocessing -> network -> logits / temperature -> probability -> threshold -> decision,
-with the guard's verdict on the same forward pass. ``predict_files`` streams any number of files through a
-bounded queue of decoded images, so memory does not grow with the folder, and decoding overlaps inference.
+One path for every input and every route::
+
+    file | bytes | array -> decode -> DecodedImage (pixels + what the file said)
+        -> Preprocessing.to_uint8 -> image checks (header, colour, size, content)
+        -> backend.forward (uint8 batch -> logits, features) -> calibrated log-odds -> probability
+        -> feature guard -> threshold -> decision
+
+``predict_files`` streams any number of files through a bounded queue of decoded images, so memory does not grow
+with the folder, and decoding overlaps inference. Training fits its thresholds through the same
+``backend.forward`` at the precision recorded in the model file.
 """
 
 from __future__ import annotations
@@ -16,40 +23,32 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data.images import ImageReadError, Source, read_image
+from .backends import Backend
+from .data.images import MAX_PIXELS, DecodedImage, ImageReadError, Source, decode
 from .errors import PneumoscanError
-from .guard import Guard
+from .guard import NOT_XRAY, OUTSIDE_POPULATION, Guard, guard_reason, image_check
 from .modelfile import GUARD_PREFIX, read_model_file, resolve_model_path, sha256_file
-from .models import cpu_has_bf16, create_model, logits_and_features
-from .preprocess import Preprocessing
+from .record import ModelRecord
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
+DEFAULT_NAME = "pneumoscan-default"
+# The bundled model file's sha256, known to the code itself: an edited copy (a threshold changed in its JSON
+# header, say) still parses, and would otherwise load under the bundled model's name.
+BUNDLED_SHA256 = "255f1a3835dcbe33ff2a4e893588d7f8579289706aac966002c0828277adb4c1"
 # 16 images per forward pass: on a CPU nearly as fast as 32, and the peak memory of a run stays near 1.2 GB
 # instead of 1.6 GB (measured with benchmarks/bench_predict.py).
 BATCH_SIZE = 16
-NOT_XRAY_MESSAGE = "not a frontal chest X-ray (outside the training distribution); no probability reported"
-
-# Cheap checks on what the feature-space guard sees badly (benchmarks/guard_eval.py measures both): radiographs
-# are gray, have contrast, are not thumbnails and are not strips. Colour photos, icons and face crops otherwise
-# land inside the tail of the X-rays' feature distribution.
-MAX_COLOURFULNESS = 15.0  # Hasler-Suesstrunk "slightly colourful"; gray X-rays, also as RGB JPEGs, score 0
-MIN_CONTRAST = 0.03  # std of the network input in [0, 1]; X-rays are around 0.2, flat or blank images near 0
-MAX_ASPECT = 3.0  # longer / shorter side; the Kermany originals reach 2.6
-# Share of the network input held by its two most frequent gray levels: validation X-rays reach 0.28 (black
-# borders), drawings, masks and charts 0.9 and more (benchmarks/guard_eval.py --two-level).
-MAX_TWO_LEVEL_SHARE = 0.6
-# DICOM Modality defined terms (PS3.3 C.7.3.1.1.1) under which a projection chest radiograph is stored:
-# computed and digital radiography, film digitised as RG, and OT for secondary captures of films.
-RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT"}
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "PECHO", "BRUST")  # substrings; sites localise this tag
-LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}  # ViewPosition terms of lateral (decubitus) views
+# "auto": the arithmetic the model's calibration and thresholds were fitted on (its record's precision)
+PRECISIONS = ("auto", "float32", "bfloat16")
+STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One screened image. ``status``: ok | not_xray | error; probability and decision are None unless ok."""
+    """One screened image. ``status``: ok | not_xray (the checks say it is no frontal chest X-ray) |
+    out_of_distribution (the feature guard says it is unlike the training X-rays) | error (unreadable);
+    probability and decision are None unless ok."""
 
     path: str
     probability: float | None
@@ -64,30 +63,70 @@ class Prediction:
         return asdict(self)
 
 
-class Model:
-    """A loaded pneumoscan model: network + preprocessing + temperature + thresholds + guard."""
+class Scores(NamedTuple):
+    """What the network says about a batch: raw logits (N, 2), calibrated log-odds (N,), features, guard (N,)."""
 
-    def __init__(self, network: torch.nn.Module, meta: dict, guard: Guard | None, path: Path, sha256: str,
-                 precision: str = "float32"):
-        self.network = network.eval()
-        self.precision = precision  # float32 | bfloat16 (autocast of the network only; see load_model)
-        self.runtime = f"PyTorch {precision}"  # what computes the network, as reports and /v1/model show it
-        self.meta = meta
+    logits: torch.Tensor
+    log_odds: torch.Tensor
+    features: torch.Tensor
+    guard: torch.Tensor
+
+
+class Scored(NamedTuple):
+    path: str
+    logits: torch.Tensor | None
+    guard_score: float | None
+    error: str | None
+    image_check: str | None = None  # why the checks say it is no frontal chest X-ray (guard.image_check)
+
+
+class Model:
+    """A loaded pneumoscan model: a backend (torch or onnx) + its record (calibration, thresholds) + guard."""
+
+    def __init__(self, record: ModelRecord, backend: Backend, guard: Guard | None, path: Path, sha256: str, *,
+                 max_pixels: int = MAX_PIXELS):
+        self.record = record
+        self.backend = backend
         self.guard = guard
-        self.path = path
+        self.path = Path(path)
         self.sha256 = sha256
-        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        self.temperature = float(meta.get("temperature", 1.0))
-        self.bias = float(meta.get("bias", 0.0))  # absent in files written before Platt scaling
-        self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
-        self.classes: list[str] = list(meta["classes"])
+        self.max_pixels = max_pixels
+        self.bias = record.bias
+        self.thresholds: dict[str, float] = dict(record.thresholds)
         self.prevalence: float | None = None  # set by ``set_prevalence``; None: as fitted on validation
+
+    # --- what the model is -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def preprocessing(self):
+        return self.record.preprocessing
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.record.classes)
+
+    @property
+    def temperature(self) -> float:
+        return self.record.temperature
+
+    @property
+    def runtime(self) -> str:
+        return self.backend.runtime
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The PyTorch network, for Grad-CAM; only backends with ``gradcam`` have one."""
+        if not self.backend.gradcam:
+            raise PneumoscanError("this model runs on onnxruntime and has no PyTorch network (needed for Grad-CAM "
+                                  "heatmaps); load the .safetensors model file with the torch backend")
+        return self.backend.network
 
     @property
     def fitted_prevalence(self) -> float | None:
-        """Pneumonia share of the validation images the calibration was fitted on, when the file records it."""
-        counts = self.meta.get("training", {}).get("val_counts")
-        return counts[1] / sum(counts) if counts and sum(counts) and 0 < counts[1] < sum(counts) else None
+        return self.record.fitted_prevalence
 
     def set_prevalence(self, prevalence: float | None) -> None:
         """Re-base calibrated probabilities to the pneumonia prevalence where the model is used.
@@ -102,21 +141,16 @@ class Model:
         if fitted is None:
             raise PneumoscanError(f"{self.path}: the model file does not record the prevalence its calibration "
                                   "was fitted at (training.val_counts), so it cannot be re-based")
-        # imported here: calibrate pulls in scipy, which screening never needs
-        from .calibrate import prior_shift
+        from .calibrate import prior_shift  # scipy: screening never needs it otherwise
 
         try:
             shift = prior_shift(fitted, float(prevalence))
         except ValueError as exc:
             raise PneumoscanError(str(exc)) from None
-        self.bias = float(self.meta.get("bias", 0.0)) + shift
-        self.thresholds = {k: float(torch.sigmoid(torch.logit(torch.tensor(float(v), dtype=torch.float64)) + shift))
-                           for k, v in self.meta["thresholds"].items()}
+        self.bias = self.record.bias + shift
+        self.thresholds = {k: float(torch.sigmoid(torch.logit(torch.tensor(v, dtype=torch.float64)) + shift))
+                           for k, v in self.record.thresholds.items()}
         self.prevalence = float(prevalence)
-
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name", self.path.stem))
 
     def resolve_threshold(self, threshold: str | float) -> tuple[str, float]:
         """('screening'|'balanced'|'custom', value) from a name or a number in (0, 1)."""
@@ -132,24 +166,7 @@ class Model:
             raise PneumoscanError(f"threshold must be in (0, 1), got {value}")
         return "custom", value
 
-    @torch.no_grad()
-    def forward(self, batch: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised batch (N, C, S, S) -> (logits averaged over TTA views (N, 2), guard score (N,))."""
-        # channels_last: same float32 arithmetic, ~1.5x faster convolutions on CPU (oneDNN's preferred layout)
-        views = [v.contiguous(memory_format=torch.channels_last) for v in (tta_views(batch) if tta else [batch])]
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
-            logits, feats = logits_and_features(self.network, views[0])
-            logits = logits.float()  # TTA views are summed in float32 whatever the network's precision
-            for view in views[1:]:
-                logits = logits + logits_and_features(self.network, view)[0].float()
-        scores = self.guard.score(feats.float()) if self.guard is not None else torch.zeros(len(batch))
-        return logits / len(views), scores  # the guard judges the image as given, not its TTA views
-
-    def forward_images(self, images: torch.Tensor, *, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like ``forward``, from images (N, [1,] S, S), uint8 or float in [0, 1]: the ONNX backend overrides this
-        because its graph normalises inside."""
-        return self.forward(self.preprocessing.normalize(images), tta=tta)
-
+    # --- the scoring path --------------------------------------------------------------------------------------
     def log_odds(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
         """Log-odds of pneumonia from (N, 2) logits, with the temperature and bias fitted on validation (or
         none): the scale on which ensemble members are averaged."""
@@ -157,78 +174,70 @@ class Model:
         return margin / self.temperature + self.bias if calibrated else margin
 
     def probability(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
-        """Probability of pneumonia from (N, 2) logits; calibrated with the temperature and bias fitted on
-        validation, or the plain softmax when ``calibrated`` is False."""
+        """Probability of pneumonia from (N, 2) logits (calibrated, or the plain softmax)."""
         return torch.sigmoid(self.log_odds(logits, calibrated=calibrated))
 
-    @property
-    def min_side(self) -> int:
-        """Smallest image side screened; optional meta key guard.min_side, by default a quarter of the input size
-        (56 px for 224 px models, 16 px for 64 px MedMNIST models whose inputs are 28 px)."""
-        return int(self.meta.get("guard", {}).get("min_side", self.preprocessing.size // 4))
+    def score(self, images: torch.Tensor | np.ndarray, *, tta: bool = False) -> Scores:
+        """The one scoring function: uint8 network inputs (N, S, S) -> logits, calibrated log-odds, features and
+        guard scores. Every route ends here."""
+        images = torch.as_tensor(images)
+        logits, feats = self.backend.forward(images, tta=tta)
+        guard = self.guard.score(feats) if self.guard is not None else torch.zeros(len(logits))
+        return Scores(logits, self.log_odds(logits), feats, guard)
 
-    def image_check(self, small: np.ndarray, info: dict) -> str | None:
-        """Why an image cannot be a chest X-ray from cheap statistics, or None. ``small``: the uint8 network input;
-        ``info``: what ``read_image`` reported (size, colourfulness)."""
-        if (reason := dicom_header_check(info)) is not None:
-            return reason
-        if info.get("colourfulness", 0.0) > MAX_COLOURFULNESS:
-            return f"colour image (colourfulness {info['colourfulness']:.0f})"
-        width, height = info.get("width", small.shape[1]), info.get("height", small.shape[0])
-        if min(width, height) < self.min_side:
-            return f"image is {width}x{height} pixels, below the {self.min_side} px minimum"
-        if max(width, height) > MAX_ASPECT * min(width, height):
-            return f"image is {width}x{height} pixels, too elongated for a chest radiograph"
-        if float(small.std()) / 255.0 < MIN_CONTRAST:
-            return "image is blank or nearly uniform"
-        if (share := two_level_share(small)) > MAX_TWO_LEVEL_SHARE:
-            return f"{share:.0%} of the image is two gray levels (a drawing, mask or binary scan)"
-        return None
+    def prepare(self, decoded: DecodedImage) -> tuple[np.ndarray, str | None]:
+        """(uint8 network input (S, S), why the checks say it is no frontal chest X-ray or None)."""
+        small = self.preprocessing.to_uint8(decoded.pixels)
+        return small, image_check(decoded, small, self.record.min_side)
 
-    def _result(self, path: str, probability: float, score: float, op: tuple[str, float],
-                reason: str | None = None) -> Prediction:
+    def decode(self, source: Source | DecodedImage | np.ndarray, name: str | None = None) -> DecodedImage:
+        return decode(source, name=name, max_pixels=self.max_pixels)
+
+    def result(self, path: str, logits: torch.Tensor, guard_score: float, op: tuple[str, float],
+               reason: str | None = None) -> Prediction:
+        """The decision for one scored image: the checks first, then the feature guard, then the threshold."""
         name, value = op
         if reason is not None:
-            return Prediction(path, None, None, name, value, "not_xray", f"{NOT_XRAY_MESSAGE}: {reason}", score)
-        if self.guard is not None and score > self.guard.threshold:
-            return Prediction(path, None, None, name, value, "not_xray", NOT_XRAY_MESSAGE, score)
+            return Prediction(path, None, None, name, value, "not_xray",
+                              f"{NOT_XRAY}: {reason}; no probability reported", guard_score)
+        if self.guard is not None and guard_score > self.guard.threshold:
+            why = guard_reason(guard_score, self.guard.threshold)
+            return Prediction(path, None, None, name, value, "out_of_distribution",
+                              f"{OUTSIDE_POPULATION}: {why}; no probability reported", guard_score)
+        probability = float(self.probability(logits[None])[0])
         decision = self.classes[1] if probability >= value else self.classes[0]
-        return Prediction(path, probability, decision, name, value, "ok", "", score)
+        return Prediction(path, probability, decision, name, value, "ok", "", guard_score)
 
-    def predict(self, source: Source | np.ndarray, *, threshold: str | float = "screening",
+    def predict(self, source: Source | DecodedImage | np.ndarray, *, threshold: str | float = "screening",
                 tta: bool = False, name: str | None = None) -> Prediction:
-        """Screen one image: a path, the file's bytes, or a float (H, W) array in [0, 1].
+        """Screen one image: a path, the file's bytes, a ``DecodedImage``, or a float (H, W) array in [0, 1]
+        (an array has no header, so only the DICOM header check is skipped).
 
         A file that cannot be read raises ``ImageReadError``; ``predict_files`` turns that into a row instead.
         """
         op = self.resolve_threshold(threshold)
-        info: dict = {}
-        if isinstance(source, np.ndarray):
-            image, label = source, name or "<array>"
-        else:
-            image = read_image(source, name=name, reduce_to=self.preprocessing.size, info=info)
-            label = name or ("<bytes>" if isinstance(source, bytes | bytearray) else str(source))
-        resized = self.preprocessing.resize(image)
-        reason = self.image_check(np.round(resized * 255.0), info)
-        logits, score = self.forward_images(torch.from_numpy(resized)[None], tta=tta)
-        return self._result(label, float(self.probability(logits)[0]), float(score[0]), op, reason)
+        decoded = self.decode(source, name)
+        small, reason = self.prepare(decoded)
+        scores = self.score(small[None], tta=tta)
+        return self.result(decoded.name, scores.logits[0], float(scores.guard[0]), op, reason)
 
     def score_files(self, paths: Iterable[str | Path], *, batch_size: int = BATCH_SIZE, tta: bool = False,
                     workers: int | None = None) -> Iterator[Scored]:
-        """(path, logits or None, guard score or None, error message or None) per file, in input order.
+        """(path, logits or None, guard score or None, error message or None, check reason) per file, in order.
 
         Files are decoded ahead in threads (PIL releases the GIL), at most two batches in flight, so memory is
         bounded whatever the number of files and decoding overlaps the network.
         """
-        prep = self.preprocessing
+        if batch_size < 1:
+            raise PneumoscanError(f"batch size must be a positive integer, got {batch_size}")
 
         def load(path: str) -> tuple[np.ndarray, str | None] | str:
             try:
-                info: dict = {}
-                small = prep.to_uint8(read_image(path, reduce_to=prep.size, info=info))
-                return small, self.image_check(small, info)
+                return self.prepare(self.decode(path))
             except ImageReadError as exc:
                 return str(exc)
+            except Exception as exc:  # whatever a malformed file makes a library raise: that file's row, not the run's
+                return f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
         pending: list[tuple[str, tuple | str]] = []
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
@@ -242,13 +251,13 @@ class Model:
     def _score_batch(self, pending: list[tuple[str, tuple | str]], tta: bool) -> Iterator[Scored]:
         images = [d[0] for _, d in pending if not isinstance(d, str)]
         if images:
-            logits, scores = self.forward_images(torch.from_numpy(np.stack(images)), tta=tta)
+            scores = self.score(np.stack(images), tta=tta)
         i = 0
         for path, decoded in pending:
             if isinstance(decoded, str):
                 yield Scored(path, None, None, decoded)
             else:
-                yield Scored(path, logits[i], float(scores[i]), None, decoded[1])
+                yield Scored(path, scores.logits[i], float(scores.guard[i]), None, decoded[1])
                 i += 1
 
     def predict_files(self, paths: Iterable[str | Path], *, threshold: str | float = "screening",
@@ -259,40 +268,7 @@ class Model:
             if item.error is not None:
                 yield Prediction(item.path, None, None, op[0], op[1], "error", item.error)
             else:
-                probability = float(self.probability(item.logits[None])[0])
-                yield self._result(item.path, probability, item.guard_score, op, item.image_check)
-
-
-def two_level_share(small: np.ndarray) -> float:
-    """Share of a uint8-valued image held by its two most frequent gray levels (high for drawings and masks)."""
-    counts = np.bincount(np.asarray(small, dtype=np.uint8).ravel(), minlength=256)
-    return float(np.sort(counts)[-2:].sum()) / small.size
-
-
-def dicom_header_check(info: dict) -> str | None:
-    """Why a DICOM's own header says it is no frontal chest radiograph, or None.
-
-    The header is the most reliable evidence there is: a CT or MR slice can look X-ray-like to the network, but
-    its Modality says what it is. Missing tags are not held against an image (many exports leave them empty).
-    """
-    modality = info.get("modality")
-    if modality is not None and modality not in RADIOGRAPH_MODALITIES:
-        return f"DICOM Modality is {modality}; chest radiographs are {', '.join(sorted(RADIOGRAPH_MODALITIES))}"
-    body_part = info.get("body_part")
-    if body_part is not None and not any(part in body_part for part in CHEST_BODY_PARTS):
-        return f"DICOM BodyPartExamined is {body_part}, not the chest"
-    view = info.get("view")
-    if view is not None and view in LATERAL_VIEWS:
-        return f"DICOM ViewPosition is {view}, a lateral view; the model reads frontal (PA/AP) views"
-    return None
-
-
-class Scored(NamedTuple):
-    path: str
-    logits: torch.Tensor | None
-    guard_score: float | None
-    error: str | None
-    image_check: str | None = None  # why cheap statistics say it is no chest X-ray (Model.image_check)
+                yield self.result(item.path, item.logits, item.guard_score, op, item.image_check)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable[str], ahead: int):
@@ -310,54 +286,67 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable[str], ahead: int)
         yield path, future.result()
 
 
-def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
-    """Test-time augmentation: the image, a 6% zoom-in and two 4% horizontal shifts (edge-replicated)."""
-    size = batch.shape[-1]
-    crop = round(size * 0.94)
-    off = (size - crop) // 2
-    zoom = F.interpolate(batch[..., off:off + crop, off:off + crop], size=(size, size), mode="bilinear",
-                         align_corners=False, antialias=True)
-    shift = round(size * 0.04)
-    padded = F.pad(batch, (shift, shift, 0, 0), mode="replicate")
-    return [batch, zoom, padded[..., :, :size], padded[..., :, 2 * shift:]]
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
-
-
 def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch",
-               precision: str = "auto", prevalence: float | None = None) -> Model:
+               precision: str = "auto", prevalence: float | None = None, max_pixels: int = MAX_PIXELS,
+               threads: int | None = None) -> Model:
     """Load a model file or run directory; None loads the bundled default model.
 
     backend "onnx" runs the network on onnxruntime and needs an .onnx file from ``pneumoscan export``.
-    precision (torch backend): "auto" runs the network under bfloat16 autocast on CPUs with native bf16 (AVX512-BF16
-    or AMX; 1.5-2.2x faster, answers checked in docs/benchmarks.md) and in float32 elsewhere.
+    precision (torch backend): "auto" computes in the arithmetic the model's calibration and thresholds were
+    fitted on (its record; float32 for the bundled model), so answers are the ones validation chose them on, on
+    every machine. "bfloat16" is 1.5-2.2x faster on CPUs with native bf16, with answers that differ slightly.
     prevalence: the pneumonia share where the model is used, to re-base its probabilities (``Model.set_prevalence``).
+    max_pixels: larger images are refused before decoding.
     """
-    model = _load(path, device=device, backend=backend, precision=precision)
+    if precision not in PRECISIONS:
+        raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if max_pixels < 1:
+        raise PneumoscanError(f"the pixel limit must be positive, got {max_pixels}")
+    if backend == "onnx":
+        from .backends.onnx import load_onnx
+
+        path = DEFAULT_MODEL.with_suffix(".onnx") if path is None else Path(path)
+        net_backend, record, guard = load_onnx(path, threads=threads)
+        if record.name == DEFAULT_NAME and record.source_sha256 != BUNDLED_SHA256:
+            raise PneumoscanError(f"{path}: claims to be the bundled model {DEFAULT_NAME} but was not exported "
+                                  "from it (its source sha256 differs): refusing a modified copy")
+        model = Model(record, net_backend, guard, path, sha256_file(path), max_pixels=max_pixels)
+    elif backend == "torch":
+        model = _load_torch(path, device=device, precision=precision, max_pixels=max_pixels)
+    else:
+        raise PneumoscanError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     model.set_prevalence(prevalence)
     return model
 
 
-def _load(path: str | Path | None, *, device: str, backend: str, precision: str) -> Model:
-    if precision not in PRECISIONS:
-        raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if backend == "onnx":
-        from .export import load_onnx_model
+def read_record(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelRecord]:
+    """(tensors, typed record) of a ``.safetensors`` model file."""
+    tensors, meta = read_model_file(path)
+    return tensors, ModelRecord.from_dict(meta, str(path))
 
-        return load_onnx_model(DEFAULT_MODEL.with_suffix(".onnx") if path is None else path)
-    if backend != "torch":
-        raise PneumoscanError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+
+def _load_torch(path: str | Path | None, *, device: str, precision: str, max_pixels: int) -> Model:
+    from .backends.torch import TorchBackend
+    from .models import create_model
+
     path = DEFAULT_MODEL if path is None else resolve_model_path(path)
     if path == DEFAULT_MODEL and not path.is_file():
         raise PneumoscanError(f"{path}: the bundled default model is missing from this installation")
-    tensors, meta = read_model_file(path)
+    tensors, record = read_record(path)
+    sha256 = sha256_file(path)
+    if record.name == DEFAULT_NAME and sha256 != BUNDLED_SHA256:
+        raise PneumoscanError(f"{path}: claims to be the bundled model {DEFAULT_NAME} but its sha256 {sha256[:12]} "
+                              f"is not the bundled file's {BUNDLED_SHA256[:12]}: refusing a modified copy")
     guard_tensors = {k: v for k, v in tensors.items() if k.startswith(GUARD_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(GUARD_PREFIX)}
-    network = create_model(meta["arch"], pretrained="none", num_classes=len(meta["classes"]))
-    network.load_state_dict(weights)
-    guard = Guard.from_tensors(guard_tensors, float(meta["guard"]["threshold"])) if guard_tensors else None
-    if precision == "auto":
-        precision = "bfloat16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "float32"
-    return Model(network.to(device, memory_format=torch.channels_last), meta, guard, path, sha256_file(path),
-                 precision)
+    network = create_model(record.arch, pretrained="none", num_classes=len(record.classes))
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise PneumoscanError(f"{path}: weights do not fit {record.arch} ({str(exc).splitlines()[0][:200]})") from None
+    guard = None
+    if guard_tensors and record.guard is not None:
+        guard = Guard.from_tensors(guard_tensors, record.guard.threshold)
+    network = network.to(device, memory_format=torch.channels_last).eval()
+    backend = TorchBackend(network, record.preprocessing, record.precision if precision == "auto" else precision)
+    return Model(record, backend, guard, path, sha256, max_pixels=max_pixels)

@@ -1,8 +1,15 @@
-"""Read JPEG / PNG / DICOM into the one array type the rest of pneumoscan understands.
+"""Decode JPEG / PNG / TIFF / BMP / DICOM into the one value the rest of pneumoscan understands.
 
-Contract: ``read_image(source) -> np.ndarray`` float32, shape (H, W), values in [0, 1], 0 = black (air on a
-frontal X-ray), whatever the file's bit depth, colour mode or photometric interpretation. Everything that can go
-wrong raises ``ImageReadError`` whose message is one line naming the file and the reason.
+Contract: ``decode(source) -> DecodedImage``: ``pixels`` float32 (H, W) in [0, 1], 0 = black (air on a frontal
+X-ray), whatever the file's bit depth, colour mode or photometric interpretation, together with what the file said
+that the gray array no longer shows (stored size, colourfulness, DICOM header fields). Keeping both in one value
+means no route can screen the pixels while dropping the header: the not-an-X-ray checks read both.
+
+Every format is decoded at full resolution, so the same pixels give the same network input whatever the
+container (JPEG draft-mode decoding moved probabilities by up to 0.07). Only images longer than
+``REDUCE_ABOVE`` px a side are reduced while decoding, by the same power-of-two factor for every format (JPEG in
+the DCT domain, others by box averaging), to bound memory. Everything that can go wrong raises ``ImageReadError``
+whose message is one line naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import io
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +32,50 @@ MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 Source = str | Path | bytes
+# Longer sides above this are reduced while decoding, by a power of two that keeps them >= REDUCE_TO. No Kermany
+# original reaches it (2752 px at most); a 7000 px scan is decoded at 3500 px, a quarter of the memory.
+REDUCE_ABOVE = 4096
+REDUCE_TO = 2048
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The DICOM attributes pneumoscan acts on: the checks (modality, body part, view) and the identifiers a
+    result must reference. No patient attributes: nothing here may identify a person in a log."""
+
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    photometric: str = "MONOCHROME2"
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels plus what the file said about them, the input of every screening route."""
+
+    pixels: np.ndarray = field(repr=False)  # float32 (H, W) in [0, 1]
+    name: str = "<array>"
+    format: str = "array"  # jpeg | png | tiff | bmp | dicom | array
+    width: int = 0  # as stored, before any reduction: the size checks judge the acquisition, not our decoding
+    height: int = 0
+    colourfulness: float = 0.0  # Hasler & Suesstrunk 2003, 0..255 scale; 0 for gray images
+    dicom: DicomHeader | None = None
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, name: str = "<array>") -> DecodedImage:
+        """A float (H, W) array in [0, 1] with no file behind it: only the header check is skipped (there is no
+        header); the colour, size, aspect and content checks still see it."""
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim != 2:
+            raise ImageReadError(f"{name}: expected a grayscale (H, W) array, got shape {array.shape}")
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ImageReadError(f"{name}: array values must be finite and in [0, 1]")
+        return cls(array, name, "array", array.shape[1], array.shape[0])
 
 
 class ImageReadError(PneumoscanError):
@@ -57,24 +109,44 @@ def is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def read_image(source: Source, *, name: str | None = None, reduce_to: int | None = None,
-               info: dict | None = None) -> np.ndarray:
-    """Decode ``source`` (a path or the file's bytes) to a float32 grayscale array in [0, 1].
+def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = None,
+           max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """The one decoding entry point: a path, the file's bytes, a float (H, W) array in [0, 1] (no header), or an
+    already decoded image (returned as is).
 
-    ``reduce_to``: for JPEG, let the decoder scale by 1/2, 1/4 or 1/8 in the DCT domain while both sides stay
-    >= reduce_to (PIL draft mode). That is several times faster for the 2000 px originals, and the subsequent
-    antialiased resize to the network size gives practically the same pixels.
-
-    ``info``: a dict that receives what the gray array no longer shows, for the cheap not-an-X-ray checks:
-    ``width`` and ``height`` of the stored image (before any draft reduction) and ``colourfulness``
-    (Hasler & Suesstrunk 2003, 0..255 scale; 0 for gray images).
+    ``max_pixels``: larger images are refused before they are decoded (decompression bombs).
     """
+    if isinstance(source, DecodedImage):
+        return source
+    if isinstance(source, np.ndarray):
+        return DecodedImage.from_array(source, name or "<array>")
     label = _name(source, name)
     data = _load_bytes(source, label)
-    info = {} if info is None else info
-    if is_dicom(data):
-        return _read_dicom(data, label, info)
-    return _read_pil(data, label, reduce_to, info)
+    try:
+        if is_dicom(data):
+            return _read_dicom(data, label, max_pixels)
+        return _read_pil(data, label, max_pixels)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError(f"{label}: not enough memory to decode this image") from None
+    except Exception as exc:  # a malformed file can make any decoder raise anything; it is that file's error
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{label}: corrupt or unreadable image ({detail})") from None
+
+
+def read_image(source: Source, *, name: str | None = None, reduce_to: int | None = None,
+               info: dict | None = None) -> np.ndarray:
+    """Deprecated: ``decode(source).pixels``. Kept while callers move to ``decode``."""
+    return decode(source, name=name).pixels
+
+
+def reduce_factor(width: int, height: int) -> int:
+    """The power of two every format's decoder divides a side by (1 for any image up to ``REDUCE_ABOVE`` px)."""
+    factor = 1
+    while max(width, height) / factor > REDUCE_ABOVE and max(width, height) / (2 * factor) >= REDUCE_TO:
+        factor *= 2
+    return factor
 
 
 def colourfulness(rgb: np.ndarray) -> float:
@@ -95,24 +167,33 @@ def _colour_of(image: Image.Image) -> float:
     return colourfulness(np.asarray(small.convert("RGB")))
 
 
-def _check_size(width: int, height: int, name: str) -> None:
-    if width * height > MAX_PIXELS:
+def _check_size(width: int, height: int, name: str, max_pixels: int = MAX_PIXELS) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageReadError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
         raise ImageReadError(
-            f"{name}: image is {width}x{height} pixels, above the {MAX_PIXELS // 1_000_000} MP limit "
-            "(refused as a possible decompression bomb)"
+            f"{name}: image is {width}x{height} pixels, above the {max_pixels / 1_000_000:g} MP limit "
+            "(refused as a possible decompression bomb; see --max-megapixels)"
         )
 
 
-def _read_pil(data: bytes, name: str, reduce_to: int | None, info: dict) -> np.ndarray:
+_FORMATS = {"JPEG": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "DCX": "dcx", "MPO": "jpeg"}
+
+
+def _read_pil(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_size(*image.size, name)
+            _check_size(*image.size, name, max_pixels)
             stored_size = image.size
-            if reduce_to and image.format == "JPEG":
-                image.draft(image.mode, (reduce_to, reduce_to))
+            factor = reduce_factor(*stored_size)
+            if factor > 1 and image.format == "JPEG":
+                # DCT-domain scaling: the decoder never holds the full-size image
+                image.draft(image.mode, (stored_size[0] // factor, stored_size[1] // factor))
             image.load()
+            if factor > 1 and image.size == stored_size:  # formats without a reduced decode: box-average
+                image = image.reduce(factor)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -120,20 +201,20 @@ def _read_pil(data: bytes, name: str, reduce_to: int | None, info: dict) -> np.n
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"has {int(found.group(1)):,} pixels" if found else "is too large"
         raise ImageReadError(
-            f"{name}: image {size}, above the {MAX_PIXELS // 1_000_000} MP limit "
+            f"{name}: image {size}, above the {max_pixels / 1_000_000:g} MP limit "
             "(refused as a possible decompression bomb)"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not a readable image (expected JPEG, PNG or DICOM)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{name}: corrupt or truncated image ({exc})") from None
+        raise ImageReadError(f"{name}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:200]})") from None
     if getattr(image, "n_frames", 1) > 1:
         raise ImageReadError(f"{name}: image has {image.n_frames} frames; expected a single image")
-    image_format = image.format
+    image_format = image.format or Image.open(io.BytesIO(data)).format
     image = ImageOps.exif_transpose(image)
-    info["width"], info["height"] = stored_size  # as stored: the checks using it do not care about orientation
-    info["colourfulness"] = _colour_of(image)
-    return _pil_to_gray(image, name, image_format)
+    pixels = _pil_to_gray(image, name, image_format)
+    return DecodedImage(pixels, name, _FORMATS.get(image_format or "", (image_format or "image").lower()),
+                        stored_size[0], stored_size[1], _colour_of(image))
 
 
 def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None) -> np.ndarray:
@@ -159,38 +240,67 @@ def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def _read_dicom(data: bytes, name: str, info: dict) -> np.ndarray:
+def _header(ds) -> DicomHeader:
+    def text(tag: str) -> str | None:
+        value = ds.get(tag)
+        return str(value).strip().upper() if value not in (None, "") else None
+
+    def uid(tag: str, where=None) -> str | None:
+        value = (where if where is not None else ds).get(tag)
+        return str(value) if value else None
+
+    meta = getattr(ds, "file_meta", None)
+    return DicomHeader(
+        modality=text("Modality"), body_part=text("BodyPartExamined"), view=text("ViewPosition"),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper(),
+        sop_class_uid=uid("SOPClassUID"), sop_instance_uid=uid("SOPInstanceUID"),
+        study_instance_uid=uid("StudyInstanceUID"), series_instance_uid=uid("SeriesInstanceUID"),
+        transfer_syntax_uid=uid("TransferSyntaxUID", meta) if meta is not None else None,
+    )
+
+
+def _int_tag(ds, tag: str, default: int, name: str) -> int:
+    value = ds.get(tag, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{name}: DICOM {tag} is not a number ({str(value)[:40]!r})") from None
+
+
+def _read_dicom(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{name}: corrupt DICOM ({exc})") from None
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageReadError(f"{name}: corrupt DICOM ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{name}: DICOM has no pixel data (not an image object)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int_tag(ds, "NumberOfFrames", 1, name) or 1
     if frames > 1:
         raise ImageReadError(f"{name}: DICOM has {frames} frames; expected a single radiograph")
-    _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), name)
+    _check_size(_int_tag(ds, "Columns", 0, name), _int_tag(ds, "Rows", 0, name), name, max_pixels)
+    header = _header(ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unsupported/corrupt encodings
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
-        raise ImageReadError(f"{name}: cannot decode DICOM {what} ({str(exc).splitlines()[0]})") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    # What the header says the picture is, for the not-a-chest-radiograph check (predict.dicom_header_check)
-    for key, tag in (("modality", "Modality"), ("body_part", "BodyPartExamined"), ("view", "ViewPosition")):
-        value = ds.get(tag)
-        if value:
-            info[key] = str(value).strip().upper()
-    info["height"], info["width"] = pixels.shape[:2]
-    info["colourfulness"] = 0.0
+        what = f"transfer syntax {getattr(syntax, 'name', syntax)}" if syntax is not None else "pixel data"
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{name}: cannot decode DICOM {what} ({detail})") from None
+    if pixels.ndim not in (2, 3) or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ImageReadError(f"{name}: DICOM pixel data has shape {pixels.shape}; expected one 2-D image")
+    height, width = pixels.shape[:2]
+    factor = reduce_factor(width, height)
     if pixels.ndim == 3:  # colour DICOM: pydicom converts YBR to RGB by default
-        image = Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)), "RGB")
-        info["colourfulness"] = _colour_of(image)
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        if pixels.shape[2] != 3:
+            raise ImageReadError(f"{name}: DICOM has {pixels.shape[2]} samples per pixel; expected 1 or 3")
+        image = Image.fromarray(np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8)), "RGB")
+        if factor > 1:
+            image = image.reduce(factor)
+        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return DecodedImage(gray, name, "dicom", width, height, _colour_of(image), header)
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
@@ -205,9 +315,14 @@ def _read_dicom(data: bytes, name: str, info: dict) -> np.ndarray:
     else:  # no display transform stored: stretch min..max, as viewers do
         lo, hi = float(array.min()), float(array.max())
         array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
-    if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; flip to the usual look
+    if header.photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; flip to the usual look
         array = 1.0 - array
-    return array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ImageReadError(f"{name}: DICOM pixel values are not finite after its LUTs")
+    if factor > 1:  # box-average, as Image.reduce does for the other formats
+        h, w = height // factor * factor, width // factor * factor
+        array = array[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    return DecodedImage(array.astype(np.float32), name, "dicom", width, height, 0.0, header)
 
 
 def _first(value) -> float:

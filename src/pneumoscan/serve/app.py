@@ -33,7 +33,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.images import read_image
 from ..errors import PneumoscanError
 
 logger = logging.getLogger("pneumoscan.serve")
@@ -56,7 +55,7 @@ TOO_MANY_PARTS = f"malformed multipart body: more than {MAX_PARTS} parts"
 MISSING_FILE = "missing form field 'file' (the image to screen)"
 EMPTY_FILE = "the uploaded file is empty"
 TOO_LARGE = "upload is larger than the {limit} limit"
-NOT_AN_IMAGE = "{name}: unsupported file type; expected a JPEG, PNG or DICOM image"
+NOT_AN_IMAGE = "{name}: unsupported file type; expected a JPEG, PNG, TIFF, BMP or DICOM image"
 SLOW_UPLOAD = "upload not received within {seconds:g} s"
 BUSY = "server busy: too many requests in progress, retry shortly"
 NO_HEATMAP = "heatmaps need the torch backend (Grad-CAM runs on the PyTorch network); this server has none"
@@ -91,11 +90,16 @@ def _clean_filename(raw: str | None) -> str:
 
 
 def sniff(data: bytes) -> str | None:
-    """'jpeg' | 'png' | 'dicom' from the file's magic bytes, None for anything else."""
+    """'jpeg' | 'png' | 'tiff' | 'bmp' | 'dicom' from the file's magic bytes, None for anything else (the formats
+    the command line reads, so every route accepts the same files)."""
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if data.startswith(b"BM"):
+        return "bmp"
     if len(data) > 132 and data[128:132] == b"DICM":
         return "dicom"
     return None
@@ -222,57 +226,33 @@ def _gray(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
 
 
-def _fit(picture: Image.Image) -> Image.Image:
-    """At most DISPLAY_SIZE a side: plenty for a screen, and keeps the JSON answer small."""
-    picture = picture.copy()
-    picture.thumbnail((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.LANCZOS)
-    return picture
-
-
-def _heatmap_supported(model) -> bool:
-    """Grad-CAM needs a torch network and the explain module; an ONNX-backed model has neither gradient nor hooks."""
-    import importlib.util
-
-    import torch
-
-    try:
-        network = model.network  # the onnxruntime backend raises here instead of having none
-    except Exception:
-        return False
-    return isinstance(network, torch.nn.Module) and importlib.util.find_spec("pneumoscan.explain") is not None
-
-
-def _backend(model) -> str:
-    return getattr(model, "backend", None) or ("onnx" if hasattr(model, "session") else "torch")
-
-
 def _screen(model, upload: Upload, threshold: str, heatmap: bool, preview: bool) -> dict:
-    """Decode, predict and explain one upload; runs in a worker thread (blocking, CPU-bound)."""
+    """Decode, predict and explain one upload; runs in a worker thread (blocking, CPU-bound).
+
+    The upload goes through the same ``decode`` and ``Model.predict`` as every other route, header and image
+    checks included.
+    """
     timing: dict[str, float] = {}
     start = time.perf_counter()
-    image = read_image(upload.data, name=upload.filename, reduce_to=model.preprocessing.size)
+    decoded = model.decode(upload.data, upload.filename)
     timing["decode"] = time.perf_counter() - start
     start = time.perf_counter()
-    pred = model.predict(image, threshold=threshold, name=upload.filename)
+    pred = model.predict(decoded, threshold=threshold)
     timing["inference"] = time.perf_counter() - start
     extra: dict[str, str | None] = {}
-    if heatmap or preview:
-        # JPEGs were decoded at a fraction of their size for the network; pictures for people need more pixels.
-        start = time.perf_counter()
-        if sniff(upload.data) == "jpeg" and min(image.shape) < DISPLAY_SIZE:
-            image = read_image(upload.data, name=upload.filename, reduce_to=DISPLAY_SIZE)
-        timing["display_decode"] = time.perf_counter() - start
     if heatmap:
         start = time.perf_counter()
         if pred.status == "ok":
             from ..explain import gradcam_overlay
 
-            extra["heatmap_png_base64"] = _png_base64(_fit(gradcam_overlay(model, image)))
+            extra["heatmap_png_base64"] = _png_base64(gradcam_overlay(model, decoded.pixels, DISPLAY_SIZE))
         else:
             extra["heatmap_png_base64"] = None  # no evidence map for an image the model refuses to judge
         timing["heatmap"] = time.perf_counter() - start
     if preview:
-        extra["image_png_base64"] = _png_base64(_fit(_gray(image)))
+        from ..explain import display_copy
+
+        extra["image_png_base64"] = _png_base64(_gray(display_copy(decoded.pixels, DISPLAY_SIZE)))
     return {"prediction": pred, "timing": timing, "extra": extra}
 
 
@@ -368,6 +348,7 @@ _META_KEYS = (
     "preprocessing",
     "validation",
     "guard",
+    "precision",
     "version",
     "created",
 )
@@ -394,7 +375,7 @@ def create_app(
         description="Pneumonia screening on chest X-rays. A screening aid, not a diagnosis.",
     )
     limiter = anyio.CapacityLimiter(max_concurrency)
-    heatmap_ok = _heatmap_supported(model)
+    heatmap_ok = model.backend.gradcam
     pending = 0
     model_ref = {"name": model.name, "sha256": model.sha256}
 
@@ -424,7 +405,8 @@ def create_app(
         summary="metadata of the served model: thresholds, calibration, preprocessing, validation",
     )
     async def model_info() -> dict:
-        info = {key: model.meta[key] for key in _META_KEYS if key in model.meta}
+        record = model.record.to_dict()
+        info = {key: record[key] for key in _META_KEYS if key in record}
         info.update(
             name=model.name,
             sha256=model.sha256,
@@ -432,7 +414,7 @@ def create_app(
             temperature=model.temperature,
             bias=model.bias,
             prevalence={"fitted": model.fitted_prevalence, "used": model.prevalence or model.fitted_prevalence},
-            backend=_backend(model),
+            backend=model.backend.name,
             runtime=model.runtime,
             heatmap=heatmap_ok,
             max_upload_bytes=max_upload_bytes,
