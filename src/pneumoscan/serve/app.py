@@ -353,6 +353,20 @@ _META_KEYS = (
     "created",
 )
 
+_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+NO_MODEL_CARD = "no model card for {name}: the card describes the bundled default model only"
+
+
+def bundled_model_card(model) -> str | None:
+    """The model card's markdown when ``model`` is the bundled default (or an ONNX export of it), else None."""
+    try:
+        bundled = (_WEIGHTS / "default.sha256").read_text().split()[0]
+        card = (_WEIGHTS / "model_card.md").read_text(encoding="utf-8")
+    except (OSError, IndexError):
+        return None
+    source = getattr(getattr(model, "record", None), "source_sha256", None)
+    return card if bundled in (model.sha256, source) else None
+
 
 def create_app(
     model,
@@ -418,8 +432,18 @@ def create_app(
             runtime=model.runtime,
             heatmap=heatmap_ok,
             max_upload_bytes=max_upload_bytes,
+            model_card="/v1/model/card" if bundled_model_card(model) is not None else None,
         )
         return info
+
+    @app.get("/v1/model/card", summary="the bundled model's model card (markdown)", response_model=None)
+    async def model_card():
+        from fastapi.responses import Response
+
+        card = bundled_model_card(model)
+        if card is None:
+            raise HTTPError(404, NO_MODEL_CARD.format(name=model.name))
+        return Response(card, media_type="text/markdown; charset=utf-8")
 
     @app.post("/v1/predict", summary="screen one chest X-ray", openapi_extra=_PREDICT_OPENAPI)
     async def predict(
