@@ -4,11 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from .constants import ARCH_NAMES, BATCH_SIZE, PRECISIONS
 from .errors import PneumoscanError
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (batch sizes, workers): 0 or a negative number would be accepted and then fail
+    or hang somewhere deep inside the run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for sizes and tolerances that only make sense above zero (nan and inf refused too)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
+    return value
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
@@ -46,8 +81,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_line(model) -> str:
+    """Which model answered, by name and full sha256: a name alone does not tell an edited file from the real
+    one, the hash does."""
+    return f"model {model.name} (sha256 {model.sha256})"
+
+
 def _format_evaluation(result, model) -> str:
-    lines = [f"model {model.name} (sha256 {model.sha256[:12]}), {result.split} split: {result.n} images"
+    lines = [f"{_model_line(model)}, {result.split} split: {result.n} images"
              + (", test-time augmentation" if result.tta else "")
              + f", network on {model.runtime}",
              f"ROC AUC {result.auc:.4f}   PR AUC {result.pr_auc:.4f}   "
@@ -69,8 +110,16 @@ def _format_evaluation(result, model) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .report import check_output_dir, check_output_file
+
+    if args.shifts and (args.tta or args.report):
+        given = " and ".join(option for option, on in (("--tta", args.tta), ("--report", args.report)) if on)
+        raise PneumoscanError(f"--shifts cannot be combined with {given}: the shift table is scored without "
+                              "test-time augmentation and has no plots (--json writes it as JSON)")
+    check_output_file(args.json, "--json")  # a bad destination fails now, not after minutes of scoring
+    check_output_dir(args.report, "--report")
+
     from .evaluate import evaluate
-    from .modelfile import atomic_write
     from .predict import load_model
 
     model = load_model(args.model, precision=args.precision, prevalence=args.prevalence)
@@ -79,14 +128,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
     print(_format_evaluation(result, model))
     if args.json:
-        text = json.dumps(result.to_dict(), indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+        _write_json(args.json, result.to_dict())
     if args.report:
         from .report import write_report
 
         for path in write_report(result, model, args.report, run_dir=Path(args.model) if args.model else None):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _write_json(path: str, document: dict) -> None:
+    from .modelfile import atomic_write
+
+    text = json.dumps(document, indent=2)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    except OSError as exc:
+        raise PneumoscanError(f"{path}: cannot write --json ({exc.strerror or exc})") from None
 
 
 def _print_shifts(model, args: argparse.Namespace) -> int:
@@ -101,57 +159,144 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
                               "recipes are chosen on it")
     images, labels = validation_images(model, args.data)
     results = evaluate_shifts(model, images, labels, batch_size=args.batch_size)
-    print(f"model {model.name} (sha256 {model.sha256[:12]}), validation split under acquisition shifts: "
-          f"{len(labels)} images, network on {model.runtime}")
+    print(f"{_model_line(model)}, validation split under acquisition shifts: {len(labels)} images, "
+          f"network on {model.runtime}")
     print(f"{'shift':<18} {'AUC':>7} {'screening sens':>15} {'spec':>7} {'balanced acc':>13}")
     for r in results:
         print(f"{r.shift:<18} {r.auc:7.4f} {r.screening.sensitivity:15.4f} {r.screening.specificity:7.4f} "
               f"{r.balanced_accuracy:13.4f}")
     shifted = results[1:]
-    print(f"{'mean of shifts':<18} {np.mean([r.auc for r in shifted]):7.4f} "
-          f"{np.mean([r.screening.sensitivity for r in shifted]):15.4f} "
-          f"{np.mean([r.screening.specificity for r in shifted]):7.4f} "
-          f"{np.mean([r.balanced_accuracy for r in shifted]):13.4f}")
+    mean = {"auc": float(np.mean([r.auc for r in shifted])),
+            "screening_sensitivity": float(np.mean([r.screening.sensitivity for r in shifted])),
+            "screening_specificity": float(np.mean([r.screening.specificity for r in shifted])),
+            "balanced_accuracy": float(np.mean([r.balanced_accuracy for r in shifted]))}
+    print(f"{'mean of shifts':<18} {mean['auc']:7.4f} {mean['screening_sensitivity']:15.4f} "
+          f"{mean['screening_specificity']:7.4f} {mean['balanced_accuracy']:13.4f}")
+    if args.json:
+        _write_json(args.json, _finite({
+            "model": {"name": model.name, "sha256": model.sha256}, "split": "validation", "n": int(len(labels)),
+            "runtime": model.runtime,
+            "shifts": [{"shift": r.shift, "auc": r.auc, "screening": r.screening.to_dict(),
+                        "balanced_accuracy": r.balanced_accuracy} for r in results],
+            "mean_of_shifts": mean,
+        }))
     return 0
 
 
-def _walk(inputs: list[str]):
-    """Files in the order given; folders walked recursively (sorted), keeping only image-like files."""
+def _finite(value):
+    """JSON-ready: NaN and infinity (an undefined figure) become null, which strict JSON parsers accept."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Inputs:
+    """The files a predict run will screen, found before any model is loaded, and what the folder walk left out.
+
+    Files named on the command line are screened whatever their suffix (an unreadable one becomes an error row);
+    inside folders (walked recursively, sorted) only image suffixes and suffix-less files (DICOM often has no
+    suffix) are taken, hidden files and folders are left out, and every left-out file is counted by suffix."""
+
+    def __init__(self, items: list[str]):
+        from collections import Counter
+
+        from .data.layout import IMAGE_SUFFIXES
+
+        self.files: list[Path] = []
+        self.skipped: Counter[str] = Counter()  # suffix (or "hidden") -> files left out
+        self.folders: list[str] = []
+        for item in items:
+            path = Path(item)
+            if not path.is_dir():
+                self.files.append(path)  # a missing or unreadable file becomes an error row, not a crash
+                continue
+            self.folders.append(item)
+            for child in sorted(path.rglob("*")):
+                if not child.is_file():
+                    continue
+                if any(part.startswith(".") for part in child.relative_to(path).parts):
+                    self.skipped["hidden"] += 1
+                elif child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == "":
+                    self.files.append(child)
+                else:
+                    self.skipped[child.suffix.lower()] += 1
+
+    def skipped_summary(self) -> str:
+        """e.g. '3 files skipped (not images: .txt 2, .csv 1)'; empty when nothing was skipped."""
+        total = sum(self.skipped.values())
+        if not total:
+            return ""
+        kinds = [f"{suffix} {n}" for suffix, n in self.skipped.most_common() if suffix != "hidden"]
+        parts = ([f"not images: {', '.join(kinds)}"] if kinds else []) + (
+            [f"hidden: {self.skipped['hidden']}"] if self.skipped["hidden"] else [])
+        return f"{total} file{'s' if total != 1 else ''} skipped ({'; '.join(parts)})"
+
+
+def _supported() -> str:
     from .data.layout import IMAGE_SUFFIXES
 
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and (child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == ""):
-                    yield child
-        else:
-            yield path  # a missing or unreadable file becomes an error row, not a crash
+    return ", ".join(sorted(IMAGE_SUFFIXES)) + " or no suffix (DICOM)"
+
+
+PREDICT_HEADER = "path\tprobability\tdecision\tthreshold or reason"
+
+
+def _row(pred) -> str:
+    """One tab-separated line per file: the format scripts parse; do not change it."""
+    if pred.status == "ok":
+        return (f"{pred.path}\t{pred.probability:.4f}\t{pred.decision}\t({pred.operating_point} "
+                f"threshold {pred.threshold:.4f})")
+    return f"{pred.path}\t-\t{pred.status.upper()}\t{pred.message}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .report import check_output_dir, check_output_file
+
+    if args.heatmaps and args.backend != "torch":
+        raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
+    # Everything that can fail without the model fails first: destinations, then the inputs.
+    check_output_file(args.csv, "--csv")
+    check_output_dir(args.heatmaps, "--heatmaps")
+    inputs = Inputs(args.inputs)
+    if not inputs.files:
+        skipped = inputs.skipped_summary()
+        print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
+              + (f": {skipped}" if skipped else " (empty)") + f"; supported: {_supported()}", file=sys.stderr)
+        return 1
+
     from tqdm import tqdm
 
     from .predict import load_model
     from .report import PredictionWriter
 
-    if args.heatmaps and args.backend != "torch":
-        raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
     model.resolve_threshold(args.threshold)  # fail before reading anything
+    if inputs.skipped and not args.quiet:
+        print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
+    table = sys.stdout.isatty() and not args.json
+    if table:  # a person reads this: say which model answered and what the columns are
+        print(_model_line(model))
+        print(PREDICT_HEADER)
+    elif not args.quiet:  # piped: stdout stays rows only, the model goes to stderr
+        print(f"pneumoscan: {_model_line(model)}", file=sys.stderr)
     failed = 0
     with PredictionWriter(args.csv, args.heatmaps, model) as writer:
-        results = model.predict_files(_walk(args.inputs), threshold=args.threshold, batch_size=args.batch_size,
+        results = model.predict_files(inputs.files, threshold=args.threshold, batch_size=args.batch_size,
                                       tta=args.tta)
-        for pred in tqdm(results, desc="screening", unit="img", disable=args.quiet or not sys.stderr.isatty()):
+        for pred in tqdm(results, desc="screening", unit="img", total=len(inputs.files),
+                         disable=args.quiet or not sys.stderr.isatty()):
             failed += pred.status == "error"
             writer.add(pred)
-            if pred.status == "ok":
-                print(f"{pred.path}\t{pred.probability:.4f}\t{pred.decision}\t({pred.operating_point} "
-                      f"threshold {pred.threshold:.4f})")
-            else:
-                print(f"{pred.path}\t-\t{pred.status.upper()}\t{pred.message}")
-    if failed:
+            print(json.dumps(_finite(pred.to_dict())) if args.json else _row(pred), flush=table)
+    if failed == len(inputs.files):
+        print(f"pneumoscan: none of the {failed} file(s) could be read: nothing was screened", file=sys.stderr)
+    elif failed:
         print(f"pneumoscan: {failed} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
 
@@ -173,7 +318,7 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"(tolerance {args.tolerance:g}), max |feature difference| {result.max_feature_diff:.2e}")
     if int8 is not None:
         calibration, val_images, val_labels, described = int8
-        q = quantize_int8(result.path, None, calibration=calibration, val_images=val_images, val_labels=val_labels,
+        q = quantize_int8(result.path, calibration=calibration, val_images=val_images, val_labels=val_labels,
                           validated_on=described)
         print(f"wrote {q.path} ({q.method} int8 quantisation, calibrated on {len(calibration)} training images)")
         print(f"int8 on validation ({described}): AUC {q.auc_fp32:.4f} -> {q.auc_int8:.4f} "
@@ -191,8 +336,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PneumoscanError(f"serving needs the [serve] extra (pip install 'pneumoscan[serve]'): {exc}") from None
     from .predict import load_model
 
-    if args.max_upload_mb <= 0 or args.concurrency < 1:
-        raise PneumoscanError("--max-upload-mb and --concurrency must be positive")
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
     app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency)
     print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on http://{args.host}:{args.port}/",
@@ -203,8 +346,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that loads a model to answer with it."""
-    from .predict import PRECISIONS
-
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="PyTorch network arithmetic: auto (bfloat16 autocast on CPUs with native bf16, else float32)")
     p.add_argument("--prevalence", type=float, default=None, metavar="P",
@@ -214,7 +355,6 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .predict import BATCH_SIZE
 
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Pneumonia screening on chest X-rays.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -232,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="Kaggle-layout folder (its train split, split by patient) or MedMNIST .npz (official train/val)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--arch", help="resnet18 | resnet50 | efficientnet_lite0")
+    p.add_argument("--arch", help=" | ".join(ARCH_NAMES))
     p.add_argument("--config", help="YAML file of TrainConfig keys")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -256,23 +396,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
     p.add_argument("--split", default="test", help="train | val | test folder of --data, or validation: the run's own patient-grouped split")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--json", help="write the figures as JSON")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
+    p.add_argument("--json", metavar="FILE", help="write the figures (with --shifts: the shift table) as JSON")
     p.add_argument("--report", help="folder for plots (confusion matrix, ROC, PR, reliability, training curves)")
     p.add_argument("--shifts", action="store_true",
                    help="score the validation split under fixed acquisition shifts (gamma, contrast, blur, ...)")
     _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="screen images, folders of images, DICOM files")
+    p = sub.add_parser(
+        "predict", help="screen images, folders of images, DICOM files",
+        description="Screen JPEG, PNG, TIFF, BMP and DICOM files. Folders are walked recursively for those "
+                    "suffixes and for files without a suffix (DICOM); other and hidden files are skipped and "
+                    "counted on stderr. Output: one tab-separated line per file (path, probability, decision, "
+                    "threshold or reason); on a terminal a model line (name, sha256) and a header line come "
+                    "first, when piped the model line goes to stderr. Exit 0 when every file was read, 1 when "
+                    "one could not be or nothing was found, 2 for bad options.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
-    p.add_argument("--csv", help="write one row per file")
-    p.add_argument("--heatmaps", help="folder for Grad-CAM overlays (PNG)")
+    p.add_argument("--csv", metavar="FILE", help="write one row per file (path, probability, decision, threshold, "
+                                                 "status, message); written only when the run completes")
+    p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON Lines instead of tab-separated rows: one object per file with keys path, "
+                        "probability, decision, operating_point, threshold, status, message, guard_score")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
+    p.add_argument("--quiet", action="store_true", help="on stderr only errors: no progress bar, model line or count of skipped files")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")
     _add_model_options(p)
@@ -287,16 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "when the model is not a run directory")
     p.add_argument("--input-dtype", choices=["float32", "uint8"], default="float32",
                    help="graph input: float images in [0, 1] (default) or uint8")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed |logit| difference")
+    p.add_argument("--tolerance", type=positive_float, default=1e-3, help="largest allowed |logit| difference")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP API and web page for screening single images")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
-    p.add_argument("--concurrency", type=int, default=2, help="images decoded and screened at the same time")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="larger uploads are refused with 413")
+    p.add_argument("--concurrency", type=positive_int, default=2, help="images decoded and screened at the same time")
     p.add_argument("--verbose", action="store_true", help="log every request")
     _add_model_options(p)
     p.set_defaults(func=cmd_serve)

@@ -7,7 +7,52 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import PneumoscanError
+
 CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message"]
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: Path, target: Path, option: str) -> None:
+    """Create (and remove) a probe file in the nearest existing folder: the only test that tells a read-only
+    mount, a permission problem or a pseudo file system from a writable place, for root too."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise PneumoscanError(f"{target}: cannot write {option} there: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".pneumoscan-probe-")
+    except OSError as exc:
+        raise PneumoscanError(f"{target}: cannot write {option} in {existing} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path | None, option: str) -> None:
+    """Fail now, in one line, when ``path`` could not receive the file this run writes at its end (a folder or a
+    device there, an unwritable location), instead of losing the finished work. Creates nothing."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise PneumoscanError(f"{target}: {option} names a folder; give a file name, e.g. {target / 'results.csv'}")
+    if target.exists() and not target.is_file():  # a device, a FIFO: the final rename would replace it
+        raise PneumoscanError(f"{target}: {option} names something that is not a regular file")
+    _check_writable(target.parent, target, option)
+
+
+def check_output_dir(path: str | Path | None, option: str) -> None:
+    """The same for a folder the run fills (heatmaps, plots): it must be a folder, or creatable. Creates nothing."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise PneumoscanError(f"{target}: {option} names a file; give a folder")
+    _check_writable(target, target, option)
 
 
 class PredictionWriter:
@@ -22,14 +67,22 @@ class PredictionWriter:
         self._tmp = None
 
     def __enter__(self) -> PredictionWriter:
-        if self.csv_path:
-            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(dir=self.csv_path.parent, prefix=f".{self.csv_path.name}.", suffix=".tmp")
-            self._file = os.fdopen(fd, "w", newline="")
-            self._csv = csv.writer(self._file)
-            self._csv.writerow(CSV_COLUMNS)
-        if self.heatmap_dir:
-            self.heatmap_dir.mkdir(parents=True, exist_ok=True)
+        check_output_file(self.csv_path, "--csv")
+        check_output_dir(self.heatmap_dir, "--heatmaps")
+        try:
+            if self.csv_path:
+                self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+                fd, self._tmp = tempfile.mkstemp(dir=self.csv_path.parent, prefix=f".{self.csv_path.name}.",
+                                                 suffix=".tmp")
+                self._file = os.fdopen(fd, "w", newline="")
+                self._csv = csv.writer(self._file)
+                self._csv.writerow(CSV_COLUMNS)
+            if self.heatmap_dir:
+                self.heatmap_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.__exit__(type(exc), exc, None)
+            where = exc.filename or self.csv_path or self.heatmap_dir
+            raise PneumoscanError(f"{where}: cannot write there ({exc.strerror or exc})") from None
         return self
 
     def add(self, pred) -> None:
@@ -40,13 +93,22 @@ class PredictionWriter:
         if self.heatmap_dir and pred.status == "ok":
             from .explain import save_heatmap
 
-            save_heatmap(self.model, pred.path, self.heatmap_dir)
+            try:
+                save_heatmap(self.model, pred.path, self.heatmap_dir)
+            except OSError as exc:  # e.g. the disk filled up: one line, and no CSV that looks complete
+                raise PneumoscanError(f"{self.heatmap_dir}: cannot write the heatmap of {pred.path} "
+                                      f"({exc.strerror or exc})") from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._file:
             self._file.close()
+            self._file = None
             if exc_type is None:
-                os.replace(self._tmp, self.csv_path)
+                try:
+                    os.replace(self._tmp, self.csv_path)
+                except OSError as exc:
+                    Path(self._tmp).unlink(missing_ok=True)
+                    raise PneumoscanError(f"{self.csv_path}: cannot write --csv ({exc.strerror or exc})") from None
             else:
                 Path(self._tmp).unlink(missing_ok=True)
 

@@ -20,7 +20,7 @@ from ..errors import PneumoscanError
 
 CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".dcm"})
 
 # person1000_bacteria_2931.jpeg -> person1000 ; IM-0115-0001.jpeg -> IM-0115 ;
 # NORMAL2-IM-0123-0001.jpeg -> NORMAL2-IM-0123
