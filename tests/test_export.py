@@ -12,9 +12,9 @@ from conftest import make_model_file, save_gray, synthetic_xray
 
 from pneumoscan import load_model
 from pneumoscan.cli import main
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.export import (
     ExportError,
-    OnnxModel,
     export_onnx,
     int8_inputs,
     load_onnx_model,
@@ -35,7 +35,7 @@ def exported(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_model(exported) -> OnnxModel:
+def onnx_model(exported):
     return load_model(exported.path, backend="onnx")
 
 
@@ -62,24 +62,20 @@ def test_export_check_reports_runtimes_agree_within_1e4(exported):
 def test_onnx_backend_matches_torch_at_any_batch_size(tiny_model, onnx_model):
     for n in (1, 5):
         images = torch.from_numpy(_images(tiny_model, n, offset=100))
-        logits_t, scores_t = tiny_model.forward_images(images)
-        logits_o, scores_o = onnx_model.forward_images(images)
+        logits_t, _, _, scores_t = tiny_model.score(images)
+        logits_o, _, _, scores_o = onnx_model.score(images)
         assert logits_o.shape == (n, 2)
         assert (logits_o - logits_t).abs().max() < 1e-4
         torch.testing.assert_close(scores_o, scores_t, rtol=1e-4, atol=1e-4)
 
 
-def test_onnx_backend_tta_and_normalised_forward_match_torch(tiny_model, onnx_model):
+def test_onnx_backend_tta_matches_torch(tiny_model, onnx_model):
     images = torch.from_numpy(_images(tiny_model, 4, offset=200))
-    assert (
-        onnx_model.forward_images(images, tta=True)[0] - tiny_model.forward_images(images, tta=True)[0]
-    ).abs().max() < 1e-4
-    batch = tiny_model.preprocessing.normalize(images)
-    assert (onnx_model.forward(batch)[0] - tiny_model.forward(batch)[0]).abs().max() < 1e-4
+    assert (onnx_model.score(images, tta=True).logits - tiny_model.score(images, tta=True).logits).abs().max() < 1e-4
 
 
 def test_onnx_file_carries_model_metadata_and_guard(tiny_model, onnx_model):
-    assert onnx_model.meta == {**tiny_model.meta, "source_sha256": tiny_model.sha256}
+    assert onnx_model.record == tiny_model.record.with_(source_sha256=tiny_model.sha256)
     assert onnx_model.thresholds == tiny_model.thresholds
     assert onnx_model.temperature == tiny_model.temperature
     assert onnx_model.preprocessing == tiny_model.preprocessing
@@ -104,23 +100,22 @@ def test_predict_files_gives_same_decisions_on_both_backends(tiny_model, onnx_mo
 
 
 def test_onnx_backend_has_no_torch_network_for_gradcam(onnx_model):
-    with pytest.raises(ExportError, match="Grad-CAM"):
+    assert not onnx_model.backend.gradcam
+    with pytest.raises(PneumoscanError, match="Grad-CAM"):
         _ = onnx_model.network
 
 
 def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
     result = export_onnx(tiny_model, tmp_path / "u8.onnx", images=_images(tiny_model), input_dtype="uint8")
     model = load_onnx_model(result.path)
-    assert model.uint8_input
+    assert model.backend.uint8_input
     images = torch.from_numpy(_images(tiny_model, 3, offset=400))
-    assert (model.forward_images(images)[0] - tiny_model.forward_images(images)[0]).abs().max() < 1e-4
+    assert (model.score(images).logits - tiny_model.score(images).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize(("input_dtype", "options"), [
-    ("float32", {}), ("uint8", {}), ("uint8", {"equalize": True}), ("float32", {"standardize_region": 0.7}),
-])
-def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, options, tmp_path):
-    path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25), **options)
+@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, tmp_path):
+    path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25))
     model = load_model(path, precision="float32")
     result = export_onnx(model, tmp_path / "std.onnx", images=_images(model, 4), input_dtype=input_dtype)
     onnx_model = load_model(result.path, backend="onnx")
@@ -128,8 +123,8 @@ def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, op
     images = torch.from_numpy(_images(model, 3, offset=500))
     darker = (images.float() * 0.6 + 20).round().to(torch.uint8)  # a linear exposure change
     for batch in (images, darker):
-        assert (onnx_model.forward_images(batch)[0] - model.forward_images(batch)[0]).abs().max() < 1e-4
-    assert (model.forward_images(darker)[0] - model.forward_images(images)[0]).abs().max() < 0.05
+        assert (onnx_model.score(batch).logits - model.score(batch).logits).abs().max() < 1e-4
+    assert (model.score(darker).logits - model.score(images).logits).abs().max() < 0.05
 
 
 def test_export_refuses_to_publish_when_runtimes_disagree(tiny_model, tmp_path):
@@ -141,13 +136,17 @@ def test_export_refuses_to_publish_when_runtimes_disagree(tiny_model, tmp_path):
 def test_int8_export_writes_a_loadable_quantised_model(tiny_model, exported, tiny_data):
     calibration, images, labels, source = int8_inputs(tiny_model, tiny_data)
     assert "val" in source and len(images) == 8 and set(labels.tolist()) == {0, 1}
-    result = quantize_int8(exported.path, None, calibration=calibration, val_images=images, val_labels=labels)
+    result = quantize_int8(exported.path, calibration=calibration, val_images=images, val_labels=labels)
     assert result.path == exported.path.with_name("tiny.int8.onnx") and result.path.is_file()
     assert result.method in ("static", "dynamic") and result.n_val == 8
     assert 0.0 <= result.auc_int8 <= 1.0
     int8 = load_onnx_model(result.path)
-    assert int8.meta["quantization"]["method"] == result.method
+    assert int8.record.quantization["method"] == result.method
+    assert int8.runtime == "onnxruntime int8"
     assert int8.thresholds == tiny_model.thresholds
+    # the guard's limit is refitted on the int8 features, never stricter than the float model's
+    assert int8.guard.threshold >= tiny_model.guard.threshold
+    assert int8.record.guard.threshold == int8.guard.threshold
 
 
 def test_int8_uses_the_run_split_validation_images(tiny_model_path, tiny_data, tmp_path):

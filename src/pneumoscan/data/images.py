@@ -202,7 +202,7 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> DecodedImage:
         size = f"has {int(found.group(1)):,} pixels" if found else "is too large"
         raise ImageReadError(
             f"{name}: image {size}, above the {max_pixels / 1_000_000:g} MP limit "
-            "(refused as a possible decompression bomb)"
+            "(refused as a possible decompression bomb; see --max-megapixels)"
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageReadError(f"{name}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)") from None
