@@ -3,6 +3,7 @@ and nothing left behind that could pass for a result (no model file, no JSON).""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,116 @@ def test_evaluate_on_a_split_of_only_unreadable_images_writes_no_json(tmp_path, 
                    "--json", tmp_path / "out.json")
     assert "no readable image in the test split (2 unreadable)" in line
     assert not (tmp_path / "out.json").exists()
+
+
+# --- destinations are checked before any work (issue 14.1, 14.2) --------------------------------------------
+
+@pytest.fixture
+def xrays(tmp_path) -> Path:
+    from conftest import save_gray, synthetic_xray
+
+    for i in range(3):
+        save_gray(tmp_path / "in" / f"x{i}.png", synthetic_xray(64, seed=i))
+    return tmp_path / "in"
+
+
+def test_predict_csv_naming_an_existing_folder_fails_before_scoring(tmp_path, tiny_model_path, xrays, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, "--csv", out, "--quiet")
+    assert line == (f"pneumoscan: error: {out}: --csv names a folder; give a file name, e.g. "
+                    f"{out / 'results.csv'}")
+    assert left_in(out) == []  # no hidden temporary file holding the rows
+
+
+def test_predict_destination_is_checked_before_the_model_is_even_loaded(tmp_path, xrays, capsys):
+    """Order proof: with a missing model file the destination error still comes first, so no image is scored."""
+    line = run_cli(capsys, "predict", xrays, "--model", tmp_path / "gone.safetensors", "--csv", tmp_path)
+    assert "--csv names a folder" in line
+
+
+@pytest.mark.parametrize("option, where, reason", [
+    ("--csv", "/proc/pneumoscan.csv", "cannot write --csv in /proc"),  # procfs: no regular files, even for root
+    ("--csv", "/sys/pneumoscan.csv", "cannot write --csv in /sys"),  # sysfs likewise
+    ("--heatmaps", "/sys/pneumoscan-maps/run1", "cannot write --heatmaps in /sys"),
+])
+def test_predict_unwritable_destination_is_one_line(tiny_model_path, xrays, capsys, option, where, reason):
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, option, where, "--quiet")
+    assert line.startswith(f"pneumoscan: error: {where}: {reason} (")
+
+
+@pytest.mark.parametrize("option", ["--csv", "--heatmaps"])
+def test_predict_on_a_read_only_file_system_is_one_line(tmp_path, tiny_model_path, xrays, capsys, monkeypatch,
+                                                       option):
+    """errno 30 as a read-only mount gives it (root is not exempt from EROFS, but tests cannot mount)."""
+    import errno
+    import tempfile
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    target = tmp_path / "mnt" / ("out.csv" if option == "--csv" else "maps")
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, option, target, "--quiet")
+    assert line == f"pneumoscan: error: {target}: cannot write {option} in {tmp_path} (Read-only file system)"
+    assert not (tmp_path / "mnt").exists()
+
+
+def test_predict_csv_on_a_fifo_is_refused_rather_than_replaced(tmp_path, tiny_model_path, xrays, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, "--csv", fifo, "--quiet")
+    assert line == f"pneumoscan: error: {fifo}: --csv names something that is not a regular file"
+    assert fifo.is_fifo()
+
+
+def test_predict_destination_below_a_file_is_one_line(tmp_path, tiny_model_path, xrays, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, "--csv", tmp_path / "notes.txt" / "o.csv")
+    assert line == (f"pneumoscan: error: {tmp_path / 'notes.txt' / 'o.csv'}: cannot write --csv there: "
+                    f"{tmp_path / 'notes.txt'} is a file, not a folder")
+
+
+def test_predict_heatmaps_naming_a_file_is_one_line(tmp_path, tiny_model_path, xrays, capsys):
+    (tmp_path / "maps.png").write_bytes(b"x")
+    line = run_cli(capsys, "predict", xrays, "--model", tiny_model_path, "--heatmaps", tmp_path / "maps.png")
+    assert line == f"pneumoscan: error: {tmp_path / 'maps.png'}: --heatmaps names a file; give a folder"
+
+
+def test_evaluate_json_naming_a_folder_fails_before_scoring(tmp_path, tiny_model_path, tiny_dataset, capsys):
+    line = run_cli(capsys, "evaluate", "--model", tiny_model_path, "--data", tiny_dataset, "--json", tmp_path)
+    assert line.startswith(f"pneumoscan: error: {tmp_path}: --json names a folder")
+    assert left_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, named", [(["--tta"], "--tta"), (["--report", "plots"], "--report"),
+                                          (["--tta", "--report", "plots"], "--tta and --report")])
+def test_evaluate_shifts_refuses_options_it_would_ignore(tmp_path, tiny_model_path, tiny_dataset, capsys, extra,
+                                                         named):
+    extra = [str(tmp_path / a) if a == "plots" else a for a in extra]
+    line = run_cli(capsys, "evaluate", "--model", tiny_model_path, "--data", tiny_dataset, "--split", "validation",
+                   "--shifts", *extra)
+    assert line.startswith(f"pneumoscan: error: --shifts cannot be combined with {named}:")
+    assert left_in(tmp_path) == []
+
+
+# --- counts must be positive (issue 14.3) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, option", [
+    (["predict", "x.png", "--batch-size", "0"], "--batch-size"),
+    (["predict", "x.png", "--batch-size", "-3"], "--batch-size"),
+    (["predict", "x.png", "--batch-size", "two"], "--batch-size"),
+    (["evaluate", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["serve", "--concurrency", "0"], "--concurrency"),
+    (["serve", "--max-upload-mb", "-1"], "--max-upload-mb"),
+    (["serve", "--max-upload-mb", "nan"], "--max-upload-mb"),
+    (["serve", "--port", "70000"], "--port"),
+    (["export", "--onnx", "m.onnx", "--tolerance", "0"], "--tolerance"),
+])
+def test_a_count_or_size_that_is_not_positive_is_refused_by_the_parser(tmp_path, capsys, argv, option):
+    """Refused before anything is loaded: argparse's usage message and exit 2 (before, --batch-size 0 ran)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be" in err and "Traceback" not in err
