@@ -567,14 +567,18 @@ def run_api(model, cases: list[Case], paths: list[Path], tally: Tally, batch_siz
     tally.files += len(cases)
     try:
         rows = list(model.predict_files(paths, batch_size=batch_size))
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # native decoders can raise BaseException subclasses (pyo3's PanicException)
         tally.tracebacks += 1
         tally.failures.append(f"predict_files on a batch of {len(paths)}: {_summary(exc)}")
         rows = []
         for case, path in zip(cases, paths, strict=True):
             try:
                 rows += list(model.predict_files([path], batch_size=1))
-            except Exception as exc_one:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc_one:
                 tally.failures.append(f"{case.describe()}: predict_files raised {_summary(exc_one)}")
     tally.rows += len(rows)
     tally.statuses.update(row.status for row in rows)
