@@ -46,10 +46,12 @@ def test_heatmap_explains_pneumonia_even_when_the_network_says_normal(evidence_m
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     image = synthetic_xray(64, seed=3)
-    logits, _ = evidence_model.forward(evidence_model.preprocessing.apply(image)[None])
+    prep = evidence_model.preprocessing
+    small = torch.from_numpy(prep.to_uint8(image))[None]  # the very input scoring gives the network
+    logits = evidence_model.score(small).logits
     assert logits[0, 1] > logits[0, 0]  # the rigged head predicts PNEUMONIA; explaining class 0 would differ
     net = explain._explainer(evidence_model).network
-    batch = evidence_model.preprocessing.apply(image)[None].requires_grad_(True)
+    batch = prep.normalize(small).requires_grad_(True)
     with torch.enable_grad(), GradCAM(model=net, target_layers=[explain._explainer(evidence_model).layer]) as cam:
         expected = cam(input_tensor=batch, targets=[ClassifierOutputTarget(1)])[0]
     heat = explain.gradcam(evidence_model, image)
@@ -61,6 +63,12 @@ def test_overlay_is_rgb_at_the_image_size(evidence_model):
     picture = explain.gradcam_overlay(evidence_model, image)
     assert picture.mode == "RGB"
     assert picture.size == (96, 80)  # PIL sizes are (width, height)
+
+
+def test_overlay_of_a_large_image_is_bounded_to_the_working_resolution(evidence_model):
+    image = np.tile(synthetic_xray(500), (6, 8))  # 3000 x 4000
+    picture = explain.gradcam_overlay(evidence_model, image)
+    assert picture.size == (1024, 768)  # the longest side capped at HEATMAP_MAX_SIDE, the aspect kept
 
 
 def test_overlay_keeps_the_xray_where_the_heatmap_is_zero():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 import socket
 import struct
 import subprocess
@@ -24,7 +25,7 @@ from conftest import synthetic_xray
 from PIL import Image
 
 from pneumoscan import load_model
-from pneumoscan.predict import NOT_XRAY_MESSAGE
+from pneumoscan.guard import OUTSIDE_POPULATION
 from pneumoscan.serve import app as serve_app
 from pneumoscan.serve import create_app, serve_in_thread
 
@@ -137,7 +138,7 @@ def test_model_endpoint_reports_metadata_from_the_model_file(server, tiny_model)
     assert body["thresholds"] == {"screening": 0.3, "balanced": 0.5}
     assert body["temperature"] == 1.5
     assert body["prevalence"] == {"fitted": 0.75, "used": 0.75}  # the fixture's validation: 75 of 100 pneumonia
-    assert body["preprocessing"] == tiny_model.meta["preprocessing"]
+    assert body["preprocessing"] == json.loads(json.dumps(tiny_model.record.preprocessing.to_dict()))
     assert body["validation"] == {"n": 0, "auc": 0.5}
     assert body["heatmap"] is HAS_EXPLAIN
     assert body["max_upload_bytes"] == 20 * MiB
@@ -222,13 +223,13 @@ def test_heatmap_is_an_rgb_overlay_at_the_image_size(server):
 
 def test_image_outside_the_training_distribution_gets_no_probability(tiny_model_path):
     model = load_model(tiny_model_path)
-    model.guard.threshold = -1.0  # every image is now "not a chest X-ray"
+    model.guard.threshold = -1.0  # every image is now unlike the training X-rays
     with serve_in_thread(create_app(model)) as url:
         response = post(url, JPEG, params={"heatmap": str(HAS_EXPLAIN).lower()})
     assert response.status_code == 200
     body = response.json()
-    assert body["status"] == "not_xray"
-    assert body["message"] == NOT_XRAY_MESSAGE
+    assert body["status"] == "out_of_distribution"
+    assert body["message"].startswith(f"{OUTSIDE_POPULATION}: features far from the training X-rays: distance ")
     assert body["probability"] is None and body["decision"] is None and body["decisions"] is None
     assert body["guard_score"] > -1.0
     if HAS_EXPLAIN:
@@ -242,7 +243,7 @@ def test_text_file_named_png_is_unsupported_media_type(server):
     response = post(server, TEXT, "notes.png")
     assert response.status_code == 415
     assert response.json() == {
-        "error": "notes.png: unsupported file type; expected a JPEG, PNG or DICOM image"
+        "error": "notes.png: unsupported file type; expected a JPEG, PNG, TIFF, BMP or DICOM image"
     }
 
 

@@ -305,13 +305,16 @@ def _read_dicom(data: bytes, name: str, max_pixels: int) -> DecodedImage:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    array = apply_modality_lut(pixels, ds).astype(np.float64)
+    modality = apply_modality_lut(pixels, ds)
+    array = modality.astype(np.float64)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         # The window is the display the modality chose: map it to [0, 1] as is, without stretching further.
         array = _window(array, ds, name)
     elif "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        array = np.clip(apply_voi_lut(array, ds, index=0).astype(np.float64) / (2**bits - 1), 0.0, 1.0)
+        if np.issubdtype(modality.dtype, np.floating) and np.array_equal(modality, np.round(modality)):
+            modality = modality.astype(np.int64)  # a LUT is indexed by integers; pydicom mis-reads float input
+        array = np.clip(apply_voi_lut(modality, ds, index=0).astype(np.float64) / (2**bits - 1), 0.0, 1.0)
     else:  # no display transform stored: stretch min..max, as viewers do
         lo, hi = float(array.min()), float(array.max())
         array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
