@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -75,14 +76,15 @@ def source_xrays(count: int, size: int, seed: int, folder: Path = TEST_IMAGES) -
     if not files:
         raise SystemExit(f"no X-rays under {folder}")
     picked = random.Random(seed).sample(files, min(count, len(files)))
-    out = []
-    for path in picked:
-        with Image.open(path) as image:
-            image.draft("L", (size, size))
-            gray = image.convert("L")
-            gray.thumbnail((size, size), Image.Resampling.BILINEAR)
-            out.append((path.stem, np.asarray(gray)))
-    return out
+    return [(path.stem, load_xray(path, size)) for path in picked]
+
+
+def load_xray(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as image:
+        image.draft("L", (size, size))
+        gray = image.convert("L")
+        gray.thumbnail((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(gray)
 
 
 def _save(image: Image.Image, fmt: str, **options) -> bytes:
@@ -98,7 +100,9 @@ def _dicom(pixels: np.ndarray, *, syntax: str = "1.2.840.10008.1.2.1", mono1: bo
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_STORAGE
-    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    # A UID derived from the content, not a random one: the same case is the same bytes on every run.
+    entropy = [hashlib.sha256(pixels.tobytes()).hexdigest(), syntax, str(mono1), str(window)]
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid(entropy_srcs=entropy)
     meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds = FileDataset("fuzz.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = DX_STORAGE
@@ -129,7 +133,7 @@ def _dicom(pixels: np.ndarray, *, syntax: str = "1.2.840.10008.1.2.1", mono1: bo
         ds.PixelData = encapsulate([_save(Image.fromarray(pixels, "L"), "JPEG", quality=90)])
         ds["PixelData"].VR = "OB"
     elif syntax != uid.ExplicitVRLittleEndian:
-        ds.compress(syntax)
+        ds.compress(syntax, generate_instance_uid=False)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
