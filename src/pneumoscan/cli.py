@@ -260,15 +260,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.heatmaps and args.backend != "torch":
         raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
-    # Everything that can fail without the model fails first: destinations, then the inputs.
+    # Destinations fail first (before the model loads); then bad options (model, threshold: exit 2) before
+    # an empty input (exit 1); no image is decoded before all of that passed.
     check_output_file(args.csv, "--csv")
     check_output_dir(args.heatmaps, "--heatmaps")
     inputs = Inputs(args.inputs)
-    if not inputs.files:
-        skipped = inputs.skipped_summary()
-        print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
-              + (f": {skipped}" if skipped else " (empty)") + f"; supported: {_supported()}", file=sys.stderr)
-        return 1
 
     from tqdm import tqdm
 
@@ -276,7 +272,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .report import PredictionWriter
 
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
-    model.resolve_threshold(args.threshold)  # fail before reading anything
+    model.resolve_threshold(args.threshold)
+    if not inputs.files:
+        skipped = inputs.skipped_summary()
+        print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
+              + (f": {skipped}" if skipped else " (empty)") + f"; supported: {_supported()}", file=sys.stderr)
+        return 1
     if inputs.skipped and not args.quiet:
         print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
     table = sys.stdout.isatty() and not args.json
@@ -293,7 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          disable=args.quiet or not sys.stderr.isatty()):
             failed += pred.status == "error"
             writer.add(pred)
-            print(json.dumps(_finite(pred.to_dict())) if args.json else _row(pred), flush=table)
+            print(json.dumps(_finite(pred.to_dict()), default=str) if args.json else _row(pred), flush=table)
     if failed == len(inputs.files):
         print(f"pneumoscan: none of the {failed} file(s) could be read: nothing was screened", file=sys.stderr)
     elif failed:
@@ -419,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "status, message); written only when the run completes")
     p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
     p.add_argument("--json", action="store_true",
-                   help="print JSON Lines instead of tab-separated rows: one object per file with keys path, "
-                        "probability, decision, operating_point, threshold, status, message, guard_score")
+                   help="print JSON Lines instead of tab-separated rows: one object per file, the fields of "
+                        "pneumoscan.Prediction (path, probability, decision, operating_point, threshold, status, "
+                        "message, guard_score); null where a figure does not apply")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
     p.add_argument("--quiet", action="store_true", help="on stderr only errors: no progress bar, model line or count of skipped files")
