@@ -3,15 +3,17 @@
 Prints
   1. batch 1: median / p90 latency of ``Model.predict(path)`` per image
   2. batched: images/second of ``Model.predict_files`` (threaded decode overlapping the network)
-  3. breakdown per image: decode (JPEG draft fast path and full resolution), preprocess (resize + normalise),
-     network (batch of --batch-size)
-  4. the fast path's accuracy cost: ROC AUC with draft decode and the model's precision (bf16 autocast where the
-     CPU has it) vs full-resolution decode + the training resize in float32 (must differ by < 0.002), the largest
-     probability difference and the screening decisions changed
+  3. breakdown per image, one stage at a time: decode (``decode``: full resolution, every format), preprocess
+     (``Model.prepare``: resize to the network input + the image checks), network (``Model.score`` on a batch of
+     --batch-size: normalisation, network, calibration, feature guard)
+  4. precision: the network stage and the answers under float32 and bfloat16 on the same prepared images (ROC AUC,
+     largest probability difference, screening decisions changed); float32 is the bundled model's recorded
+     precision, bfloat16 is faster only on CPUs with native bf16 (AVX512-BF16 or AMX)
   5. peak RSS of a ``pneumoscan predict`` run over a folder of --rss-files files (symlinks under /tmp pointing
      at the test images, repeated; nothing is copied)
 
-Usage: nice -n 19 python benchmarks/bench_predict.py --model runs/default [--data ../shared/data/chest_xray]
+Usage: nice -n 19 python benchmarks/bench_predict.py [--model MODEL] [--data ../shared/data/chest_xray]
+       python benchmarks/bench_predict.py --quick      (8 images, a few latency calls, 16 files for RSS: a smoke run)
 """
 
 from __future__ import annotations
@@ -30,75 +32,73 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan.predict import BATCH_SIZE
+from pneumoscan.predict import BATCH_SIZE, DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_files(data: Path) -> tuple[list[Path], np.ndarray]:
-    files, labels = [], []
-    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
-        found = sorted(p for p in (data / "test" / name).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-        files += found
-        labels += [label] * len(found)
-    return files, np.array(labels)
+def spread(items: list, limit: int | None) -> list:
+    """Up to ``limit`` items spread evenly over the (class-sorted) list, so both classes are represented."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def test_files(data: Path, limit: int | None = None) -> tuple[list[Path], np.ndarray]:
+    from pneumoscan.data.layout import list_split
+
+    samples = spread(list_split(data, "test"), limit)
+    return [s.path for s in samples], np.array([s.label for s in samples])
 
 
 def latency(model, files: list[Path], count: int) -> tuple[float, float]:
     model.predict(files[0])  # warm-up: first-call allocations are not what a server sees
     times = []
-    for path in files[:count]:
+    for i in range(count):
         start = time.perf_counter()
-        model.predict(path)
+        model.predict(files[i % len(files)])
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000), float(np.percentile(times, 90) * 1000)
 
 
-def throughput(model, files: list[Path], batch_size: int) -> tuple[float, np.ndarray]:
+def throughput(model, files: list[Path], batch_size: int) -> float:
     start = time.perf_counter()
     results = list(model.predict_files(files, batch_size=batch_size))
     seconds = time.perf_counter() - start
     bad = [r.message for r in results if r.status == "error"]
     if bad:
         print(f"warning: {len(bad)} unreadable: {bad[0]}", file=sys.stderr)
-    return len(files) / seconds, np.array([np.nan if r.probability is None else r.probability for r in results])
+    return len(files) / seconds
 
 
-def breakdown(model, reference, files: list[Path], batch_size: int) -> dict:
-    """Sequential, one stage at a time, so each stage's cost is measured alone (single decode thread)."""
-    from pneumoscan.data.images import read_image
+def prepare_all(model, files: list[Path]) -> tuple[np.ndarray, dict]:
+    """uint8 network inputs of every file, timing decode and preprocess (single thread, one stage at a time)."""
+    from pneumoscan.data.images import decode
 
-    prep = model.preprocessing
-    timing = {"decode_fast": 0.0, "decode_full": 0.0, "preprocess": 0.0, "network": 0.0}
-    fast, full = [], []
+    timing = {"decode": 0.0, "preprocess": 0.0}
+    images = []
     for path in files:
         t0 = time.perf_counter()
-        image = read_image(path, reduce_to=prep.size)
+        decoded = decode(path, max_pixels=model.max_pixels)
         t1 = time.perf_counter()
-        fast.append(prep.to_uint8(image))
+        small, _ = model.prepare(decoded)
         t2 = time.perf_counter()
-        full_image = read_image(path)
-        t3 = time.perf_counter()
-        full.append(prep.to_uint8(full_image))
-        timing["decode_fast"] += t1 - t0
+        images.append(small)
+        timing["decode"] += t1 - t0
         timing["preprocess"] += t2 - t1
-        timing["decode_full"] += t3 - t2
-    probs = {}
-    for name, images, net in (("fast", fast, model), ("full", full, reference)):
-        out = []
-        for i in range(0, len(images), batch_size):
-            t0 = time.perf_counter()
-            batch = prep.normalize(torch.from_numpy(np.stack(images[i:i + batch_size])))
-            t1 = time.perf_counter()
-            logits, _ = net.forward(batch)
-            t2 = time.perf_counter()
-            if name == "fast":
-                timing["preprocess"] += t1 - t0
-                timing["network"] += t2 - t1
-            out.append(model.probability(logits).numpy())
-        probs[name] = np.concatenate(out)
-    per_image = {k: 1000 * v / len(files) for k, v in timing.items()}
-    return {"ms": per_image, "probs": probs}
+    return np.stack(images), {k: 1000 * v / len(files) for k, v in timing.items()}
+
+
+def network(model, images: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
+    """(ms per image of ``Model.score`` over batches of ``batch_size``, calibrated probabilities)."""
+    model.score(images[:batch_size])  # warm-up
+    seconds, out = 0.0, []
+    for i in range(0, len(images), batch_size):
+        start = time.perf_counter()
+        scores = model.score(images[i:i + batch_size])
+        seconds += time.perf_counter() - start
+        out.append(torch.sigmoid(scores.log_odds).numpy())
+    return 1000 * seconds / len(images), np.concatenate(out)
 
 
 def peak_rss(model_arg: str, files: list[Path], count: int, batch_size: int,
@@ -134,51 +134,68 @@ def peak_rss(model_arg: str, files: list[Path], count: int, batch_size: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / "runs" / "default"), help="run directory or model file")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="run directory or model file (default: bundled)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: the package's")
+    parser.add_argument("--limit", type=int, help="test images used (spread over both classes; default all 624)")
     parser.add_argument("--latency-images", type=int, default=100, help="images timed one at a time")
     parser.add_argument("--rss-files", type=int, default=10_000, help="0 skips the memory run")
-    parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 (the reference is float32)")
+    parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16: stages 1, 2, 3 and 5")
+    parser.add_argument("--no-precision-compare", action="store_true", help="skip stage 4 (float32 vs bfloat16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: --limit 8 --latency-images 4 --rss-files 16 unless given")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.limit = args.limit or 8
+        args.latency_images = min(args.latency_images, 4)
+        args.rss_files = min(args.rss_files, 16)
 
     from sklearn.metrics import roc_auc_score
 
     from pneumoscan import load_model
+    from pneumoscan.models import cpu_has_bf16
 
     model = load_model(args.model, precision=args.precision)
-    reference = load_model(args.model, precision="float32")
-    files, labels = test_files(Path(args.data))
-    print(f"model {model.name} ({model.meta['arch']}, {model.preprocessing.size} px, sha256 {model.sha256[:12]}); "
-          f"{len(files)} test images at original resolution; network on {model.runtime}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, load avg "
-          f"{os.getloadavg()[0]:.1f}\n")
+    files, labels = test_files(Path(args.data), args.limit)
+    print(f"model {model.name} ({model.record.arch}, {model.preprocessing.size} px, sha256 {model.sha256[:12]}, "
+          f"recorded precision {model.record.precision}); {len(files)} test images at original resolution; "
+          f"network on {model.runtime}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, native bf16 "
+          f"{'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"load avg {os.getloadavg()[0]:.1f}\n")
 
     median, p90 = latency(model, files, args.latency_images)
     print(f"batch 1   Model.predict(path): median {median:.1f} ms, p90 {p90:.1f} ms per image "
           f"({args.latency_images} images), {1000 / median:.1f} images/s")
-    rate, _ = throughput(model, files, args.batch_size)
+    rate = throughput(model, files, args.batch_size)
     print(f"batched   Model.predict_files(batch {args.batch_size}): {rate:.1f} images/s over {len(files)} images")
 
-    parts = breakdown(model, reference, files, args.batch_size)
-    ms = parts["ms"]
-    print(f"\nper image, sequential stages: decode {ms['decode_fast']:.1f} ms (JPEG draft) vs {ms['decode_full']:.1f} ms "
-          f"(full resolution); preprocess {ms['preprocess']:.1f} ms; network {ms['network']:.1f} ms "
-          f"(batch {args.batch_size})")
-    fast, full = parts["probs"]["fast"], parts["probs"]["full"]
-    auc_fast, auc_full = roc_auc_score(labels, fast), roc_auc_score(labels, full)
-    verdict = "OK" if abs(auc_fast - auc_full) < 0.002 else "TOO LARGE"
-    print(f"ROC AUC: draft decode + {model.precision} {auc_fast:.4f}, full decode + training resize + float32 "
-          f"{auc_full:.4f}, "
-          f"difference {auc_fast - auc_full:+.4f} ({verdict}; limit 0.002); "
-          f"max |probability difference| {np.abs(fast - full).max():.4f}, "
-          f"screening decisions changed {int(((fast >= model.thresholds['screening']) != (full >= model.thresholds['screening'])).sum())}")
+    images, ms = prepare_all(model, files)
+    net_ms, probs = network(model, images, args.batch_size)
+    print(f"\nper image, sequential stages: decode {ms['decode']:.1f} ms (full resolution); preprocess "
+          f"{ms['preprocess']:.1f} ms (resize + checks); network {net_ms:.1f} ms ({model.runtime}, "
+          f"batch {args.batch_size})")
+
+    if not args.no_precision_compare:
+        other = "bfloat16" if model.backend.precision == "float32" else "float32"
+        runs = {model.backend.precision: (net_ms, probs)}
+        runs[other] = network(load_model(args.model, precision=other), images, args.batch_size)
+        fp32, bf16 = runs["float32"][1], runs["bfloat16"][1]
+        screening = model.thresholds["screening"]
+        both = len(set(labels.tolist())) == 2
+        for name, (ms_net, p) in runs.items():
+            auc = f"ROC AUC {roc_auc_score(labels, p):.4f}" if both else "ROC AUC - (one class)"
+            print(f"precision {name:<8}  network {ms_net:.1f} ms per image, {auc}")
+        print(f"bfloat16 vs float32: max |probability difference| {np.abs(bf16 - fp32).max():.4f}, screening "
+              f"decisions changed {int(((bf16 >= screening) != (fp32 >= screening)).sum())} of {len(files)}"
+              + ("" if cpu_has_bf16() else " (no native bf16 on this CPU: bfloat16 is emulated, slower)"))
 
     if args.rss_files:
         rss, cli_rate, code = peak_rss(args.model, files, args.rss_files, args.batch_size, args.precision)
         print(f"\n`pneumoscan predict` over {args.rss_files} files (symlinks): peak RSS {rss:.0f} MiB, "
               f"{cli_rate:.1f} images/s including start-up, exit code {code}")
+        if code:
+            return 1
     return 0
 
 
