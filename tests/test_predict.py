@@ -423,3 +423,58 @@ def test_unknown_precision_is_a_clear_error(tiny_model_path, capsys):
     with pytest.raises(SystemExit):  # argparse: usage line and exit code 2
         main(["predict", "x.png", "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+# --- one bad file never costs the batch; an edited bundled model is refused --------------------------------
+
+def test_a_malformed_dicom_is_its_own_error_row_and_the_batch_goes_on(tiny_model, folder, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    bad = get_testdata_file("badVR.dcm")  # pydicom's own test file: NumberOfFrames '1A'
+    good = sorted(folder.rglob("*.png"))
+    rows = list(tiny_model.predict_files([good[0], bad, *good[1:]], batch_size=2))
+    assert [r.path for r in rows] == [str(good[0]), bad, *map(str, good[1:])]
+    assert rows[1].status == "error" and rows[1].message.startswith(f"{bad}: ") and "\n" not in rows[1].message
+    assert all(r.status == "ok" for i, r in enumerate(rows) if i != 1)
+
+
+def test_an_exception_from_any_decoder_becomes_that_files_row(tiny_model, folder, monkeypatch):
+    import pneumoscan.predict as predict_mod
+
+    original = predict_mod.decode
+
+    def flaky(source, **kwargs):
+        if str(source).endswith("b.png"):
+            raise RuntimeError("a decoder bug")
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "decode", flaky)
+    rows = {Path(r.path).name: r for r in tiny_model.predict_files(sorted(folder.rglob("*.*")))}
+    assert rows["b.png"].status == "error" and "RuntimeError: a decoder bug" in rows["b.png"].message
+    assert rows["a.jpeg"].status == "ok"
+
+
+def test_a_bundled_model_file_whose_header_was_edited_is_refused(tmp_path):
+    _default_model_or_skip()
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(DEFAULT_MODEL), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = json.loads(header["pneumoscan"])
+    meta["thresholds"]["screening"] += 0.5  # still a valid file, now a different operating point
+    edited = tmp_path / "default.safetensors"
+    save_file(tensors, str(edited), metadata={**header, "pneumoscan": json.dumps(meta)})
+    with pytest.raises(PneumoscanError, match="claims to be the bundled model pneumoscan-default but its sha256"):
+        load_model(edited)
+
+
+def test_the_bundled_sha256_known_to_the_code_is_the_shipped_files():
+    _default_model_or_skip()
+    from pneumoscan.modelfile import sha256_file
+    from pneumoscan.predict import BUNDLED_SHA256
+
+    assert sha256_file(DEFAULT_MODEL) == BUNDLED_SHA256
+    assert (DEFAULT_MODEL.parent / "default.sha256").read_text().split()[0] == BUNDLED_SHA256
