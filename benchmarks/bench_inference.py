@@ -1,13 +1,20 @@
-"""CPU inference speed of one model on every backend, on the same images, in one run; prints a markdown table.
+"""CPU inference speed of one model on every backend, on the same images, in one run; prints markdown tables.
 
-Network-only rows time the network on already preprocessed tensors (PyTorch eager fp32, channels_last, channels_last
-+ bf16 autocast where the CPU has bf16, onnxruntime fp32 and int8) at batch 1 (per-image latency) and batch 32.
-End-to-end rows time ``predict_files``: file -> decode -> resize -> network -> probability, batched.
+Backends: PyTorch float32, PyTorch bfloat16 (where the CPU has native bf16, or with --bf16), onnxruntime fp32 and
+onnxruntime int8 (static QDQ), each behind the same ``Backend.forward`` (uint8 batch -> logits, features).
+Network-only rows time ``backend.forward`` on already decoded and resized uint8 images at batch 1 (per-image
+latency) and batch --batch. End-to-end rows time ``Model.predict_files``: file -> decode -> checks -> network ->
+guard -> probability, batched. A second table counts each backend's statuses on the same files (ok, not_xray,
+out_of_distribution, error), and how many images the PyTorch float32 model accepts that another backend rejects:
+the int8 export refits the guard's limit on int8 features, so that count should be 0 on real X-rays.
 
-    nice -n 19 python benchmarks/bench_inference.py --model runs/default --images ../shared/data/chest_xray/test
+    nice -n 19 python benchmarks/bench_inference.py [--model MODEL] [--images ../shared/data/chest_xray/test]
+    python benchmarks/bench_inference.py --quick       (8 images, few calls: a smoke run, still exports ONNX)
 
-Reading test images here is fine: only speed is measured, nothing is chosen on them. The int8 model is calibrated
-on training images (``--calibration``), never on the images it is timed on.
+Reading test images here is fine: only speed and guard agreement are measured, nothing is chosen on them. The int8
+model is made as ``pneumoscan export --int8 --data DATA`` makes it (``export.int8_inputs``): calibrated on
+training images, its guard limit refitted on validation images (the run's, or DATA/val), never on the images
+it is timed on.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumoscan.predict import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "src" / "pneumoscan" / "weights" / "default.safetensors"
 DATA = ROOT.parent / "shared" / "data" / "chest_xray"
+STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
 
 
 def image_files(folder: Path, n: int) -> list[Path]:
@@ -52,148 +61,125 @@ def time_calls(fn, batches: list, warmup: int = 2) -> np.ndarray:
     return np.array(times)
 
 
-def batches_of(images: np.ndarray, size: int, count: int) -> list[np.ndarray]:
-    """``count`` batches of ``size`` images, cycling through the images."""
+def batches_of(images: np.ndarray, size: int, count: int) -> list[torch.Tensor]:
+    """``count`` uint8 batches of ``size`` images, cycling through the images."""
     index = np.arange(size * count) % len(images)
-    return [images[index[i * size : (i + 1) * size]] for i in range(count)]
+    return [torch.from_numpy(np.ascontiguousarray(images[index[i * size : (i + 1) * size]])) for i in range(count)]
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+def onnx_models(model, args, images: np.ndarray, workdir: Path) -> tuple[Path, Path, str]:
+    """(fp32 .onnx, int8 .onnx, how the int8 file was made): reused with --onnx, else exported here."""
+    from pneumoscan.export import export_onnx, int8_inputs, quantize_int8
 
-
-def torch_runner(model, *, channels_last: bool, bf16: bool):
-    from pneumoscan.models import logits_and_features
-
-    net = model.network.eval()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    prep = model.preprocessing
-
-    def prepare(batch: np.ndarray) -> torch.Tensor:
-        x = prep.normalize(torch.from_numpy(batch))
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    def run(x: torch.Tensor) -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits_and_features(net, x)
-
-    run.prepare = prepare
-    return run
-
-
-def onnx_runner(onnx_model):
-    def run(batch: np.ndarray) -> None:
-        onnx_model.session.run(None, {"image": batch})
-
-    def prepare(batch: np.ndarray) -> np.ndarray:
-        return onnx_model._feed(torch.from_numpy(batch))  # float [0, 1] (N, 1, S, S); the graph normalises
-
-    run.prepare = prepare
-    return run
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help=f"model file or run dir (default {DEFAULT_MODEL.relative_to(ROOT)})")
-    parser.add_argument("--images", default=str(DATA / "test"), help="folder of images to time on")
-    parser.add_argument(
-        "--calibration", default=str(DATA / "train"), help="training images for int8 calibration"
-    )
-    parser.add_argument(
-        "--onnx", help="reuse this exported fp32 .onnx (and its .int8.onnx) instead of exporting"
-    )
-    parser.add_argument("-n", type=int, default=256, help="images (default 256)")
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores"
-    )
-    parser.add_argument("--batches", type=int, default=8, help="timed batches of 32 (default 8)")
-    parser.add_argument("--single", type=int, default=64, help="timed batch-1 calls (default 64)")
-    args = parser.parse_args()
-
-    from pneumoscan import load_model
-    from pneumoscan.export import export_onnx, load_onnx_model, quantize_int8, read_images
-
-    model_path = args.model or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None)
-    if model_path is None:
-        sys.exit(f"bench_inference: {DEFAULT_MODEL} is missing: pass --model MODEL_FILE_OR_RUN_DIR")
-    torch.set_num_threads(args.threads)
-    model = load_model(model_path, precision="float32")
-    files = image_files(Path(args.images), args.n)
-    images, _ = read_images(files, model.preprocessing)  # uint8 (N, S, S), as predict_files decodes them
-
-    tmp = tempfile.TemporaryDirectory()
     if args.onnx:
         fp32_path = Path(args.onnx)
     else:
-        fp32_path = export_onnx(model, Path(tmp.name) / "model.onnx", images=images[:8]).path
+        fp32_path = export_onnx(model, workdir / "model.onnx", images=images[:8],
+                                checked_on=f"{min(8, len(images))} timed images").path
     int8_path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
-    if not int8_path.is_file():
-        calibration, _ = read_images(image_files(Path(args.calibration), 128), model.preprocessing)
-        int8_path = quantize_int8(
-            fp32_path,
-            Path(tmp.name) / "model.int8.onnx",
-            calibration=calibration,
-            val_images=images[:2],
-            val_labels=np.zeros(2, int),
-        ).path
-    onnx_fp32 = load_onnx_model(fp32_path, threads=args.threads)
-    onnx_int8 = load_onnx_model(int8_path, threads=args.threads)
+    if int8_path.is_file():
+        return fp32_path, int8_path, f"reused {int8_path}"
+    calibration, val_images, val_labels, where = int8_inputs(model, args.data)
+    calibration = calibration[: args.calibration_images]
+    result = quantize_int8(fp32_path, calibration=calibration, val_images=val_images, val_labels=val_labels,
+                           validated_on=where, out=workdir / "model.int8.onnx")
+    how = (f"{result.method} int8, calibrated on {len(calibration)} training images, guard limit refitted on "
+           f"{where}; validation AUC {result.auc_fp32:.4f} -> {result.auc_int8:.4f}, screening decisions "
+           f"changed {result.decisions_changed}, max |probability difference| {result.max_probability_diff:.3f}")
+    return fp32_path, result.path, how
 
-    runners = {
-        "PyTorch eager fp32": torch_runner(model, channels_last=False, bf16=False),
-        "PyTorch channels_last fp32": torch_runner(model, channels_last=True, bf16=False),
-    }
-    if cpu_has_bf16():
-        runners["PyTorch channels_last + bf16 autocast"] = torch_runner(model, channels_last=True, bf16=True)
-    runners["onnxruntime fp32"] = onnx_runner(onnx_fp32)
-    runners["onnxruntime int8"] = onnx_runner(onnx_int8)
 
-    rows = []
-    for name, run in runners.items():
-        for batch_size, count in ((1, args.single), (32, args.batches)):
-            batches = [run.prepare(b) for b in batches_of(images, batch_size, count)]
-            seconds = time_calls(run, batches)
-            rows.append(
-                (name, batch_size, batch_size / seconds.mean(), *np.percentile(seconds * 1e3, [50, 95]))
-            )
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model file or run dir (default: bundled)")
+    parser.add_argument("--images", default=str(DATA / "test"), help="folder of images to time on")
+    parser.add_argument("--data", default=str(DATA),
+                        help="data root for the int8 file's calibration (train) and guard refit (val), as "
+                             "`pneumoscan export --int8 --data`; a run directory as --model uses its own split")
+    parser.add_argument("--calibration-images", type=int, default=None,
+                        help="int8 calibration images (default: export's, 128)")
+    parser.add_argument("--onnx", help="reuse this exported fp32 .onnx (and its .int8.onnx) instead of exporting")
+    parser.add_argument("-n", type=int, default=256, help="images (default 256)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the batched rows (default 32)")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches of --batch (default 8)")
+    parser.add_argument("--single", type=int, default=64, help="timed batch-1 calls (default 64)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="time PyTorch bfloat16 even without native bf16 (emulated, slow)")
+    parser.add_argument("--backends", default="torch,onnx", help="torch, onnx or both (default both)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: -n 8 --batch 8 --batches 1 --single 2 --calibration-images 16")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.batch, args.batches, args.single = min(args.n, 8), min(args.batch, 8), 1, min(args.single, 2)
+        args.calibration_images = args.calibration_images or 16
+    kinds = {k.strip() for k in args.backends.split(",") if k.strip()}
+    if not kinds or kinds - {"torch", "onnx"}:
+        parser.error(f"--backends: torch, onnx or both, got {args.backends!r}")
 
-    # a fresh PyTorch model: the network-only rows above converted theirs to channels_last in place
-    end_to_end = (
-        ("PyTorch channels_last fp32", load_model(model_path, precision="float32")),
-        *((("PyTorch channels_last + bf16 autocast", load_model(model_path, precision="bfloat16")),)
-          if cpu_has_bf16() else ()),
-        ("onnxruntime fp32", onnx_fp32),
-        ("onnxruntime int8", onnx_int8),
-    )
-    for name, m in end_to_end:
-        list(m.predict_files(files[:32], batch_size=32))  # warm-up: thread pool, first-call allocations
-        start = time.perf_counter()
-        statuses = [p.status for p in m.predict_files(files, batch_size=32)]
-        rate = len(statuses) / (time.perf_counter() - start)
-        rows.append((f"end to end, {name} ({statuses.count('ok')} ok)", 32, rate, float("nan"), float("nan")))
+    from pneumoscan import load_model
+    from pneumoscan.export import read_images
+    from pneumoscan.models import cpu_has_bf16
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, precision="float32")
+    files = image_files(Path(args.images), args.n)
+    images, _ = read_images(files, model.preprocessing)  # uint8 (N, S, S), as predict_files decodes them
+
+    models: dict[str, object] = {}
+    int8_how = ""
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
+        if "torch" in kinds:
+            models["PyTorch float32"] = model
+            if cpu_has_bf16() or args.bf16:
+                models["PyTorch bfloat16"] = load_model(args.model, precision="bfloat16")
+        if "onnx" in kinds:
+            from pneumoscan.export import load_onnx_model
+
+            fp32_path, int8_path, int8_how = onnx_models(model, args, images, Path(tmp))
+            models["onnxruntime fp32"] = load_onnx_model(fp32_path, threads=args.threads)
+            models["onnxruntime int8"] = load_onnx_model(int8_path, threads=args.threads)
+
+        rows = []
+        for name, m in models.items():
+            for batch_size, count in ((1, args.single), (args.batch, args.batches)):
+                seconds = time_calls(m.backend.forward, batches_of(images, batch_size, count))
+                rows.append((name, batch_size, batch_size / seconds.mean(), *np.percentile(seconds * 1e3, [50, 95])))
+
+        statuses: dict[str, list[str]] = {}
+        for name, m in models.items():
+            list(m.predict_files(files[: args.batch], batch_size=args.batch))  # warm-up: thread pool, allocations
+            start = time.perf_counter()
+            statuses[name] = [p.status for p in m.predict_files(files, batch_size=args.batch)]
+            rate = len(files) / (time.perf_counter() - start)
+            rows.append((f"end to end, {name}", args.batch, rate, float("nan"), float("nan")))
 
     size = model.preprocessing.size
-    print(
-        f"model {model.name} ({model.meta['arch']}, {size}x{size}, sha256 {model.sha256[:12]}); "
-        f"{len(files)} images from {args.images}"
-    )
-    print(
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-        f"onnxruntime {__import__('onnxruntime').__version__}, bf16 {'yes' if cpu_has_bf16() else 'no'}, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
+    print(f"model {model.name} ({model.record.arch}, {size}x{size}, sha256 {model.sha256[:12]}); "
+          f"{len(files)} images from {args.images}")
+    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"onnxruntime {__import__('onnxruntime').__version__}, native bf16 {'yes' if cpu_has_bf16() else 'no'}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if int8_how:
+        print(f"int8 file: {int8_how}")
     print()
     print("| backend | batch | images/s | p50 ms/batch | p95 ms/batch |")
     print("|---|---:|---:|---:|---:|")
     for name, batch, rate, p50, p95 in rows:
         lat = "| - | - |" if np.isnan(p50) else f"| {p50:.1f} | {p95:.1f} |"
         print(f"| {name} | {batch} | {rate:.1f} {lat}")
-    tmp.cleanup()
+
+    reference = next(iter(statuses))
+    print(f"\nstatuses on the same {len(files)} files (rejected vs {reference}: accepted there, not here)\n")
+    print("| backend | guard limit | " + " | ".join(STATUSES) + f" | rejected vs {reference} |")
+    print("|---|---:|" + "---:|" * (len(STATUSES) + 1))
+    for name, found in statuses.items():
+        guard = models[name].guard
+        limit = f"{guard.threshold:.3f}" if guard is not None else "-"
+        lost = sum(r == "ok" and s != "ok" for r, s in zip(statuses[reference], found, strict=True))
+        print(f"| {name} | {limit} | " + " | ".join(str(found.count(s)) for s in STATUSES) + f" | {lost} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
