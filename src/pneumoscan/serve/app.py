@@ -4,18 +4,26 @@ Why the upload is parsed by hand: Starlette's form parser spools any size of fil
 sees it, so a 1 GB upload would cost a 1 GB temporary file. Here the multipart body is streamed through
 python-multipart chunk by chunk and refused (413) the moment the file passes the limit; nothing bigger than the
 limit is ever held. The file type is sniffed from its first bytes (the client's filename and content type are
-only labels), decoding and the network run in worker threads behind a limiter so the event loop keeps answering,
-and every failure is ``{"error": "<one line>"}`` with the matching status code.
+only labels), decoding runs in worker threads behind a limiter so the event loop keeps answering, and the network
+runs in one more thread, the batcher (``batching.py``), which scores the images of concurrent requests together.
+Every failure is ``{"error": "<one line>"}`` with the matching status code.
+
+Around every request (``_Service``, plain ASGI): a request id (``X-Request-ID``), the API key check on ``/v1/`` and
+``/metrics`` when keys are on (``auth.py``), one audit line (``audit.py``) and the Prometheus figures
+(``metrics.py``).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +33,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
@@ -34,6 +42,10 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import PneumoscanError
+from .audit import AuditLog
+from .auth import KeyStore
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, Batcher
+from .metrics import Metrics, route_label
 
 logger = logging.getLogger("pneumoscan.serve")
 
@@ -42,6 +54,8 @@ DEFAULT_MAX_UPLOAD = 20 * 2**20
 MULTIPART_SLACK = 64 * 1024  # part headers, boundaries and small extra fields on top of the file itself
 MAX_PARTS = 16
 DISPLAY_SIZE = 1024  # longest side of the preview and heatmap PNGs
+DEFAULT_MAX_PENDING = 32
+DEFAULT_CONCURRENCY = 2
 
 # The messages clients see; tests assert them verbatim.
 EMPTY_BODY = "empty request body: send multipart/form-data with the image in a field named 'file'"
@@ -60,6 +74,8 @@ SLOW_UPLOAD = "upload not received within {seconds:g} s"
 BUSY = "server busy: too many requests in progress, retry shortly"
 NO_HEATMAP = "heatmaps need the torch backend (Grad-CAM runs on the PyTorch network); this server has none"
 INTERNAL = "internal server error"
+KEY_MISSING = "missing API key: send the header 'Authorization: Bearer KEY'"
+KEY_INVALID = "invalid API key"
 
 
 class HTTPError(Exception):
@@ -226,19 +242,27 @@ def _gray(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
 
 
-def _screen(model, upload: Upload, threshold: str, heatmap: bool, preview: bool) -> dict:
-    """Decode, predict and explain one upload; runs in a worker thread (blocking, CPU-bound).
+@dataclass
+class _Prepared:
+    decoded: object  # DecodedImage
+    small: np.ndarray  # uint8 (S, S) network input
+    reason: str | None  # why the checks say it is no frontal chest X-ray
+    seconds: float
 
-    The upload goes through the same ``decode`` and ``Model.predict`` as every other route, header and image
-    checks included.
-    """
-    timing: dict[str, float] = {}
+
+def _prepare(model, upload: Upload, audit: dict) -> _Prepared:
+    """Decode and prepare one upload (worker thread; blocking, CPU-bound): the same ``decode`` and ``prepare`` as
+    ``Model.predict``, header and image checks included. The network call is the batcher's."""
     start = time.perf_counter()
+    audit["upload_sha256"] = hashlib.sha256(upload.data).hexdigest()
     decoded = model.decode(upload.data, upload.filename)
-    timing["decode"] = time.perf_counter() - start
-    start = time.perf_counter()
-    pred = model.predict(decoded, threshold=threshold)
-    timing["inference"] = time.perf_counter() - start
+    small, reason = model.prepare(decoded)
+    return _Prepared(decoded, small, reason, time.perf_counter() - start)
+
+
+def _extras(model, decoded, pred, heatmap: bool, preview: bool) -> tuple[dict, dict]:
+    """The heatmap and the preview PNGs a request asked for (worker thread)."""
+    timing: dict[str, float] = {}
     extra: dict[str, str | None] = {}
     if heatmap:
         start = time.perf_counter()
@@ -253,7 +277,7 @@ def _screen(model, upload: Upload, threshold: str, heatmap: bool, preview: bool)
         from ..explain import display_copy
 
         extra["image_png_base64"] = _png_base64(_gray(display_copy(decoded.pixels, DISPLAY_SIZE)))
-    return {"prediction": pred, "timing": timing, "extra": extra}
+    return timing, extra
 
 
 def _ordered(thresholds: dict[str, float]) -> dict[str, float]:
@@ -298,6 +322,85 @@ class _SecurityHeaders:
             await send(message)
 
         return await self.app(scope, receive, send_with_headers)
+
+
+def _protected(path: str) -> bool:
+    return path == "/metrics" or path == "/v1" or path.startswith("/v1/")
+
+
+class _Service:
+    """Plain ASGI middleware around every HTTP request: request id, API key check, audit line, metrics.
+
+    The key is checked before the app sees the request, so an unauthenticated upload is refused unread. Handlers
+    add what they learn (upload digest, prediction) to ``scope["pneumoscan.audit"]``; the line is written when the
+    response is done, whatever happened, and a failure to write it never reaches the client.
+    """
+
+    def __init__(self, app, *, keys: KeyStore | None, audit: AuditLog | None, metrics: Metrics, model_sha256: str):
+        self.app = app
+        self.keys = keys
+        self.audit = audit
+        self.metrics = metrics
+        self.model_sha256 = model_sha256
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        path = scope.get("path", "")
+        client = scope.get("client")
+        entry = {"time": time.time(), "request_id": request_id, "method": scope.get("method"),
+                 "route": route_label(path), "key": None, "client": client[0] if client else None,
+                 "model_sha256": self.model_sha256}
+        scope["pneumoscan.audit"] = entry
+        status: list[int | None] = [None]
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode("ascii"))]}
+            await send(message)
+
+        try:
+            if self.keys is not None and _protected(path):
+                header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"),
+                              None)
+                name = self.keys.identify(header)
+                if name is None:
+                    missing = not header
+                    self.metrics.unauthorized.labels("missing" if missing else "invalid").inc()
+                    challenge = 'Bearer realm="pneumoscan"' + ("" if missing else ', error="invalid_token"')
+                    await _send_json(send_tagged, 401, {"error": KEY_MISSING if missing else KEY_INVALID},
+                                     {"www-authenticate": challenge, "cache-control": "no-store"})
+                    return
+                entry["key"] = name
+            await self.app(scope, receive, send_tagged)
+        except Exception:
+            if status[0] is None:
+                status[0] = 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            entry["status"] = status[0]
+            entry["latency_ms"] = round(elapsed * 1000.0, 2)
+            route = entry["route"]
+            try:
+                self.metrics.requests.labels(route, str(status[0] or "none")).inc()
+                self.metrics.latency.labels(route).observe(elapsed)
+            except Exception:  # noqa: BLE001 (figures are best effort too)
+                logger.exception("pneumoscan: metrics update failed")
+            if self.audit is not None:
+                self.audit.write(entry)
+
+
+async def _send_json(send, status: int, body: dict, headers: dict[str, str]) -> None:
+    data = json.dumps(body).encode("utf-8")
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode("ascii")),
+           *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
 
 
 _PREDICT_OPENAPI = {
@@ -372,15 +475,30 @@ def create_app(
     model,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    max_concurrency: int = 2,
-    max_pending: int = 32,
+    max_concurrency: int = DEFAULT_CONCURRENCY,
+    max_pending: int = DEFAULT_MAX_PENDING,
     upload_timeout: float = 60.0,
+    batch_window_ms: float = DEFAULT_WINDOW_MS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    api_keys: KeyStore | str | Path | None = None,
+    audit_log: AuditLog | str | Path | None = None,
 ) -> FastAPI:
     """The service around one already-loaded model (loaded once by the caller, shared by all requests).
 
-    ``max_concurrency`` bounds simultaneous decode + inference threads; ``max_pending`` bounds requests being
-    uploaded or waiting (each may hold up to ``max_upload_bytes``), beyond which the answer is 503.
+    ``max_concurrency`` bounds simultaneous decoding threads; the network runs in one batcher thread that scores
+    the images arriving within ``batch_window_ms`` of each other together, up to ``max_batch`` per call.
+    ``max_pending`` bounds screening requests in progress (uploading, decoding, queued for the network; each may
+    hold up to ``max_upload_bytes``), beyond which the answer is 503 with Retry-After. ``api_keys`` (a key file or
+    a ``KeyStore``) makes ``/v1/`` and ``/metrics`` require ``Authorization: Bearer KEY``; ``audit_log`` (a file
+    or an ``AuditLog``) gets one JSON line per request.
     """
+    if max_pending < 1 or max_concurrency < 1:
+        raise PneumoscanError("max_pending and max_concurrency must be at least 1")
+    keys = KeyStore(api_keys) if isinstance(api_keys, (str, Path)) else api_keys
+    batching = {"batch_window_ms": batch_window_ms, "max_batch": max_batch}
+    metrics = Metrics(model, batching=batching)
+    audit = AuditLog(audit_log, on_failure=metrics.audit_failures.inc) \
+        if isinstance(audit_log, (str, Path)) else audit_log
     app = FastAPI(
         title="pneumoscan",
         version=__version__,
@@ -390,8 +508,12 @@ def create_app(
     )
     limiter = anyio.CapacityLimiter(max_concurrency)
     heatmap_ok = model.backend.gradcam
-    pending = 0
+    pending = 0  # screening requests admitted and not yet answered
+    incoming = 0  # of those, the ones whose image has not reached the batcher yet
+    batcher = Batcher(model, window_s=batch_window_ms / 1000.0, max_batch=max_batch, incoming=lambda: incoming,
+                      metrics=metrics)
     model_ref = {"name": model.name, "sha256": model.sha256}
+    app.state.batcher, app.state.metrics, app.state.audit, app.state.keys = batcher, metrics, audit, keys
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
@@ -432,6 +554,7 @@ def create_app(
             runtime=model.runtime,
             heatmap=heatmap_ok,
             max_upload_bytes=max_upload_bytes,
+            batching={**batching, "max_pending": max_pending},
             model_card="/v1/model/card" if bundled_model_card(model) is not None else None,
         )
         return info
@@ -452,17 +575,22 @@ def create_app(
         heatmap: bool = Query(False, description="add a Grad-CAM overlay as heatmap_png_base64"),
         preview: bool = Query(False, description="add the decoded image as image_png_base64 (for display)"),
     ) -> JSONResponse:
-        nonlocal pending
+        nonlocal pending, incoming
         started = time.perf_counter()
+        audit = request.scope.get("pneumoscan.audit", {})
         try:
-            model.resolve_threshold(threshold)
+            op = model.resolve_threshold(threshold)
         except PneumoscanError as exc:
             raise HTTPError(422, str(exc)) from None
         if heatmap and not heatmap_ok:
             raise HTTPError(501, NO_HEATMAP)
         if pending >= max_pending:
+            metrics.rejected.inc()
             raise HTTPError(503, BUSY, headers={"Retry-After": "1"})
         pending += 1
+        incoming += 1
+        metrics.in_progress.inc()
+        waiting = True  # counted in ``incoming`` until the image is handed to the batcher
         try:
             try:
                 with anyio.fail_after(upload_timeout):
@@ -470,20 +598,47 @@ def create_app(
             except TimeoutError:
                 raise HTTPError(408, SLOW_UPLOAD.format(seconds=upload_timeout)) from None
             uploaded = time.perf_counter()
+            audit["upload_bytes"] = len(upload.data)
             if sniff(upload.data) is None:
+                audit["upload_sha256"] = hashlib.sha256(upload.data).hexdigest()
                 raise HTTPError(415, NOT_AN_IMAGE.format(name=upload.filename))
-            work = partial(_screen, model, upload, threshold, heatmap, preview)
             try:
-                result = await anyio.to_thread.run_sync(work, limiter=limiter)
+                prepared = await anyio.to_thread.run_sync(partial(_prepare, model, upload, audit), limiter=limiter)
             except PneumoscanError as exc:  # ImageReadError and its kin: the input's fault, one line
+                metrics.predictions.labels("error").inc()
                 raise HTTPError(422, str(exc).splitlines()[0]) from None
             except Exception:
-                logger.exception("prediction failed for %s", upload.filename)
+                logger.exception("decoding failed for request %s", audit.get("request_id"))
                 raise HTTPError(500, INTERNAL) from None
+            incoming -= 1
+            waiting = False
+            queued = time.perf_counter()
+            try:
+                scored = await batcher.score(prepared.small)
+            except Exception:
+                logger.exception("scoring failed for request %s", audit.get("request_id"))
+                raise HTTPError(500, INTERNAL) from None
+            pred = model.result(prepared.decoded.name, scored.logits, scored.guard, op, prepared.reason)
+            timing = {"upload": uploaded - started, "decode": prepared.seconds,
+                      "inference": time.perf_counter() - queued}
+            extra: dict = {}
+            if heatmap or preview:
+                work = partial(_extras, model, prepared.decoded, pred, heatmap, preview)
+                try:
+                    more, extra = await anyio.to_thread.run_sync(work, limiter=limiter)
+                except Exception:
+                    logger.exception("heatmap or preview failed for request %s", audit.get("request_id"))
+                    raise HTTPError(500, INTERNAL) from None
+                timing.update(more)
         finally:
             pending -= 1
-        pred = result["prediction"]
-        timing = {"upload": uploaded - started, **result["timing"], "total": time.perf_counter() - started}
+            if waiting:
+                incoming -= 1
+            metrics.in_progress.dec()
+        metrics.predictions.labels(pred.status).inc()
+        audit.update(prediction=pred.status, probability=pred.probability, decision=pred.decision,
+                     operating_point=pred.operating_point, threshold=pred.threshold)
+        timing["total"] = time.perf_counter() - started
         decisions = None
         if pred.status == "ok":
             decisions = {
@@ -503,16 +658,23 @@ def create_app(
             "guard_score": pred.guard_score,
             "model": model_ref,
             "timing_ms": {k: round(v * 1000.0, 2) for k, v in timing.items()},
-            **result["extra"],
+            "batch_size": scored.batch_size,
+            "request_id": audit.get("request_id"),
+            **extra,
         }
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_Service, keys=keys, audit=audit, metrics=metrics, model_sha256=model.sha256)
+    app.add_middleware(_SecurityHeaders)  # outermost: on every response, the 401s of _Service too
     return app
 
 
