@@ -40,8 +40,14 @@ from pneumoscan.data.cache import decode_cache
 from pneumoscan.data.layout import CLASSES, Sample, list_split, patient_split
 from pneumoscan.metrics import roc_auc
 from pneumoscan.models import arch_spec, create_model, freeze_stages
-from pneumoscan.preprocess import Preprocessing
-from pneumoscan.train import CachedImages, _lr_at, epoch_indices, infer, setup_runtime
+from pneumoscan.train import (
+    CachedImages,
+    epoch_indices,
+    lr_at,
+    preprocessing_for,
+    score_images,
+    setup_runtime,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,8 +120,7 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> Arm
     result = ArmResult("pneumoscan")
     torch.manual_seed(cfg.seed)
     rt = setup_runtime(cfg.amp)
-    spec = arch_spec(cfg.arch)
-    prep = Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std)
+    prep = preprocessing_for(cfg)
     val_x, val_kept, _ = decode_cache(val_s, prep, desc="decode val subset", progress=False)
     val_y = np.array([s.label for s in val_kept])
 
@@ -128,7 +133,7 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> Arm
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss()
     dataset = CachedImages(train_x, train_y, build_augment(cfg.augment, prep.size))
     steps_per_epoch = max(1, len(train_y) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -143,7 +148,7 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> Arm
             module.eval()
 
     def evaluate() -> float:
-        logits, _ = infer(net, val_x, prep, rt, amp=True, channels_last=cfg.channels_last)
+        logits, _ = score_images(net, prep, val_x)  # as fit() validates: the one scoring function, float32
         set_train_mode()
         return roc_auc(val_y, softmax_pneumonia(logits))
 
@@ -155,7 +160,7 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> Arm
         set_train_mode()
         t = time.perf_counter()
         for step, (x, y) in enumerate(loader):
-            lr = _lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr)
+            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             x = prep.normalize(x)

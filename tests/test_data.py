@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from pneumoscan.data.layout import (
     list_split,
     patient_id,
     patient_split,
-    read_split,
-    write_split,
 )
 
 
@@ -131,12 +128,3 @@ def test_folds_are_a_patient_grouped_k_fold_whose_validation_sets_cover_train_on
     assert patient_split(samples, 0.2, seed=0, fold=0) == patient_split(samples, 0.2, seed=0)  # runs before folds
     with pytest.raises(ValueError, match="fold must be in 0..4"):
         patient_split(samples, 0.2, seed=0, fold=5)
-
-
-def test_split_csv_round_trip(tmp_path):
-    train, val = patient_split(synthetic_samples(), 0.2, seed=0)
-    write_split(tmp_path / "split.csv", train, val)
-    assert read_split(tmp_path / "split.csv") == (train, val)
-    assert not list(tmp_path.glob("*.tmp"))
-    assert Counter(line.rsplit(",", 1)[1] for line in (tmp_path / "split.csv").read_text().splitlines()[1:]) == \
-        {"train": len(train), "val": len(val)}

@@ -1,4 +1,5 @@
-"""The MedMNIST .npz source: reading and checking the file, training on its official split, evaluating."""
+"""The MedMNIST .npz source: reading and checking the file, training on its official split, evaluating and
+exporting from its run folder."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pneumoscan import load_model
 from pneumoscan.cli import main
 from pneumoscan.data import medmnist
 from pneumoscan.preprocess import Preprocessing
+from pneumoscan.run import RunFolder
 
 SIZES = {"train": 40, "val": 20, "test": 20}
 
@@ -94,18 +96,19 @@ def test_cli_train_with_missing_key_prints_one_line_and_exit_2(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_train_on_official_split_then_evaluate_test(tiny_npz, tmp_path, capsys):
+def test_train_on_official_split_then_evaluate_test(tiny_npz, tmp_path, capsys, monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text("image_size: 32\nbatch_size: 8\nepochs: 1\npretrained: none\n")
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_npz), "--out", str(run), "--config", str(config), "--quiet"]) == 0
 
     model = load_model(run)
-    training = model.meta["training"]
+    training = model.record.training
     assert (training["train_images"], training["val_images"]) == (40, 20)  # the official split, untouched
-    assert training["train_counts"] == [20, 20] and model.meta["preprocessing"]["size"] == 32
-    split_rows = (run / "split.csv").read_text().splitlines()
-    assert split_rows[0] == "source,index,label,subset" and len(split_rows) == 1 + 40 + 20
+    assert training["train_counts"] == [20, 20] and model.preprocessing.size == 32
+    train, val = RunFolder(run).split()
+    assert (len(train), len(val)) == (40, 20) and RunFolder(run).source().root == tiny_npz.resolve()
+    assert "# source: medmnist" in (run / "split.csv").read_text() and train[3].path == tiny_npz.resolve() / "train/3"
 
     capsys.readouterr()
     json_path = tmp_path / "eval.json"
@@ -114,3 +117,20 @@ def test_train_on_official_split_then_evaluate_test(tiny_npz, tmp_path, capsys):
     assert "test split: 20 images" in capsys.readouterr().out
     figures = json.loads(json_path.read_text())
     assert figures["n"] == 20 and 0.0 <= figures["auc"] <= 1.0
+
+    # every command that reads the run works from another directory; export's int8 inputs once failed with
+    # KeyError: 'path' on a MedMNIST run
+    from pneumoscan.evaluate import evaluate
+    from pneumoscan.export import check_images, int8_inputs
+
+    monkeypatch.chdir(tmp_path.parent)
+    model = load_model(run, precision="float32")
+    result = evaluate(model, tiny_npz, "validation")
+    assert result.n == 20 and result.auc == pytest.approx(training_auc(run), abs=1e-6)
+    calibration, images, labels, source = int8_inputs(model, None)
+    assert calibration.shape == (40, 32, 32) and images.shape == (20, 32, 32) and len(labels) == 20
+    assert "split.csv" in source and len(check_images(model, None)[0]) == 20
+
+
+def training_auc(run: Path) -> float:
+    return load_model(run).record.validation["auc"]

@@ -1,21 +1,17 @@
-"""Preprocessing.standardize and .equalize: per-image intensity standardisation removes exposure and contrast
-differences, histogram equalisation gamma too; both are saved with the model and stay finite on degenerate
-images."""
+"""Preprocessing.standardize: per-image intensity standardisation removes exposure and contrast differences, is
+saved with the model and stays finite on degenerate images. Removed options (equalize, standardize_region) load
+from old model files only at their neutral values."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import synthetic_xray
 
 from pneumoscan.preprocess import Preprocessing
-
-
-def _u8(x: torch.Tensor) -> torch.Tensor:
-    """Back to 256 gray levels, the levels histogram equalisation works on."""
-    return (x * 255).round().to(torch.uint8)
 
 
 @pytest.fixture
@@ -46,47 +42,16 @@ def test_uint8_and_float_inputs_standardize_alike(image):
     assert (prep.normalize(as_uint8) - prep.normalize(as_uint8.float() / 255)).abs().max() < 1e-5
 
 
-def test_equalize_also_removes_a_gamma_difference(image):
-    gamma = image.pow(1.5)  # a monotone, non-linear change of the film's response
-    standardized = Preprocessing(size=32, standardize=(0.5, 0.25))
-    equalized = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True)
-    gap_standardized = (standardized.normalize(_u8(image)) - standardized.normalize(_u8(gamma))).abs().mean()
-    gap_equalized = (equalized.normalize(_u8(image)) - equalized.normalize(_u8(gamma))).abs().mean()
-    assert gap_equalized < gap_standardized / 3
-
-
-def test_equalize_works_per_image_in_a_batch(image):
-    prep = Preprocessing(size=32, equalize=True)
-    pair = torch.cat([image, image * 0.5])
-    assert (prep.normalize(pair)[1] - prep.normalize(image * 0.5)[0]).abs().max() < 1e-6
-
-
-def test_standardize_region_ignores_borders_and_labels_at_the_edges(image):
-    framed = image.clone()
-    framed[..., :3, :] = 1.0  # a burnt-in white label strip and a black collimation edge
-    framed[..., :, -3:] = 0.0
-    centre = slice(5, 27)
-    for region, moved in ((0.7, False), (1.0, True)):
-        prep = Preprocessing(size=32, standardize=(0.5, 0.25), standardize_region=region)
-        gap = (prep.normalize(image) - prep.normalize(framed))[..., centre, centre].abs().max()
-        assert (gap > 1e-2) == moved, region
-
-
-def test_standardize_region_outside_zero_to_one_is_refused():
-    with pytest.raises(ValueError, match="standardize_region"):
-        Preprocessing(standardize=(0.5, 0.25), standardize_region=0.0)
-
-
 def test_standardize_keeps_a_blank_image_finite():
-    prep = Preprocessing(size=8, standardize=(0.5, 0.25), equalize=True)
+    prep = Preprocessing(size=8, standardize=(0.5, 0.25))
     assert torch.isfinite(prep.normalize(torch.zeros(2, 8, 8, dtype=torch.uint8))).all()
 
 
 def test_standardize_is_saved_with_the_model_and_read_back():
-    prep = Preprocessing(size=32, standardize=(0.5, 0.25), equalize=True, standardize_region=0.7)
+    prep = Preprocessing(size=32, standardize=(0.5, 0.25))
     assert Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict()))) == prep
-    old = Preprocessing.from_dict({"size": 32})  # model files written before the keys
-    assert old.standardize is None and not old.equalize and old.standardize_region == 1.0
+    old = Preprocessing.from_dict({"size": 32})  # model files written before the key
+    assert old.standardize is None
 
 
 def test_standardize_with_a_nonpositive_spread_is_refused():
@@ -94,6 +59,23 @@ def test_standardize_with_a_nonpositive_spread_is_refused():
         Preprocessing(standardize=(0.5, 0.0))
 
 
-def test_standardize_region_without_standardize_is_refused_not_ignored():
-    with pytest.raises(ValueError, match="standardize_region only applies with standardize"):
-        Preprocessing(size=32, standardize_region=0.7)
+def test_removed_options_recorded_at_their_neutral_value_load_and_are_dropped():
+    recorded = {"size": 32, "standardize": [0.5, 0.25], "equalize": False, "standardize_region": 1.0}
+    assert Preprocessing.from_dict(recorded) == Preprocessing(size=32, standardize=(0.5, 0.25))
+    assert "equalize" not in Preprocessing().to_dict() and "standardize_region" not in Preprocessing().to_dict()
+
+
+@pytest.mark.parametrize(("key", "value"), [("equalize", True), ("standardize_region", 0.7)])
+def test_a_model_file_trained_with_a_removed_option_is_refused_in_one_line(key, value):
+    from pneumoscan.errors import PneumoscanError
+
+    with pytest.raises(PneumoscanError, match=rf"^preprocessing: {key} was removed .*git checkout [0-9a-f]{{7}}"):
+        Preprocessing.from_dict({"size": 32, "standardize": [0.5, 0.25], key: value})
+
+
+def test_the_bundled_model_file_still_loads_with_its_recorded_preprocessing():
+    from pneumoscan.modelfile import read_model_file
+
+    meta = read_model_file(Path(__file__).parents[1] / "src/pneumoscan/weights/default.safetensors")[1]
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    assert prep.size == 224 and prep.standardize == (0.5, 0.25)

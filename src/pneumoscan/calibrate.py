@@ -49,7 +49,11 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
     result = optimize.minimize(nll, x0=np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
     log_t, bias = result.x
-    return float(np.exp(np.clip(log_t, np.log(0.05), np.log(20.0)))), float(bias)
+    bounded = float(np.clip(log_t, np.log(0.05), np.log(20.0)))
+    if bounded != log_t:  # perfectly separated validation runs T to 0; the bias must fit the temperature kept
+        bias = optimize.minimize_scalar(lambda b: nll(np.array([bounded, b])), bounds=(-1e3, 1e3),
+                                        method="bounded").x
+    return float(np.exp(bounded)), float(bias)
 
 
 def prior_shift(fitted_prevalence: float, prevalence: float) -> float:

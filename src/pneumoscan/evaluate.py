@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import medmnist
-from .data.layout import list_split, read_split
+from .data.layout import list_split
+from .data.sources import FolderSource, MedMNISTSource, open_source
 from .errors import PneumoscanError
 from .metrics import (
     OperatingPoint,
@@ -20,6 +20,7 @@ from .metrics import (
     roc_auc,
 )
 from .predict import BATCH_SIZE, Model
+from .run import RunFolder
 
 
 class EvaluationError(PneumoscanError):
@@ -69,10 +70,12 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     Unreadable images are listed in ``errors`` and left out of the figures; guard rejections are counted but
     still scored, so the figures describe the classifier and the guard is measured on its own.
     """
-    if medmnist.is_npz(data_dir):
-        labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
-    else:
+    run = RunFolder.of_model(model.path) if split == VALIDATION else None
+    source = run.source() if run is not None else open_source(data_dir)
+    if isinstance(source, FolderSource):  # files go through the prediction path, its image checks included
         labels, logits, scores, errors = _score_folder(model, data_dir, split, batch_size, tta)
+    else:
+        labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
     if not labels:
         raise EvaluationError(f"{data_dir}: no readable image in the {split} split ({len(errors)} unreadable)")
     y = np.array(labels)
@@ -91,12 +94,12 @@ VALIDATION = "validation"  # the run's own patient-grouped validation split (spl
 
 
 def _validation_samples(model: Model) -> list:
-    """The validation subset the model's thresholds and calibration were chosen on, from its run directory."""
-    split_file = model.path.parent / "split.csv"
-    if not split_file.is_file():
+    """The validation subset the model's thresholds and calibration were chosen on, from its run folder."""
+    run = RunFolder.of_model(model.path)
+    if run is None:
         raise EvaluationError(f"{model.path}: --split {VALIDATION} needs the model's run directory (no split.csv "
                               "beside the model file)")
-    return read_split(split_file)[1]
+    return run.split()[1]
 
 
 def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
@@ -115,14 +118,18 @@ def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool
 
 
 def _score_npz(model: Model, path, split: str, batch_size: int, tta: bool):
-    """The same for one official split of a MedMNIST .npz, resized by the model's own Preprocessing."""
-    images, labels = medmnist.load_split(path, split, model.preprocessing)
+    """The same for a source held as arrays (a MedMNIST .npz): an official split, or the run's validation split,
+    resized by the model's own Preprocessing."""
+    if split == VALIDATION:
+        images, labels = validation_images(model)
+    else:
+        cache = open_source(path).images(split, model.preprocessing)
+        images, labels = cache.images, cache.labels
     logits, scores = [], []
     for start in range(0, len(images), batch_size):
-        batch = model.preprocessing.normalize(torch.from_numpy(images[start:start + batch_size]))
-        out, score = model.forward(batch, tta=tta)
-        logits += list(out)
-        scores += score.tolist()
+        scored = model.score(torch.from_numpy(images[start:start + batch_size]), tta=tta)
+        logits += list(scored.logits)
+        scores += scored.guard.tolist()
     return labels.tolist(), logits, scores, []
 
 
@@ -197,12 +204,14 @@ def evaluate_shifts(model: Model, images: np.ndarray, labels: np.ndarray, *,
 
 
 def validation_images(model: Model, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 network inputs and labels of the model's own validation split (run directory's split.csv, or the
-    official val split of a MedMNIST .npz)."""
-    from .data.cache import decode_cache
-
-    if data_dir is not None and medmnist.is_npz(data_dir):
-        images, labels = medmnist.load_split(data_dir, "val", model.preprocessing)
-        return images, labels
-    images, samples, _ = decode_cache(_validation_samples(model), model.preprocessing, progress=False)
-    return images, np.array([s.label for s in samples])
+    """uint8 network inputs and labels of the model's own validation split (its run folder's split.csv, found from
+    any working directory), or the official val split of a MedMNIST .npz given as ``data_dir``."""
+    source = open_source(data_dir) if data_dir is not None else None
+    if isinstance(source, MedMNISTSource):
+        cache = source.images("val", model.preprocessing)
+        return cache.images, cache.labels
+    run = RunFolder.of_model(model.path)
+    if run is None:
+        raise EvaluationError(f"{model.path}: the validation split needs the model's run directory (no split.csv "
+                              "beside the model file)")
+    return run.validation_images(model.preprocessing)

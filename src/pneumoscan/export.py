@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.images import ImageReadError, read_image
-from .data.layout import Sample, list_split, read_split
+from .data.cache import decode_file
+from .data.images import ImageReadError
+from .data.layout import Sample
+from .data.sources import decode_samples, open_source
 from .errors import PneumoscanError
 from .guard import Guard
 from .metrics import roc_auc
@@ -31,6 +33,7 @@ from .modelfile import atomic_write, sha256_file
 from .models import logits_and_features
 from .predict import Model
 from .preprocess import Preprocessing
+from .run import RunFolder
 
 INPUT_DTYPES = ("float32", "uint8")
 OPSET = 18
@@ -79,7 +82,7 @@ def read_images(paths: Iterable[str | Path], preprocessing: Preprocessing) -> tu
     images, kept = [], []
     for i, path in enumerate(paths):
         try:
-            images.append(preprocessing.to_uint8(read_image(path, reduce_to=preprocessing.size)))
+            images.append(decode_file(path, preprocessing))
             kept.append(i)
         except ImageReadError:
             continue
@@ -87,27 +90,12 @@ def read_images(paths: Iterable[str | Path], preprocessing: Preprocessing) -> tu
     return (np.stack(images) if images else np.zeros((0, size, size), np.uint8)), kept
 
 
-def _existing(path: Path, anchor: Path) -> Path:
-    """split.csv stores paths as given at training time, relative to where training ran: look upwards from it."""
-    if path.is_absolute() or path.exists():
-        return path
-    for parent in anchor.parents:
-        if (parent / path).exists():
-            return parent / path
-    return path
-
-
 def run_split(model: Model) -> tuple[list[Sample], list[Sample]] | None:
     """(train, val) samples of the run that produced this model, when its split.csv sits beside the model file."""
-    split_file = model.path.parent / "split.csv"
-    if not split_file.is_file():
-        return None
-    recorded = model.meta.get("training", {}).get("split_sha256")
-    if recorded and recorded != sha256_file(split_file):
-        return None  # a split.csv from another run: its validation images may be this model's training images
-    train, val = read_split(split_file)
-    fix = [Sample(_existing(s.path, split_file), s.label, s.patient) for s in train + val]
-    return fix[: len(train)], fix[len(train) :]
+    # a split.csv from another run (another sha256 than recorded) is not used: its validation images may be this
+    # model's training images
+    run = RunFolder.of_model(model.path, split_sha256=model.record.training.get("split_sha256"))
+    return run.split() if run is not None else None
 
 
 def validation_samples(model: Model, data_dir: str | Path | None) -> tuple[list[Sample], list[Sample], str]:
@@ -120,7 +108,8 @@ def validation_samples(model: Model, data_dir: str | Path | None) -> tuple[list[
             "--int8 needs validation images: give a run directory (with split.csv) as --model, "
             "or --data DATA_DIR with a val split"
         )
-    return list_split(data_dir, "train"), list_split(data_dir, "val"), f"{Path(data_dir) / 'val'}"
+    source = open_source(data_dir)
+    return source.samples("train"), source.samples("val"), f"{Path(data_dir) / 'val'}"
 
 
 def check_images(model: Model, data_dir: str | Path | None, limit: int = 64) -> tuple[np.ndarray, str]:
@@ -130,18 +119,18 @@ def check_images(model: Model, data_dir: str | Path | None, limit: int = 64) -> 
     """
     prep = model.preprocessing
     if data_dir is not None:
+        source = open_source(data_dir)
         for split in ("val", "test"):
             try:
-                samples = list_split(data_dir, split)
+                images = source.decode(_spread(source.samples(split), limit), prep).images
             except PneumoscanError:
                 continue
-            images, _ = read_images([s.path for s in _spread(samples, limit)], prep)
             if len(images):
                 return images, f"{len(images)} images from {Path(data_dir) / split}"
         raise ExportError(f"{data_dir}: no readable images in its val or test split")
     split = run_split(model)
     if split is not None:
-        images, _ = read_images([s.path for s in _spread(split[1], limit)], prep)
+        images = decode_samples(_spread(split[1], limit), prep).images
         if len(images):
             return images, f"{len(images)} validation images of the run"
     rng = np.random.default_rng(0)
@@ -374,9 +363,9 @@ def int8_inputs(
     train, val, source = validation_samples(model, data_dir)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False) if train else []
-    calibration, _ = read_images([train[i].path for i in sorted(pick)], model.preprocessing)
-    images, kept = read_images([s.path for s in val], model.preprocessing)
-    labels = np.array([val[i].label for i in kept])
+    calibration = decode_samples([train[i] for i in sorted(pick)], model.preprocessing).images
+    decoded = decode_samples(val, model.preprocessing)
+    images, labels = decoded.images, decoded.labels
     if not len(calibration) or not len(images):
         raise ExportError(
             f"no readable {'calibration' if not len(calibration) else 'validation'} images "

@@ -7,9 +7,9 @@ cropped or padded) to ``size`` x ``size`` because that is how the Kermany 224 px
 ``standardize`` optionally rescales each image's intensities to a fixed mean and spread before the fixed
 normalisation: exposure, windowing and contrast differ between X-ray machines and hospitals, and a per-image
 standardisation removes the linear part of that shift by construction instead of asking the network to learn it.
-``equalize`` optionally applies global histogram equalisation (torchvision's, PIL's lookup table) first, which
-also removes monotone non-linear differences such as gamma. Both live in ``normalize``, after augmentation, so
-training sees the same inputs as inference, and both are traced into the ONNX graph.
+It lives in ``normalize``, after augmentation, so training sees the same inputs as inference, and it is traced into
+the ONNX graph. (Histogram equalisation and central-region statistics lost on validation and were removed; model
+files that record them switched off still load.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+
+from .errors import PneumoscanError
 
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                 "area": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
@@ -27,6 +28,8 @@ _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 # The (mean, std) that config key ``standardize`` rescales every image to: a mid-gray mean and a spread of a quarter
 # of the range, round values near those of a typical Kermany film, so an ImageNet stem sees familiar input ranges.
 STANDARD_INTENSITY = (0.5, 0.25)
+
+REMOVED_KEYS = frozenset({"equalize", "standardize_region"})  # recorded by model files written before their removal
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,6 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     standardize: tuple[float, float] | None = None  # (mean, std) each image is rescaled to, in [0, 1] units; None: off
-    equalize: bool = False  # global histogram equalisation of each image, before standardize
-    # Central fraction of each side whose statistics standardize uses: borders, burnt-in labels and collimation
-    # sit at the edges of a film and say nothing about its exposure. 1.0: the whole image.
-    standardize_region: float = 1.0
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL_FILTERS:
@@ -49,10 +48,6 @@ class Preprocessing:
             raise ValueError("mean and std need one value per channel")
         if self.standardize is not None and (len(self.standardize) != 2 or self.standardize[1] <= 0):
             raise ValueError(f"standardize must be (mean, std) with std > 0, got {self.standardize!r}")
-        if not 0 < self.standardize_region <= 1:
-            raise ValueError(f"standardize_region must be in (0, 1], got {self.standardize_region!r}")
-        if self.standardize_region < 1 and self.standardize is None:
-            raise ValueError("standardize_region only applies with standardize: turn standardize on or drop it")
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """float32 (H, W) in [0, 1] -> float32 (size, size) in [0, 1]."""
@@ -73,25 +68,15 @@ class Preprocessing:
             batch = batch.float().div_(255.0)
         if batch.ndim == 3:
             batch = batch.unsqueeze(1)
-        if self.equalize:
-            batch = TF.equalize(batch.clamp(0.0, 1.0))
         if self.standardize is not None:
             target_mean, target_std = self.standardize
-            region = self._central(batch)
-            mean = region.mean(dim=(-3, -2, -1), keepdim=True)
-            std = region.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-3)  # a blank image stays finite
+            mean = batch.mean(dim=(-3, -2, -1), keepdim=True)
+            std = batch.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-3)  # a blank image stays finite
             batch = (batch - mean) / std * target_std + target_mean
         batch = batch.expand(-1, self.channels, -1, -1)
         mean = torch.tensor(self.mean, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
         return (batch - mean) / std
-
-    def _central(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.standardize_region >= 1:
-            return batch
-        h, w = batch.shape[-2:]
-        dh, dw = round(h * (1 - self.standardize_region) / 2), round(w * (1 - self.standardize_region) / 2)
-        return batch[..., dh:h - dh, dw:w - dw]
 
     def apply(self, image: np.ndarray) -> torch.Tensor:
         """One image array -> one (channels, size, size) tensor."""
@@ -102,6 +87,15 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
+        """From a model file's record. Removed options are dropped at their neutral value and refused otherwise:
+        the network was trained on inputs this code can no longer compute."""
+        from .config import removed_option
+
+        data = dict(data)
+        for key in REMOVED_KEYS & set(data):
+            reason = removed_option(key, data.pop(key))
+            if reason:
+                raise PneumoscanError(f"preprocessing: {reason}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

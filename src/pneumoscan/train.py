@@ -1,9 +1,14 @@
-"""fit(): train a classifier on a Kaggle-layout folder and write a self-describing model file.
+"""fit(): train a classifier on a data source (Kaggle-layout folder or MedMNIST .npz), write a self-describing model.
 
-The loop is plain PyTorch in the style of torchvision's references/classification. What makes it fast on a CPU:
-every image is decoded once into a uint8 cache, the early high-resolution stages stay frozen (no backward through
-them), channels_last and bf16 autocast where the CPU supports it. Under torchrun it runs DistributedDataParallel
-(gloo on CPU, nccl on CUDA); rank 0 evaluates, logs and writes files.
+The loop is plain PyTorch in the style of torchvision's references/classification: ``fit`` runs ``prepare_run``,
+``load_data``, ``build_optimizer``, then ``train_one_epoch`` and ``validate`` per epoch, and ``finalize``. What makes
+it fast on a CPU: every image is decoded once into a uint8 cache, the early high-resolution stages stay frozen (no
+backward through them), channels_last and bf16 autocast for the training steps where the CPU supports it. Under
+torchrun it runs DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 evaluates, logs and writes files.
+
+Validation is scored through the one scoring function, ``TorchBackend(...).forward``, in float32: the epoch is
+selected, and calibration, thresholds and guard are fitted, on the arithmetic the model file records as its
+``precision``, so prediction computes exactly the numbers the thresholds were chosen on.
 """
 
 from __future__ import annotations
@@ -15,30 +20,33 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from . import __version__
 from .augment import build_augment
+from .backends.torch import TorchBackend
 from .calibrate import fit_decision_rule, softmax_pneumonia
 from .config import TrainConfig
-from .data import medmnist
-from .data.cache import decode_cache
-from .data.layout import CLASSES, Sample, list_split, patient_split, read_split, write_split
+from .data.layout import CLASSES, Sample
+from .data.sources import DataSource, ImageCache, open_source
 from .errors import PneumoscanError
 from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
-from .modelfile import atomic_write, save_model_file, sha256_file
-from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages, logits_and_features
+from .modelfile import atomic_write, save_model_file
+from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages
 from .preprocess import STANDARD_INTENSITY, Preprocessing
+from .run import RunFolder
+
+# The arithmetic validation is scored in and the thresholds are fitted on; the model file records it as "precision".
+SCORING_PRECISION = "float32"
 
 
 class TrainError(PneumoscanError):
@@ -120,71 +128,31 @@ def epoch_indices(labels: np.ndarray, sampler: str, seed: int, epoch: int, rank:
     return order[rank * per_rank:(rank + 1) * per_rank].tolist()
 
 
-@torch.no_grad()
-def infer(net: nn.Module, images: np.ndarray | Iterable[torch.Tensor], prep: Preprocessing, rt: Runtime, *,
-          batch_size: int = 64, amp: bool = False, channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, 2), features (N, D)) for cached uint8 images (without augmentation), or for any iterable of
-    image batches (uint8 or float in [0, 1])."""
-    net.eval()
-    batches = images
-    if isinstance(images, np.ndarray):
-        batches = (torch.from_numpy(images[start:start + batch_size]) for start in range(0, len(images), batch_size))
-    logits, feats = [], []
-    for batch in batches:
-        x = prep.normalize(batch).to(rt.device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=amp and rt.amp_dtype is not None):
-            out, f = logits_and_features(net, x)
-        logits.append(out.float().cpu())
-        feats.append(f.float().cpu())
-    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+def score_images(net: nn.Module, prep: Preprocessing, images: np.ndarray, *,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, 2), features (N, D)) of cached uint8 images through the one scoring function, in float32."""
+    backend = TorchBackend(net, prep, SCORING_PRECISION)
+    outputs = [backend.forward(torch.from_numpy(images[start:start + batch_size]))
+               for start in range(0, len(images), batch_size)]
+    return torch.cat([o[0] for o in outputs]).numpy(), torch.cat([o[1] for o in outputs]).numpy()
 
 
-LINEAR_PROBE_C = 0.01  # inverse L2 strength of the probe on standardised features; fixed before the experiment
+def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
+    """The preprocessing a run trains with, and saves into its model file."""
+    spec = arch_spec(cfg.arch)
+    return Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std,
+                         standardize=STANDARD_INTENSITY if cfg.standardize else None)
 
 
-def linear_probe(net: nn.Module, images: np.ndarray, labels: np.ndarray, augment, prep: Preprocessing, rt: Runtime,
-                 *, channels_last: bool = True, batch_size: int = 64) -> None:
-    """Set the classifier to a logistic regression fitted on the network's frozen features (LP-FT).
-
-    Fine-tuning from a random head lets its first, large gradients reshape the pretrained features; starting from
-    a fitted head changes them less, which Kumar et al. (ICLR 2022) found keeps accuracy under distribution shift.
-    The probe sees every training image twice, as it is and as one augmented view: the frozen ImageNet features of
-    the two differ so much that a probe fitted on either alone ranks the other poorly. BatchNorm is in eval mode
-    here, and ``fit`` keeps it so with the probe. Classes are weighted equally, as the balanced sampler does.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    def batches(view):
-        loader = torch.utils.data.DataLoader(CachedImages(images, labels, view), batch_size=batch_size)
-        return (x for x, _ in loader)
-
-    views = [infer(net, batches(view), prep, rt, amp=True, channels_last=channels_last)[1] for view in (None, augment)]
-    feats_np, labels_np = np.concatenate(views), np.concatenate([labels, labels])
-    scaler = StandardScaler().fit(feats_np)
-    probe = LogisticRegression(C=LINEAR_PROBE_C, class_weight="balanced", max_iter=3000)
-    probe.fit(scaler.transform(feats_np), labels_np)
-    # Fold the standardisation into one linear map: margin = w . (f - mean) / scale + b
-    w = probe.coef_[0] / scaler.scale_
-    b = probe.intercept_[0] - float(np.dot(w, scaler.mean_))
-    head = net.get_classifier()
-    with torch.no_grad():  # two logits whose difference is the probe's margin
-        head.weight.copy_(torch.as_tensor(np.stack([-w / 2, w / 2]), dtype=head.weight.dtype))
-        head.bias.copy_(torch.as_tensor([-b / 2, b / 2], dtype=head.bias.dtype))
-
+# ---- checkpoints -----------------------------------------------------------------------------------------------
 
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
-def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict,
-                     ema: nn.Module | None = None) -> None:
+def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """Everything --resume needs, in safetensors (no pickle): weights, optimizer tensors, loop state as JSON."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unwrap(net).state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for index, values in opt_state["state"].items():
         for key, value in values.items():
@@ -193,18 +161,13 @@ def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, sta
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module | None = None) -> dict:
+def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     _unwrap(net).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema is not None:
-        ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        if not ema_state:
-            raise TrainError(f"{path}: the checkpoint has no weight average to resume (ema was off)")
-        ema.load_state_dict(ema_state)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -214,35 +177,11 @@ def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, ema
     return json.loads(meta["state"])
 
 
-def _split(cfg: TrainConfig, data_dir: Path, out_dir: Path, rt: Runtime, resume: bool) -> tuple[list[Sample], list[Sample]]:
-    split_file = out_dir / "split.csv"
-    if resume and split_file.is_file():
-        return read_split(split_file)
-    train, val = patient_split(list_split(data_dir, "train"), cfg.val_fraction, cfg.validation_seed, cfg.fold)
-    if rt.main:
-        write_split(split_file, train, val)
-    return train, val
+def _checkpoint_state(path: Path) -> dict:
+    from safetensors import safe_open
 
-
-def _load_data(cfg: TrainConfig, data_dir: Path, out_dir: Path, prep: Preprocessing, rt: Runtime, resume: bool,
-               progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(train images, labels, val images, labels, skipped-file messages) as uint8 caches, whatever the source.
-
-    A MedMNIST .npz brings its official train/val split (it has no patient ids to group by); a folder is split
-    by patient and decoded once.
-    """
-    if medmnist.is_npz(data_dir):
-        train_x, train_y = medmnist.load_split(data_dir, "train", prep)
-        val_x, val_y = medmnist.load_split(data_dir, "val", prep)
-        if rt.main:
-            medmnist.write_split(out_dir / "split.csv", data_dir, train_y, val_y)
-        return train_x, train_y, val_x, val_y, []
-    train_s, val_s = _split(cfg, data_dir, out_dir, rt, resume)
-    train_x, train_s, skipped = decode_cache(train_s, prep, desc="decode train", progress=progress and rt.main)
-    val_x, val_s, skipped_val = decode_cache(val_s, prep, desc="decode val", progress=progress and rt.main)
-    train_y = np.array([s.label for s in train_s], dtype=np.int64)
-    val_y = np.array([s.label for s in val_s], dtype=np.int64)
-    return train_x, train_y, val_x, val_y, skipped + skipped_val
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["state"])
 
 
 def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
@@ -257,172 +196,220 @@ def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
     return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+# ---- the steps of fit() ----------------------------------------------------------------------------------------
+
+def prepare_run(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
+                resume: bool) -> tuple[RunFolder, DataSource, list[Sample], list[Sample]]:
+    """(run folder, data source, train and validation samples), checked before anything is written: a bad data
+    folder or output folder must not leave a half-made run behind."""
+    run = RunFolder(out_dir)
+    if resume and not run.checkpoint_path.is_file():
+        raise TrainError(f"{run.path}: nothing to resume (no checkpoint.safetensors)")
+    if not resume and run.model_path.exists():
+        raise TrainError(f"{run.path}: already holds a trained model; choose another --out or pass --resume")
+    source = open_source(data_dir)
+    if resume and run.split_path.is_file():
+        train, val = run.split(data_dir)
+    else:
+        train, val = source.training_split(cfg.val_fraction, cfg.validation_seed, cfg.fold)
+    for name, items in (("train", train), ("validation", val)):
+        _need_both_classes([s.label for s in items], name, data_dir)
+    return run, source, train, val
+
+
+def _need_both_classes(labels, name: str, data_dir) -> None:
+    if len(set(np.asarray(labels).tolist())) < 2:
+        raise TrainError(f"{data_dir}: the {name} subset needs images of both classes")
+
+
+def record_run(cfg: TrainConfig, run: RunFolder, source: DataSource, train: list[Sample], val: list[Sample],
+               resume: bool) -> None:
+    """config.yaml and split.csv (kept as they are on resume: the split must not move)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        changes = config_changes(run.config_path, cfg)
+        if changes:
+            print(f"pneumoscan: resuming with a changed configuration ({'; '.join(changes)}): the result will "
+                  "differ from an uninterrupted run (e.g. more epochs stretch the learning-rate schedule)",
+                  file=sys.stderr)
+    if not (resume and run.split_path.is_file()):
+        run.write_split(source, train, val)
+    run.save_config(cfg)
+
+
+@dataclass
+class TrainData:
+    train: ImageCache
+    val: ImageCache
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.train.skipped + self.val.skipped
+
+
+def load_data(source: DataSource, train: list[Sample], val: list[Sample], prep: Preprocessing, *,
+              progress: bool) -> TrainData:
+    """Both subsets decoded once into uint8 caches, whatever the source; unreadable files reported and left out."""
+    data = TrainData(source.decode(train, prep, desc="decode train", progress=progress),
+                     source.decode(val, prep, desc="decode val", progress=progress))
+    for name, cache in (("train", data.train), ("validation", data.val)):
+        _need_both_classes(cache.labels, name, source.root)
+    return data
+
+
+def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the parameters left trainable; ``lr_at`` sets the learning rate of every step."""
+    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
+
+
+def build_criterion(cfg: TrainConfig, train_labels: np.ndarray, device: torch.device) -> nn.Module:
+    weight = None
+    if cfg.class_weighted_loss:
+        counts = np.bincount(train_labels, minlength=2)
+        weight = torch.tensor(len(train_labels) / (2.0 * counts), dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up, then cosine decay to 0 over the remaining steps."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
-    """The preprocessing a run trains with, and saves into its model file."""
-    spec = arch_spec(cfg.arch)
-    return Preprocessing(size=cfg.image_size or 224, mean=spec.mean, std=spec.std,
-                         standardize=STANDARD_INTENSITY if cfg.standardize else None, equalize=cfg.equalize,
-                         standardize_region=cfg.standardize_region)
+def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: int) -> torch.utils.data.DataLoader:
+    """This rank's batches of one epoch; sampling and augmentation are seeded per epoch, so resume is exact."""
+    torch.manual_seed(cfg.seed * 1000 + epoch * rt.world + rt.rank)  # the augmentation stream
+    indices = epoch_indices(dataset.labels.numpy(), cfg.sampler, cfg.seed, epoch, rt.rank, rt.world)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, drop_last=True,
+                                       num_workers=workers, pin_memory=rt.device.type == "cuda")
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, loader, prep: Preprocessing, rt: Runtime, *,
+                    frozen: list[nn.Module], schedule, channels_last: bool, desc: str,
+                    progress: bool) -> tuple[float, float]:
+    """One pass over ``loader``; (mean training loss, last learning rate). ``schedule(step)``: the learning rate."""
+    model.train()
+    for module in frozen:  # frozen stages keep their ImageNet BatchNorm statistics
+        module.eval()
+    total, count, lr = 0.0, 0, 0.0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for step, (x, y) in enumerate(bar):
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = prep.normalize(x).to(rt.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
+            loss = criterion(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
+    return total / max(1, count), lr
+
+
+def validate(net: nn.Module, prep: Preprocessing, val: ImageCache) -> tuple[float, float]:
+    """(loss, ROC AUC) on the validation cache, scored as prediction scores (float32, the one scoring function)."""
+    logits, _ = score_images(net, prep, val.images)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.labels)))
+    return loss, roc_auc(val.labels, softmax_pneumonia(logits))
+
+
+def keep_if_best(state: dict, net: nn.Module, run: RunFolder, epoch: int, val_loss: float, val_auc: float) -> None:
+    """Selection by validation AUC (ties: lower loss); the best weights go to best.safetensors."""
+    if (val_auc, -val_loss) > (state["best_auc"], -state["best_loss"]):
+        state.update(best_auc=val_auc, best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+        best = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        atomic_write(run.best_path, lambda tmp: save_file(best, tmp))
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+
+
+class EpochLog:
+    """metrics.csv, TensorBoard when installed, and one line per epoch on stderr (rank 0 only)."""
+
+    def __init__(self, run: RunFolder, resume: bool):
+        self.run, self.writer = run, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.tensorboard_dir))
+        except ImportError:
+            print("pneumoscan: tensorboard not installed; logging to metrics.csv only", file=sys.stderr)
+        if not resume:
+            run.metrics_path.write_text("epoch,train_loss,val_loss,val_auc,lr,seconds\n")
+
+    def write(self, epoch: int, epochs: int, train_loss: float, val_loss: float, val_auc: float, lr: float,
+              seconds: float) -> None:
+        with self.run.metrics_path.open("a") as f:
+            f.write(f"{epoch},{train_loss:.6f},{val_loss:.6f},{val_auc:.6f},{lr:.3e},{seconds:.1f}\n")
+        if self.writer:
+            for key, value in (("loss/train", train_loss), ("loss/val", val_loss), ("auc/val", val_auc)):
+                self.writer.add_scalar(key, value, epoch)
+        print(f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+              f"val AUC {val_auc:.4f}  ({seconds:.0f} s)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
 def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
         progress: bool = True) -> Path:
     """Train, select the best epoch by validation AUC, calibrate on validation, write out_dir/model.safetensors."""
     started = time.time()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not 0.0 <= cfg.ema < 1.0:
-        raise TrainError(f"ema must be a decay in [0, 1) (0: off), got {cfg.ema!r}")
     rt = setup_runtime(cfg.amp)
-    checkpoint = out_dir / "checkpoint.safetensors"
-    if resume and not checkpoint.is_file():
-        raise TrainError(f"{out_dir}: nothing to resume (no checkpoint.safetensors)")
-    if not resume and (out_dir / "model.safetensors").exists():
-        raise TrainError(f"{out_dir}: already holds a trained model; choose another --out or pass --resume")
+    run, source, train_s, val_s = prepare_run(cfg, data_dir, out_dir, resume)
     torch.manual_seed(cfg.seed)
     prep = preprocessing_for(cfg)
-    # Build the network and read the data before writing anything: a bad --weights, an offline ImageNet
-    # download or a bad data folder must not leave a half-made run directory behind.
+    # The network before the run folder: a bad --weights or an offline ImageNet download must not leave one behind.
     net = create_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(rt.device)
-    if not resume and not medmnist.is_npz(data_dir):
-        list_split(data_dir, "train")  # raises DatasetError naming what is missing
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, out_dir, prep, rt, resume, progress)
-    for name, y in (("train", train_y), ("validation", val_y)):
-        if len(np.unique(y)) < 2:
-            raise TrainError(f"{data_dir}: the {name} subset needs images of both classes")
     if rt.main:
-        if resume:
-            changes = config_changes(out_dir / "config.yaml", cfg)
-            if changes:
-                print(f"pneumoscan: resuming with a changed configuration ({'; '.join(changes)}): the result will "
-                      "differ from an uninterrupted run (e.g. more epochs stretch the learning-rate schedule)",
-                      file=sys.stderr)
-        cfg.save(out_dir / "config.yaml")
-        if skipped:
-            (out_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
+        record_run(cfg, run, source, train_s, val_s, resume)
+    data = load_data(source, train_s, val_s, prep, progress=progress and rt.main)
+    if rt.main:
+        run.write_skipped(data.skipped)
 
     frozen = freeze_stages(net, cfg.arch, cfg.freeze_stages)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    class_weights = None
-    if cfg.class_weighted_loss:
-        counts = np.bincount(train_y, minlength=2)
-        class_weights = torch.tensor(len(train_y) / (2.0 * counts), dtype=torch.float32, device=rt.device)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
-    cutmix = None
-    if cfg.cutmix > 0:
-        from torchvision.transforms import v2
-
-        cutmix = v2.CutMix(alpha=cfg.cutmix, num_classes=2)  # soft labels; CrossEntropyLoss takes them as is
+    optimizer = build_optimizer(cfg, net)
+    criterion = build_criterion(cfg, data.train.labels, rt.device)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
-
-    # Weight EMA: the average (parameters and BatchNorm statistics) is what gets evaluated, selected and saved.
-    ema = None
-    if cfg.ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     state = {"epoch": 0, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0}
     if resume:
-        state = _load_checkpoint(checkpoint, net, opt, ema)
+        state = _load_checkpoint(run.checkpoint_path, net, optimizer)
         if rt.main:
             print(f"resuming after epoch {state['epoch']} (best AUC {state['best_auc']:.4f})", file=sys.stderr)
-    augment = build_augment(cfg.augment, prep.size)
-    dataset = CachedImages(train_x, train_y, augment)
-    if cfg.linear_probe and not resume:
-        linear_probe(net, train_x, train_y, augment, prep, rt, channels_last=cfg.channels_last)
-    # With a probed head, BatchNorm keeps its ImageNet statistics: batch statistics would move the features the
-    # head was fitted on, and its first gradients would be as large as a random head's.
-    fixed = frozen + ([m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-                      if cfg.linear_probe else [])
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
-
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
-    steps_per_epoch = max(1, len(train_y) // rt.world // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    writer = None
-    if rt.main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            print("pneumoscan: tensorboard not installed; logging to metrics.csv only", file=sys.stderr)
-    metrics_csv = out_dir / "metrics.csv"
-    if not resume and rt.main:
-        metrics_csv.write_text("epoch,train_loss,val_loss,val_auc,lr,seconds\n")
+    dataset = CachedImages(data.train.images, data.train.labels, build_augment(cfg.augment, prep.size))
+    steps_per_epoch = max(1, len(dataset) // rt.world // cfg.batch_size)
+    total_steps, warmup = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    log = EpochLog(run, resume) if rt.main else None
 
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
-        torch.manual_seed(cfg.seed * 1000 + epoch * rt.world + rt.rank)  # augmentation stream: resumable
-        indices = epoch_indices(train_y, cfg.sampler, cfg.seed, epoch, rt.rank, rt.world)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, drop_last=True,
-                                             num_workers=workers, pin_memory=rt.device.type == "cuda")
-        model.train()
-        for module in fixed:
-            module.eval()
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and rt.main), leave=False)
-        for step, (x, y) in enumerate(bar):
-            lr = _lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = prep.normalize(x).to(rt.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(rt.device, non_blocking=True)
-            if cfg.mixup > 0:  # mixup: pairs of images blended, and their losses with the same weight
-                lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
-                perm = torch.randperm(len(y), device=y.device)
-                x = lam * x + (1.0 - lam) * x[perm]
-            if cutmix is not None:
-                x, y = cutmix(x, y)
-            with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-                out = model(x).float()
-                loss = loss_fn(out, y) if cfg.mixup <= 0 else lam * loss_fn(out, y) + (1.0 - lam) * loss_fn(out, y[perm])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(net)
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
+        train_loss, lr = train_one_epoch(
+            model, criterion, optimizer, scaler, epoch_loader(cfg, dataset, rt, epoch), prep, rt, frozen=frozen,
+            schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr),
+            channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress and rt.main)
         stop = torch.zeros(1)
         if rt.main:
-            scored = ema.module if ema is not None else net
-            logits, _ = infer(scored, val_x, prep, rt, amp=True, channels_last=cfg.channels_last)
-            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val_y)))
-            val_auc = roc_auc(val_y, softmax_pneumonia(logits))
-            seconds = time.time() - t0
-            with metrics_csv.open("a") as f:
-                f.write(f"{epoch + 1},{total / count:.6f},{val_loss:.6f},{val_auc:.6f},{lr:.3e},{seconds:.1f}\n")
-            if writer:
-                for key, value in (("loss/train", total / count), ("loss/val", val_loss), ("auc/val", val_auc)):
-                    writer.add_scalar(key, value, epoch + 1)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total / count:.4f}  val loss {val_loss:.4f}  "
-                  f"val AUC {val_auc:.4f}  ({seconds:.0f} s)", file=sys.stderr)
-            better = (val_auc, -val_loss) > (state["best_auc"], -state["best_loss"])
-            if better:
-                state.update(best_auc=val_auc, best_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-                best = {k: v.detach().cpu().contiguous() for k, v in scored.state_dict().items()}
-                atomic_write(out_dir / "best.safetensors", lambda tmp, best=best: save_file(best, tmp))
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch + 1
-            _save_checkpoint(checkpoint, net, opt, state, ema)
+            val_loss, val_auc = validate(net, prep, data.val)
+            log.write(epoch + 1, cfg.epochs, train_loss, val_loss, val_auc, lr, time.time() - t0)
+            keep_if_best(state, net, run, epoch + 1, val_loss, val_auc)
+            _save_checkpoint(run.checkpoint_path, net, optimizer, state)
             if state["bad_epochs"] >= cfg.patience:
                 print(f"early stopping: no better validation AUC for {cfg.patience} epochs", file=sys.stderr)
                 stop += 1
@@ -430,68 +417,59 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
             dist.broadcast(stop, 0)
         if stop.item():
             break
-    if writer:
-        writer.close()
-    path = out_dir / "model.safetensors"
     if rt.main:
-        _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, None,
-                  len(train_y), len(val_y), len(skipped), started=started)
+        log.close()
+        finalize(cfg, net, prep, rt, run, source, data, state, wall_seconds=None, started=started)
     if rt.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return path
+    return run.model_path
 
 
 def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path:
     """Refit calibration, thresholds and guard of a finished run on its own validation split, no retraining.
 
     Uses the run's config.yaml, split.csv and best.safetensors, so the result is what ``fit`` would have written
-    with the current calibration code; the training summary (wall time, epochs) is carried over.
+    with the current calibration code; the training summary (wall time, epochs) is carried over. ``data_dir``:
+    where the run's data is now, if it moved (default: the root split.csv records).
     """
-    from .config import load_config
     from .modelfile import read_model_file
 
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", "split.csv", "best.safetensors", "checkpoint.safetensors", "model.safetensors"):
-        if not (run_dir / needed).is_file():
-            raise TrainError(f"{run_dir}: not a finished run directory (no {needed})")
-    cfg = load_config(run_dir / "config.yaml")
-    previous = read_model_file(run_dir / "model.safetensors")[1]
-    data_dir = Path(data_dir or previous["training"]["data"])
+    run = RunFolder(run_dir)
+    run.require(run.config_path, run.split_path, run.best_path, run.checkpoint_path, run.model_path)
+    cfg = run.config()
+    previous = read_model_file(run.model_path)[1]
+    source = run.source(data_dir)
+    train_s, val_s = run.split(data_dir)
     rt = setup_runtime("off")
     prep = preprocessing_for(cfg)
-    train_x, train_y, val_x, val_y, skipped = _load_data(cfg, data_dir, run_dir, prep, rt, True, False)
+    data = load_data(source, train_s, val_s, prep, progress=False)
     net = create_model(cfg.arch, pretrained="none").to(rt.device)
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / "checkpoint.safetensors"), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-    _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, run_dir,
-              float(previous["training"]["wall_seconds"]), len(train_y), len(val_y), len(skipped))
-    return run_dir / "model.safetensors"
+    finalize(cfg, net, prep, rt, run, source, data, _checkpoint_state(run.checkpoint_path),
+             wall_seconds=float(previous["training"]["wall_seconds"]))
+    return run.model_path
 
 
-def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_dir, out_dir, wall_seconds,
-              n_train, n_val, n_skipped, started: float | None = None) -> None:
-    """Best weights -> calibration, thresholds and guard fitted on validation -> model.safetensors.
+def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime, run: RunFolder,
+             source: DataSource, data: TrainData, state: dict, *, wall_seconds: float | None,
+             started: float | None = None) -> str:
+    """Best weights -> calibration, thresholds and guard fitted on validation -> model.safetensors; its sha256.
 
+    Everything is scored through the one scoring function in ``SCORING_PRECISION``, which the file records.
     ``wall_seconds``: the training time to record (None: measured from ``started`` to the end of this call).
     """
-    from safetensors.torch import load_file
-
-    net.load_state_dict(load_file(str(out_dir / "best.safetensors")))
+    net.load_state_dict(load_file(str(run.best_path)))
     net = net.to(memory_format=torch.contiguous_format)
-    # Full precision here: thresholds must be chosen on exactly the numbers prediction will compute.
-    val_logits, val_feats = infer(net, val_x, prep, rt, channels_last=False)
+    val_y = data.val.labels
+    val_logits, val_feats = score_images(net, prep, data.val.images)
     rng = np.random.default_rng(cfg.seed)
-    subset = np.sort(rng.choice(len(train_x), size=min(len(train_x), 2000), replace=False))
-    _, train_feats = infer(net, train_x[subset], prep, rt, channels_last=False)
+    subset = np.sort(rng.choice(len(data.train.images), size=min(len(data.train.images), 2000), replace=False))
+    _, train_feats = score_images(net, prep, data.train.images[subset])
     temperature, bias, thresholds = fit_decision_rule(val_logits, val_y, cfg.target_sensitivity,
                                                       cfg.threshold_confidence)
-    raw = softmax_pneumonia(val_logits)
     p = softmax_pneumonia(val_logits, temperature, bias)
     guard = Guard.fit(torch.from_numpy(train_feats), torch.from_numpy(val_feats), quantile=cfg.guard_quantile)
-    with (out_dir / "val_predictions.csv").open("w", newline="") as f:
+    with run.val_predictions_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "probability", "guard_score"])
         scores = guard.score(torch.from_numpy(val_feats)).numpy()
@@ -499,38 +477,39 @@ def _finalize(cfg, net, prep, rt, train_x, train_y, val_x, val_y, state, data_di
             w.writerow([int(label), f"{prob:.6f}", f"{score:.4f}"])
     validation = {
         "n": len(val_y), "auc": roc_auc(val_y, p), "pr_auc": pr_auc(val_y, p),
-        "ece_uncalibrated": expected_calibration_error(val_y, raw), "ece": expected_calibration_error(val_y, p),
+        "ece_uncalibrated": expected_calibration_error(val_y, softmax_pneumonia(val_logits)),
+        "ece": expected_calibration_error(val_y, p),
         "operating_points": {k: operating_point(val_y, p, t).to_dict() for k, t in thresholds.items()},
     }
+    if wall_seconds is None:
+        wall_seconds = time.time() - started
     meta = {
-        "name": out_dir.name,
-        "arch": cfg.arch,
-        "classes": list(CLASSES),
-        "preprocessing": prep.to_dict(),
-        "temperature": temperature,
-        "bias": bias,
-        "thresholds": thresholds,
+        "name": run.path.name, "arch": cfg.arch, "classes": list(CLASSES), "preprocessing": prep.to_dict(),
+        "precision": SCORING_PRECISION,  # the arithmetic the calibration and thresholds below were fitted on
+        "temperature": temperature, "bias": bias, "thresholds": thresholds,
         "target_sensitivity": cfg.target_sensitivity,
         "guard": {"threshold": guard.threshold, "quantile": cfg.guard_quantile},
         "validation": validation,
-        "training": {
-            "data": str(data_dir), "train_images": n_train, "val_images": n_val, "skipped_images": n_skipped,
-            "train_counts": np.bincount(train_y, minlength=2).tolist(),
-            "val_counts": np.bincount(val_y, minlength=2).tolist(),
-            "split_sha256": sha256_file(out_dir / "split.csv"),
-            "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-            "wall_seconds": round(wall_seconds if wall_seconds is not None else time.time() - started, 1),
-            "hardware": f"{platform.machine()} {rt.device.type} x{rt.world}, {torch.get_num_threads()} threads",
-            "config": cfg.to_dict(),
-        },
-        "version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "training": _training_summary(cfg, run, source, data, state, rt, wall_seconds),
+        "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tensors = dict(net.state_dict())
-    tensors.update(guard.to_tensors())
-    sha = save_model_file(out_dir / "model.safetensors", tensors, meta)
+    sha = save_model_file(run.model_path, {**net.state_dict(), **guard.to_tensors()}, meta)
     op = validation["operating_points"]
-    print(f"model: {out_dir / 'model.safetensors'} (sha256 {sha[:12]}); validation AUC {validation['auc']:.4f}, "
+    print(f"model: {run.model_path} (sha256 {sha[:12]}); validation AUC {validation['auc']:.4f}, "
           f"screening sens {op['screening']['sensitivity']:.3f} spec {op['screening']['specificity']:.3f}, "
           f"T={temperature:.2f}, bias={bias:+.2f}", file=sys.stderr)
+    return sha
 
+
+def _training_summary(cfg: TrainConfig, run: RunFolder, source: DataSource, data: TrainData, state: dict,
+                      rt: Runtime, wall_seconds: float) -> dict:
+    return {
+        "data": str(source.root), "train_images": len(data.train.labels), "val_images": len(data.val.labels),
+        "skipped_images": len(data.skipped),
+        "train_counts": np.bincount(data.train.labels, minlength=2).tolist(),
+        "val_counts": np.bincount(data.val.labels, minlength=2).tolist(),
+        "split_sha256": run.split_sha256(),
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "wall_seconds": round(wall_seconds, 1),
+        "hardware": f"{platform.machine()} {rt.device.type} x{rt.world}, {torch.get_num_threads()} threads",
+        "config": cfg.to_dict(),
+    }

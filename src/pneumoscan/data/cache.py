@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..preprocess import Preprocessing
-from .images import ImageReadError, read_image
+from .images import ImageReadError, decode
 from .layout import Sample
+
+
+def decode_file(path: str | Path, prep: Preprocessing) -> np.ndarray:
+    """One image file as the uint8 (size, size) network input every cache and check holds, decoded as prediction
+    decodes it; raises ImageReadError."""
+    return prep.to_uint8(decode(path).pixels)
 
 
 def _decode(sample: Sample, prep: Preprocessing) -> np.ndarray | str:
     try:
-        return prep.to_uint8(read_image(sample.path, reduce_to=prep.size))
+        return decode_file(sample.path, prep)
     except ImageReadError as exc:
         return str(exc)
 

@@ -3,12 +3,12 @@
 Layout: ``DATA_DIR/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}`` (class folders are matched
 case-insensitively). Kermany file names carry the patient id, and one patient can have several images, so a
 validation split carved out of train must keep each patient on one side: otherwise validation figures are
-inflated by near-duplicate images of patients the network has already seen.
+inflated by near-duplicate images of patients the network has already seen. A run records its split in split.csv
+through ``pneumoscan.run.RunFolder``.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import re
 from dataclasses import dataclass
@@ -111,23 +111,3 @@ def patient_split(samples: list[Sample], val_fraction: float, seed: int,
     splits = folds.split(np.zeros(len(samples)), labels, groups)
     train_idx, val_idx = next(itertools.islice(splits, fold, None))
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-
-
-def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
-    """Record which file went where, so the split can be reproduced and audited."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "patient", "subset"])
-        for subset, items in (("train", train), ("val", val)):
-            for s in items:
-                writer.writerow([str(s.path), CLASSES[s.label], s.patient, subset])
-    tmp.replace(path)
-
-
-def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:
-    out: dict[str, list[Sample]] = {"train": [], "val": []}
-    with Path(path).open() as f:
-        for row in csv.DictReader(f):
-            out[row["subset"]].append(Sample(Path(row["path"]), CLASSES.index(row["label"]), row["patient"]))
-    return out["train"], out["val"]

@@ -3,13 +3,13 @@
 A MedMNIST file holds ``{split}_images`` (N, H, W) uint8 and ``{split}_labels`` (N, 1) for the splits train, val
 and test. It has no patient ids, so its official train/val split is the grouping: pneumoscan trains on ``train``,
 selects and calibrates on ``val`` and never carves its own split. Images are upscaled with ``Preprocessing`` (the
-single definition of resizing) into the same uint8 cache form that ``decode_cache`` produces for files, so the
-training loop and evaluation do not know which source they read.
+single definition of resizing) into the same uint8 cache form that ``decode_cache`` produces for files;
+``sources.MedMNISTSource`` puts this file behind the interface the folder source has, so training, evaluation and
+export do not know which source they read.
 """
 
 from __future__ import annotations
 
-import csv
 import zipfile
 from pathlib import Path
 
@@ -71,15 +71,3 @@ def load_split(path: str | Path, split: str, prep: Preprocessing) -> tuple[np.nd
     for i, image in enumerate(images):
         resized[i] = prep.to_uint8(image.astype(np.float32) / 255.0)
     return resized, labels
-
-
-def write_split(path: Path, source: str | Path, train_labels: np.ndarray, val_labels: np.ndarray) -> None:
-    """Record the official split as the folder source records its own: which image went where, auditable."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source", "index", "label", "subset"])
-        for subset, labels in (("train", train_labels), ("val", val_labels)):
-            for i, label in enumerate(labels):
-                writer.writerow([str(source), i, CLASSES[int(label)], subset])
-    tmp.replace(path)
