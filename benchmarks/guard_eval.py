@@ -1,11 +1,16 @@
 """How well does a model's out-of-distribution guard separate chest X-rays from everything else?
 
-Every image goes through the real prediction path (file -> ``Model.predict_files``), so whatever decides
-"not_xray" (the feature-space guard and any cheap image check) is measured as users meet it.
+Every image goes through the real prediction path (file -> ``decode`` -> ``Model.prepare`` -> ``Model.score``, via
+``Model.predict_files``), so what rejects an input is measured as users meet it, with its two statuses kept apart:
+``not_xray`` (``guard.image_check``: the DICOM header, colour, size, aspect, contrast or two-level checks say it
+is no frontal chest X-ray) and ``out_of_distribution`` (the checks pass, but the feature guard finds it far from
+the training X-rays). "guard alone" columns count what the feature guard would reject by itself (its score is
+computed for every readable image, also those the checks reject).
 
 Sources
   X-rays (should be accepted; targets: <= 1% wrongly rejected on validation)
-    run-val         the model's own validation images (RUN_DIR/split.csv, subset == val): held out from training
+    run-val         the model's own validation images (its run folder's split.csv, when --model is a run):
+                    held out from training
     kermany-val     the official 16-image val split (original resolution)
     kermany-test    the official test split (reported only: never used to tune anything)
   not X-rays (should be rejected; target: >= 99% rejected)
@@ -21,13 +26,13 @@ Sources
     upside-down     flipped vertically
     negative        intensities inverted (what a MONOCHROME1 image read without inversion looks like)
 
-Usage: nice -n 19 python benchmarks/guard_eval.py --model runs/default [--data ../shared/data/chest_xray] [--two-level]
+Usage: nice -n 19 python benchmarks/guard_eval.py [--model RUN_OR_FILE] [--data ../shared/data/chest_xray] [--two-level]
+       python benchmarks/guard_eval.py --limit 4      (at most 4 files per source: a smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import sys
@@ -48,18 +53,25 @@ class Source:
     name: str
     group: str  # xray-val | xray-report | non-xray | transformed
     files: list[Path]
-    statuses: list[str] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)  # ok | not_xray | out_of_distribution | error
     scores: list[float] = field(default_factory=list)
-    by_check: list[bool] = field(default_factory=list)  # rejected by a cheap image check (colour, size, blank)
-    by_header: list[bool] = field(default_factory=list)  # rejected by the DICOM header (Modality, body part, view)
+    by_header: list[bool] = field(default_factory=list)  # not_xray because of the DICOM header (Modality, part, view)
 
     @property
     def n(self) -> int:
         return sum(s != "error" for s in self.statuses)
 
     @property
-    def rejected(self) -> int:
+    def not_xray(self) -> int:
         return self.statuses.count("not_xray")
+
+    @property
+    def out_of_distribution(self) -> int:
+        return self.statuses.count("out_of_distribution")
+
+    @property
+    def rejected(self) -> int:
+        return self.not_xray + self.out_of_distribution
 
     @property
     def errors(self) -> int:
@@ -68,33 +80,28 @@ class Source:
 
 # --- X-rays ---------------------------------------------------------------------------------------------------
 
-def run_val_files(run_dir: Path) -> list[Path]:
-    split = run_dir / "split.csv"
-    if not split.is_file():
-        return []
-    files = []
-    with split.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if row["subset"] != "val":
-                continue
-            path = Path(row["path"])
-            # split.csv keeps paths as given to `train`, relative to where it ran (usually the repository root)
-            for candidate in (path, REPO / path, run_dir.parent.parent / path):
-                if candidate.is_file():
-                    files.append(candidate)
-                    break
-            else:
-                files.append(path)  # reported as an error row
-    return files
+def run_val_files(model) -> list[Path]:
+    """The validation images of the run that produced ``model`` (none for a model file outside its run folder)."""
+    from pneumoscan.run import RunFolder
+
+    run = RunFolder.of_model(model.path, split_sha256=model.record.training.get("split_sha256"))
+    return [s.path for s in run.split()[1]] if run is not None else []  # missing files are reported as errors
 
 
 def kermany_files(data: Path, split: str) -> list[Path]:
     return sorted(p for p in (data / split).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
 
 
+def capped(files: list[Path], limit: int | None) -> list[Path]:
+    """At most ``limit`` files spread over the sorted list (both classes of a Kermany split)."""
+    if limit is None or len(files) <= limit:
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+
+
 # --- real non-X-ray pictures shipped inside installed packages -------------------------------------------------
 
-def package_pictures(workdir: Path) -> dict[str, list[Path]]:
+def package_pictures(workdir: Path, limit: int | None = None) -> dict[str, list[Path]]:
     import matplotlib
     import sklearn
 
@@ -116,25 +123,28 @@ def package_pictures(workdir: Path) -> dict[str, list[Path]]:
         out["skimage"] = pictures + sorted(face_dir.glob("*.png"))
     except ImportError:
         print("scikit-image not installed: its pictures are left out (pip install scikit-image)", file=sys.stderr)
-    out["pydicom"] = pydicom_pictures()
+    out = {name: capped(files, limit) for name, files in out.items()}
+    out["pydicom"] = pydicom_pictures(limit)
     return out
 
 
-def pydicom_pictures() -> list[Path]:
-    """pydicom's bundled test DICOMs that read_image decodes, one per distinct pixel content."""
+def pydicom_pictures(limit: int | None = None) -> list[Path]:
+    """pydicom's bundled test DICOMs that ``decode`` reads, one per distinct pixel content (the first ``limit``)."""
     import pydicom
 
-    from pneumoscan.data.images import read_image
+    from pneumoscan.data.images import decode
 
     folder = Path(pydicom.__file__).parent / "data" / "test_files"
     seen: set[str] = set()
     kept = []
     for path in sorted(folder.rglob("*.dcm")):
+        if limit is not None and len(kept) >= limit:
+            break
         try:
-            image = read_image(path)
+            pixels = decode(path).pixels
         except Exception:  # many of pydicom's test files are deliberately broken or exotic
             continue
-        digest = hashlib.sha256(np.round(image * 255).astype(np.uint8).tobytes()).hexdigest()
+        digest = hashlib.sha256(np.round(pixels * 255).astype(np.uint8).tobytes()).hexdigest()
         if digest not in seen:
             seen.add(digest)
             kept.append(path)
@@ -208,12 +218,15 @@ def _font(size: int):
 # --- transformed X-rays ---------------------------------------------------------------------------------------
 
 def transformed_xrays(test_files: list[Path], workdir: Path, count: int = 25) -> dict[str, list[Path]]:
-    from pneumoscan.data.images import read_image
+    from pneumoscan.data.images import decode
 
     picks = test_files[:: max(1, len(test_files) // count)][:count]
     out: dict[str, list[Path]] = {k: [] for k in ("rot90", "half", "upside-down", "negative")}
     for path in picks:
-        image = np.round(read_image(path, reduce_to=512) * 255).astype(np.uint8)
+        gray = Image.fromarray(np.round(decode(path).pixels * 255).astype(np.uint8), "L")
+        # box-reduced by an integer factor that keeps the shorter side >= 512 px, as the files were written before
+        # (then by the JPEG draft decode): small PNGs, still far above the size check's minimum
+        image = np.asarray(gray.reduce(max(1, min(gray.size) // 512)))
         variants = {"rot90": np.rot90(image), "half": image[:, : image.shape[1] // 2], "upside-down": image[::-1],
                     "negative": 255 - image}
         for kind, array in variants.items():
@@ -227,31 +240,34 @@ def transformed_xrays(test_files: list[Path], workdir: Path, count: int = 25) ->
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 def score(model, source: Source, batch_size: int) -> None:
-    from pneumoscan.predict import NOT_XRAY_MESSAGE
+    from pneumoscan.guard import NOT_XRAY
 
     for pred in model.predict_files(source.files, batch_size=batch_size):
         source.statuses.append(pred.status)
         source.scores.append(np.nan if pred.guard_score is None else pred.guard_score)
-        source.by_check.append(pred.status == "not_xray" and pred.message != NOT_XRAY_MESSAGE)
-        source.by_header.append(pred.status == "not_xray" and ": DICOM " in pred.message)
+        source.by_header.append(pred.status == "not_xray" and pred.message.startswith(f"{NOT_XRAY}: DICOM "))
 
 
 def _rate(k: int, n: int) -> str:
     return f"{100 * k / n:6.2f}%" if n else "     -"
 
 
+def _guard_alone(s: Source, threshold: float) -> int:
+    return sum(1 for v in s.scores if np.isfinite(v) and v > threshold)
+
+
 def report(sources: list[Source], threshold: float) -> dict:
-    print("rejected: by any; guard: feature-space guard alone; checks: cheap image checks (DICOM header included) "
-          "alone; header: of these, by the DICOM header")
-    print(f"{'source':<16} {'group':<12} {'images':>6} {'rejected':>8} {'rate':>7} {'guard':>6} {'checks':>6} "
-          f"{'header':>6} "
-          f"{'errors':>6} {'score p50':>10} {'score p99':>10} {'score min':>10}")
+    print("rejected: not_xray + out_of_distribution; not_xray: by the image checks (header: of these, by the DICOM "
+          "header); out_of_dist: the checks passed, the feature guard rejected; guard alone: what the feature guard "
+          "rejects by itself")
+    print(f"{'source':<16} {'group':<12} {'images':>6} {'rejected':>8} {'rate':>7} {'not_xray':>8} {'header':>6} "
+          f"{'out_of_dist':>11} {'guard alone':>11} {'errors':>6} {'score p50':>10} {'score p99':>10} "
+          f"{'score min':>10}")
     for s in sources:
         finite = np.array([v for v in s.scores if np.isfinite(v)]) if s.scores else np.array([])
         q = (np.percentile(finite, 50), np.percentile(finite, 99), finite.min()) if finite.size else (np.nan,) * 3
-        guard = sum(1 for v in s.scores if np.isfinite(v) and v > threshold)
-        print(f"{s.name:<16} {s.group:<12} {s.n:>6} {s.rejected:>8} {_rate(s.rejected, s.n)} {guard:>6} "
-              f"{sum(s.by_check):>6} {sum(s.by_header):>6} {s.errors:>6} "
+        print(f"{s.name:<16} {s.group:<12} {s.n:>6} {s.rejected:>8} {_rate(s.rejected, s.n)} {s.not_xray:>8} "
+              f"{sum(s.by_header):>6} {s.out_of_distribution:>11} {_guard_alone(s, threshold):>11} {s.errors:>6} "
               f"{q[0]:>10.2f} {q[1]:>10.2f} {q[2]:>10.2f}")
     summary = {}
     print(f"\nguard threshold {threshold:.3f}")
@@ -260,9 +276,12 @@ def report(sources: list[Source], threshold: float) -> dict:
                          ("transformed", "transformed X-rays rejected (reporting only)")):
         members = [s for s in sources if s.group == group]
         n, k = sum(s.n for s in members), sum(s.rejected for s in members)
-        g = sum(1 for s in members for v in s.scores if np.isfinite(v) and v > threshold)
-        summary[group] = {"n": n, "rejected": k, "rate": k / n if n else None, "guard_alone": g}
-        print(f"{label:<48} {k:>5} / {n:<5} = {_rate(k, n).strip():>7}   (guard alone {_rate(g, n).strip()})")
+        nx, ood = sum(s.not_xray for s in members), sum(s.out_of_distribution for s in members)
+        g = sum(_guard_alone(s, threshold) for s in members)
+        summary[group] = {"n": n, "rejected": k, "rate": k / n if n else None, "not_xray": nx,
+                          "out_of_distribution": ood, "guard_alone": g}
+        print(f"{label:<48} {k:>5} / {n:<5} = {_rate(k, n).strip():>7}   (not_xray {nx}, out_of_distribution "
+              f"{ood}; guard alone {_rate(g, n).strip()})")
     val, non = summary["xray-val"]["rate"], summary["non-xray"]["rate"]
     if val is not None and non is not None:
         verdict = "MET" if val <= 0.01 and non >= 0.99 else "NOT MET"
@@ -277,17 +296,16 @@ def report(sources: list[Source], threshold: float) -> dict:
 
 
 def two_level_report(model, sources: list[Source]) -> None:
-    from pneumoscan.data.images import ImageReadError, read_image
-    from pneumoscan.predict import MAX_TWO_LEVEL_SHARE, two_level_share
+    from pneumoscan.data.images import ImageReadError
+    from pneumoscan.guard import MAX_TWO_LEVEL_SHARE, two_level_share
 
     print(f"\nshare of the network input in its two most frequent gray levels (check rejects > {MAX_TWO_LEVEL_SHARE})")
     print(f"{'source':<16} {'images':>6} {'min':>6} {'p50':>6} {'p99.9':>6} {'max':>6}")
-    prep = model.preprocessing
     for source in sources:
         shares = []
         for path in source.files:
             try:
-                small = prep.to_uint8(read_image(path, reduce_to=prep.size))
+                small, _ = model.prepare(model.decode(path))  # the network input, as prediction makes it
             except ImageReadError:
                 continue
             shares.append(two_level_share(small))
@@ -297,15 +315,19 @@ def two_level_report(model, sources: list[Source]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pneumoscan.predict import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / "runs" / "default"), help="run directory or model file")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="run directory (adds its validation images) or model file (default: bundled)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-test", action="store_true", help="skip the test split and transformed X-rays")
+    parser.add_argument("--limit", type=int, help="at most this many files per source (a smoke run; default all)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--two-level", action="store_true",
                         help="also print, per source, the share of each network input held by its two most frequent "
-                             "gray levels (what the two-gray-level check of Model.image_check reads)")
+                             "gray levels (what the two-gray-level check of guard.image_check reads)")
     parser.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 (as `pneumoscan predict`)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="pydicom")  # its test files are deliberately odd
@@ -316,32 +338,32 @@ def main(argv: list[str] | None = None) -> int:
     if model.guard is None:
         print(f"{args.model}: this model has no guard", file=sys.stderr)
         return 2
-    run_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
-    data = Path(args.data)
+    data, limit = Path(args.data), args.limit
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="guard_eval_") as tmp:
         work = Path(tmp)
-        sources = [Source("run-val", "xray-val", run_val_files(run_dir)),
-                   Source("kermany-val", "xray-val", kermany_files(data, "val"))]
+        sources = [Source("run-val", "xray-val", capped(run_val_files(model), limit)),
+                   Source("kermany-val", "xray-val", capped(kermany_files(data, "val"), limit))]
         test = kermany_files(data, "test")
         if not args.no_test:
-            sources.append(Source("kermany-test", "xray-report", test))
-        sources += [Source(name, "non-xray", files) for name, files in package_pictures(work).items()]
-        sources.append(Source("generated", "non-xray", generated_pictures(work)))
+            sources.append(Source("kermany-test", "xray-report", capped(test, limit)))
+        sources += [Source(name, "non-xray", files) for name, files in package_pictures(work, limit).items()]
+        sources.append(Source("generated", "non-xray", capped(generated_pictures(work), limit)))
         if not args.no_test and test:
-            sources += [Source(k, "transformed", v) for k, v in transformed_xrays(test, work).items()]
+            count = 25 if limit is None else min(25, limit)
+            sources += [Source(k, "transformed", v) for k, v in transformed_xrays(test, work, count).items()]
         sources = [s for s in sources if s.files]
         for source in sources:
             score(model, source, args.batch_size)
         print(f"model {model.name} (sha256 {model.sha256[:12]}), network on {model.runtime}, "
-              f"{time.time() - started:.0f} s\n")
+              f"{time.time() - started:.0f} s" + (f", at most {limit} files per source" if limit else "") + "\n")
         summary = report(sources, model.guard.threshold)
         if args.two_level:
             two_level_report(model, sources)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model.sha256, "summary": summary,
-                                               "sources": {s.name: {"n": s.n, "rejected": s.rejected,
-                                                                    "errors": s.errors} for s in sources}}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": model.sha256, "summary": summary, "sources": {
+            s.name: {"n": s.n, "rejected": s.rejected, "not_xray": s.not_xray,
+                     "out_of_distribution": s.out_of_distribution, "errors": s.errors} for s in sources}}, indent=2))
     return 0
 
 
