@@ -328,23 +328,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from .serve import create_app
-    except ImportError as exc:
-        raise PneumoscanError(f"serving needs the [serve] extra (pip install 'pneumoscan[serve]'): {exc}") from None
-    from .predict import load_model
-
-    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
-    app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency)
-    print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on http://{args.host}:{args.port}/",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
-    return 0
-
-
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that loads a model to answer with it."""
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -443,16 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=positive_float, default=1e-3, help="largest allowed |logit| difference")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP API and web page for screening single images")
-    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=port_number, default=8000)
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="larger uploads are refused with 413")
-    p.add_argument("--concurrency", type=positive_int, default=2, help="images decoded and screened at the same time")
-    p.add_argument("--verbose", action="store_true", help="log every request")
-    _add_model_options(p)
-    p.set_defaults(func=cmd_serve)
+    from .serve.cli import add_keys_command, add_serve_command  # torch-free; `pneumoscan serve`, `keys`
+
+    add_serve_command(sub, _add_model_options)
+    add_keys_command(sub)
     return parser
 
 

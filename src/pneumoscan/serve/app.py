@@ -44,7 +44,8 @@ from .. import __version__
 from ..errors import PneumoscanError
 from .audit import AuditLog
 from .auth import KeyStore
-from .batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, Batcher
+from .batching import Batcher
+from .limits import DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_MS
 from .metrics import Metrics, route_label
 
 logger = logging.getLogger("pneumoscan.serve")
@@ -54,8 +55,6 @@ DEFAULT_MAX_UPLOAD = 20 * 2**20
 MULTIPART_SLACK = 64 * 1024  # part headers, boundaries and small extra fields on top of the file itself
 MAX_PARTS = 16
 DISPLAY_SIZE = 1024  # longest side of the preview and heatmap PNGs
-DEFAULT_MAX_PENDING = 32
-DEFAULT_CONCURRENCY = 2
 
 # The messages clients see; tests assert them verbatim.
 EMPTY_BODY = "empty request body: send multipart/form-data with the image in a field named 'file'"
@@ -497,8 +496,9 @@ def create_app(
     keys = KeyStore(api_keys) if isinstance(api_keys, (str, Path)) else api_keys
     batching = {"batch_window_ms": batch_window_ms, "max_batch": max_batch}
     metrics = Metrics(model, batching=batching)
-    audit = AuditLog(audit_log, on_failure=metrics.audit_failures.inc) \
-        if isinstance(audit_log, (str, Path)) else audit_log
+    audit = AuditLog(audit_log) if isinstance(audit_log, (str, Path)) else audit_log
+    if audit is not None and audit.on_failure is None:
+        audit.on_failure = metrics.audit_failures.inc
     app = FastAPI(
         title="pneumoscan",
         version=__version__,

@@ -43,7 +43,7 @@ class AuditLog:
                  on_failure=None):
         self.path = Path(path)
         self.failures = 0
-        self._on_failure = on_failure
+        self.on_failure = on_failure
         self._last_report = 0.0
         try:
             self._handler = _Handler(self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
@@ -54,8 +54,8 @@ class AuditLog:
 
     def _failed(self) -> None:
         self.failures += 1
-        if self._on_failure is not None:
-            self._on_failure()
+        if self.on_failure is not None:
+            self.on_failure()
         now = time.monotonic()
         if now - self._last_report > 60:
             self._last_report = now

@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .limits import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS
+
 logger = logging.getLogger("pneumoscan.serve")
 
-DEFAULT_WINDOW_MS = 5.0
-DEFAULT_MAX_BATCH = 16
 
 
 class Scored(NamedTuple):

@@ -1,0 +1,196 @@
+"""``pneumoscan serve`` and ``pneumoscan keys``: their options and what they do.
+
+Kept light: nothing here imports torch, FastAPI or uvicorn until a command runs, so ``pneumoscan --help`` stays
+fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+from ..errors import PneumoscanError
+from .limits import DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_MS
+
+MAX_BATCH_LIMIT = 256
+OPEN_REFUSED = ("refusing to serve {host} without API keys: anyone who can reach the port could screen images; "
+                "pass --api-keys FILE (make one with `pneumoscan keys add NAME --file FILE`), or --allow-open if "
+                "an open service on this address is intended")
+SERVE_DESCRIPTION = """\
+HTTP API (/v1/predict, /v1/model, /metrics, /healthz) and a web page for screening single images.
+
+Access: with --api-keys every /v1/ route and /metrics need 'Authorization: Bearer KEY' (401 otherwise); /healthz,
+the page and its files stay open, and the page asks for the key. Without keys the server only listens on a
+loopback address unless --allow-open says an open service is intended.
+
+Load: uploads are decoded by --concurrency threads; the network runs in one batcher thread that scores the images
+arriving within --batch-window-ms of each other as one call of at most --max-batch images. At most --max-pending
+screening requests are in progress (uploading, decoding or queued); beyond that the answer is 503 with
+Retry-After: 1.
+
+Audit: --audit-log FILE gets one JSON line per request (time, request id also sent as X-Request-ID, key name,
+client address, upload sha256 and size, model sha256, status, prediction, latency), never pixels, file names or
+DICOM patient fields; it rotates at --audit-max-mb, keeping --audit-backups old files."""
+
+
+def _count(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _window_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1000.0:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds from 0 to 1000, got {text!r}")
+    return value
+
+
+def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
+    """The ``serve`` subcommand, with the model options every answering command shares."""
+    from ..cli import port_number, positive_float, positive_int
+
+    p = sub.add_parser("serve", help="HTTP API and web page for screening single images",
+                       description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="larger uploads are refused with 413")
+    p.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
+                   help=f"uploads decoded at the same time (default {DEFAULT_CONCURRENCY})")
+    p.add_argument("--batch-window-ms", type=_window_ms, default=DEFAULT_WINDOW_MS, metavar="MS",
+                   help=f"how long the batcher waits for more images once one is ready, while other requests are "
+                        f"still being decoded (default {DEFAULT_WINDOW_MS:g}; 0: only what is already queued)")
+    p.add_argument("--max-batch", type=_count(1, MAX_BATCH_LIMIT), default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"most images per network call (default {DEFAULT_MAX_BATCH}; 1: no batching)")
+    p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, metavar="N",
+                   help=f"screening requests in progress at once; more get 503 with Retry-After "
+                        f"(default {DEFAULT_MAX_PENDING}; each may hold up to --max-upload-mb)")
+    p.add_argument("--api-keys", metavar="FILE", help="key file from `pneumoscan keys add`: /v1/ and /metrics "
+                                                      "then need 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve a non-loopback address without --api-keys (an open service, on purpose)")
+    p.add_argument("--ssl-certfile", metavar="PEM", help="TLS certificate (chain); serve HTTPS with --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", metavar="PEM", help="TLS private key of --ssl-certfile")
+    p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per request to FILE (rotated)")
+    p.add_argument("--audit-max-mb", type=positive_float, default=100.0, help="rotate the audit log at this size")
+    p.add_argument("--audit-backups", type=_count(0, 10_000), default=10, metavar="N",
+                   help="rotated audit files kept (FILE.1 ... FILE.N)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    add_model_options(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def add_keys_command(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("keys", help="API keys for `pneumoscan serve --api-keys FILE`",
+                       description="Named API keys. The file holds only each key's sha256; `add` prints the key "
+                                   "once, on stdout. A running server picks up changes within a second.")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    q = keys.add_parser("add", help="make a random key under NAME and print it once")
+    q.add_argument("name")
+    q.add_argument("--file", required=True, help="key file (created, owner-only, if missing)")
+    q.set_defaults(func=cmd_keys)
+    q = keys.add_parser("list", help="names and creation times (never the keys)")
+    q.add_argument("--file", required=True)
+    q.set_defaults(func=cmd_keys)
+    q = keys.add_parser("remove", help="revoke the key named NAME")
+    q.add_argument("name")
+    q.add_argument("--file", required=True)
+    q.set_defaults(func=cmd_keys)
+    return p
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from . import auth
+
+    if args.keys_command == "add":
+        key = auth.add_key(args.file, args.name)
+        print(key)
+        print(f"pneumoscan: key {args.name!r} added to {args.file}; it is shown only this once, the file keeps its "
+              "hash", file=sys.stderr)
+    elif args.keys_command == "list":
+        keys = auth.read_keys(args.file)
+        for stored in sorted(keys.values(), key=lambda k: k.name):
+            print(f"{stored.name}\t{stored.created}\tsha256:{stored.sha256[:12]}")
+        if not keys:
+            print(f"pneumoscan: {args.file} holds no keys", file=sys.stderr)
+    else:
+        auth.remove_key(args.file, args.name)
+        print(f"pneumoscan: key {args.name!r} removed from {args.file}", file=sys.stderr)
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is not known to be this machine only
+
+
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Both or neither, and loadable: a one-line error now instead of uvicorn's traceback later."""
+    if not certfile and not keyfile:
+        return
+    if not (certfile and keyfile):
+        raise PneumoscanError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    import ssl
+
+    for path in (certfile, keyfile):
+        if not Path(path).is_file():
+            raise PneumoscanError(f"{path}: TLS file not found")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise PneumoscanError(f"{certfile}, {keyfile}: not a usable TLS certificate and key "
+                              f"({getattr(exc, 'reason', None) or exc})") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # everything that can be refused without the model is refused first, in one line
+    if not args.api_keys and not args.allow_open and not is_loopback(args.host):
+        raise PneumoscanError(OPEN_REFUSED.format(host=args.host))
+    check_tls(args.ssl_certfile, args.ssl_keyfile)
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as exc:
+        raise PneumoscanError(f"serving needs the [serve] extra (pip install 'pneumoscan[serve]'): {exc}") from None
+    from .audit import AuditLog
+    from .auth import KeyStore
+
+    keys = KeyStore(args.api_keys) if args.api_keys else None
+    audit = AuditLog(args.audit_log, max_bytes=int(args.audit_max_mb * 2**20), backups=args.audit_backups) \
+        if args.audit_log else None
+    from ..predict import load_model
+
+    limit = getattr(args, "max_megapixels", None)  # a model option of the main parser, when it has it
+    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
+                       **({"max_pixels": round(limit * 1e6)} if limit else {}))
+    app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency,
+                     max_pending=args.max_pending, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+                     api_keys=keys, audit_log=audit)
+    scheme = "https" if args.ssl_certfile else "http"
+    access = f"{len(keys.names)} API key(s)" if keys else "no API keys (open)"
+    print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on {scheme}://{args.host}:{args.port}/ "
+          f"with {access}; batches of up to {args.max_batch} within {args.batch_window_ms:g} ms",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                log_level="info" if args.verbose else "warning")
+    return 0
