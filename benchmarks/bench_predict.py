@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan.predict import BATCH_SIZE, DEFAULT_MODEL
+from pneumoscan.constants import BATCH_SIZE
+from pneumoscan.predict import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 
