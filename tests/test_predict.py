@@ -478,3 +478,16 @@ def test_the_bundled_sha256_known_to_the_code_is_the_shipped_files():
 
     assert sha256_file(DEFAULT_MODEL) == BUNDLED_SHA256
     assert (DEFAULT_MODEL.parent / "default.sha256").read_text().split()[0] == BUNDLED_SHA256
+
+
+def test_the_pixel_limit_is_an_option_of_predict(tiny_model_path, folder, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    assert main(["predict", str(folder / "a.jpeg"), "--model", str(tiny_model_path), "--max-megapixels", "0.001",
+                 "--csv", str(out), "--quiet"]) == 1
+    (row,) = _rows(out)
+    assert row["status"] == "error"
+    assert row["message"] == (f"{folder / 'a.jpeg'}: image is 64x64 pixels, above the 0.001 MP limit (refused as a "
+                              "possible decompression bomb; see --max-megapixels)")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage line and exit code 2
+        main(["predict", str(folder / "a.jpeg"), "--model", str(tiny_model_path), "--max-megapixels", "0"])
+    assert exit_info.value.code == 2

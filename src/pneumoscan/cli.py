@@ -122,7 +122,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .predict import load_model
 
-    model = load_model(args.model, precision=args.precision, prevalence=args.prevalence)
+    model = load_model(args.model, precision=args.precision, prevalence=args.prevalence,
+                       max_pixels=round(args.max_megapixels * 1e6))
     if args.shifts:
         return _print_shifts(model, args)
     result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
@@ -271,7 +272,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import load_model
     from .report import PredictionWriter
 
-    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence)
+    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
+                       max_pixels=round(args.max_megapixels * 1e6))
     model.resolve_threshold(args.threshold)
     if not inputs.files:
         skipped = inputs.skipped_summary()
@@ -331,10 +333,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that loads a model to answer with it."""
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="PyTorch network arithmetic: auto (bfloat16 autocast on CPUs with native bf16, else float32)")
+                   help="PyTorch network arithmetic: auto (the precision the model's thresholds were fitted in, "
+                        "recorded in the model file: float32 for the bundled model) or bfloat16 (faster on CPUs "
+                        "with native bf16; answers differ slightly from the fitted ones)")
     p.add_argument("--prevalence", type=float, default=None, metavar="P",
                    help="pneumonia share where the model is used (0-1): re-bases probabilities from the validation "
                         "prevalence they were calibrated at; decisions at the named thresholds do not change")
+    p.add_argument("--max-megapixels", type=positive_float, default=50.0, metavar="MP",
+                   help="larger images are refused before decoding, as possible decompression bombs (default 50 "
+                        "MP; a 2752 px radiograph is 7.6 MP)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub, _add_model_options)
     add_keys_command(sub)
+    from .dicom.cli import add_dicom_command  # torch-free; `pneumoscan dicom listen | pull`
+
+    add_dicom_command(sub)
     return parser
 
 

@@ -5,7 +5,7 @@
 # instead of 1.6 GB (measured with benchmarks/bench_predict.py).
 BATCH_SIZE = 16
 
-# Network arithmetic: auto = bfloat16 autocast on CPUs with native bf16, else float32.
+# Network arithmetic: auto = the precision the model's calibration and thresholds were fitted in (its record).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # The keys of pneumoscan.models.ARCHS, in its order (a test keeps the two equal).

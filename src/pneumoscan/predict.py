@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .backends import Backend
+from .constants import BATCH_SIZE, PRECISIONS
 from .data.images import MAX_PIXELS, DecodedImage, ImageReadError, Source, decode
 from .errors import PneumoscanError
 from .guard import NOT_XRAY, OUTSIDE_POPULATION, Guard, guard_reason, image_check
@@ -36,11 +37,6 @@ DEFAULT_NAME = "pneumoscan-default"
 # The bundled model file's sha256, known to the code itself: an edited copy (a threshold changed in its JSON
 # header, say) still parses, and would otherwise load under the bundled model's name.
 BUNDLED_SHA256 = "255f1a3835dcbe33ff2a4e893588d7f8579289706aac966002c0828277adb4c1"
-# 16 images per forward pass: on a CPU nearly as fast as 32, and the peak memory of a run stays near 1.2 GB
-# instead of 1.6 GB (measured with benchmarks/bench_predict.py).
-BATCH_SIZE = 16
-# "auto": the arithmetic the model's calibration and thresholds were fitted on (its record's precision)
-PRECISIONS = ("auto", "float32", "bfloat16")
 STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
 
 
