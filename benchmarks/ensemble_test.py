@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     from combine_runs import load_members  # the sibling script: same member loading and split check
 
     from pneumoscan.calibrate import fit_decision_rule, softmax_pneumonia
-    from pneumoscan.evaluate import _score_folder, shifted_logits, validation_images
+    from pneumoscan.data.sources import open_source
+    from pneumoscan.evaluate import shifted_logits, validation_images
     from pneumoscan.metrics import operating_point, roc_auc
 
     runs = [Path(r) for r in args.runs]
     models = load_members(runs, args.precision)
     if models is None:
         return 2
-    config = models[0].meta["training"]["config"]
+    config = models[0].record.training["config"]
 
     # validation: the ensemble's calibration and thresholds, fitted as train.py fits a single network's
     images, val_y = validation_images(models[0])
@@ -54,17 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     # test, once: every member's logits, then the ensemble at its validation-fitted calibration and thresholds
     test = {}
     for run, model in zip(runs, models, strict=True):
-        labels, logits, _, errors = _score_folder(model, args.data, "test", 32, False)
-        if errors:
-            print(f"ensemble_test: {len(errors)} unreadable test images", file=sys.stderr)
+        cache = open_source(args.data).images("test", model.preprocessing)  # decoded as predict decodes files
+        if cache.skipped:
+            print(f"ensemble_test: {len(cache.skipped)} unreadable test images", file=sys.stderr)
             return 1
-        test[run.name] = (np.array(labels), torch.stack(logits))
+        test[run.name] = (cache.labels, next(shifted_logits(model, cache.images))[1])  # the unshifted logits
     test_y = next(iter(test.values()))[0]
-    assert all(np.array_equal(y, test_y) for y, _ in test.values()), "members scored the files in one order"
     test_z = np.mean([m.log_odds(test[r.name][1]).numpy() for r, m in zip(runs, models, strict=True)], axis=0)
     test_p = softmax_pneumonia(as_logits(test_z), temperature, bias)
 
-    print(f"test split: {len(test_y)} images; network precision {models[0].precision}")
+    print(f"test split: {len(test_y)} images; network {models[0].runtime}")
     print(f"{'model':<40} {'AUC':>6}  {'screening thr  sens   spec':>27}  {'balanced thr  acc (sens / spec)':>33}")
 
     def row(name: str, y, p, thr: dict) -> None:
