@@ -679,11 +679,13 @@ def create_app(
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, *,
+                    ssl_certfile: str | Path | None = None, ssl_keyfile: str | Path | None = None):
     """Run ``app`` with a real uvicorn server in a background thread; yields its base URL, stops it on exit.
 
     The socket is bound here (port 0 = a free port chosen by the kernel) and handed to uvicorn, so there is no
-    window in which another process can take the port. Used by the tests and the HTTP benchmark.
+    window in which another process can take the port. With a certificate and key it serves HTTPS (uvicorn's own
+    TLS, as ``pneumoscan serve --ssl-certfile/--ssl-keyfile``). Used by the tests and the HTTP benchmark.
     """
     import socket
     import threading
@@ -693,7 +695,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5, **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="pneumoscan-server", daemon=True
@@ -707,7 +710,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout)

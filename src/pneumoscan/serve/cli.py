@@ -79,6 +79,8 @@ def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, metavar="N",
                    help=f"screening requests in progress at once; more get 503 with Retry-After "
                         f"(default {DEFAULT_MAX_PENDING}; each may hold up to --max-upload-mb)")
+    p.add_argument("--upload-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="an upload not received within S seconds gets 408 (slow or stalled clients; default 60)")
     p.add_argument("--api-keys", metavar="FILE", help="key file from `pneumoscan keys add`: /v1/ and /metrics "
                                                       "then need 'Authorization: Bearer KEY'")
     p.add_argument("--allow-open", action="store_true",
@@ -185,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        **({"max_pixels": round(limit * 1e6)} if limit else {}))
     app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency,
                      max_pending=args.max_pending, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                     api_keys=keys, audit_log=audit)
+                     upload_timeout=args.upload_timeout, api_keys=keys, audit_log=audit)
     scheme = "https" if args.ssl_certfile else "http"
     access = f"{len(keys.names)} API key(s)" if keys else "no API keys (open)"
     print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on {scheme}://{args.host}:{args.port}/ "

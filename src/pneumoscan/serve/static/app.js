@@ -20,9 +20,33 @@ function el(tag, attrs = {}, text) {
 }
 function show(id, visible) { $(id).hidden = !visible; }
 
+// API keys: asked for when the server answers 401, kept only in this tab's sessionStorage (gone when the tab
+// closes; never in localStorage or a cookie), sent as a Bearer token on every API request.
+const KEY_ITEM = "pneumoscan-api-key";
+const keyWaiters = [];
+function storedKey() { try { return sessionStorage.getItem(KEY_ITEM); } catch { return null; } }
+function askForKey(message) {
+  $("key-message").textContent = message;
+  show("key-form", true);
+  $("api-key").focus();
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+async function api(url, options = {}) {
+  for (;;) {
+    const key = storedKey();
+    const headers = { ...(options.headers || {}), ...(key ? { Authorization: "Bearer " + key } : {}) };
+    const res = await fetch(url, { ...options, headers });
+    if (res.status !== 401) return res;
+    let reason = "";
+    try { reason = (await res.json()).error || ""; } catch { /* not JSON */ }
+    sessionStorage.removeItem(KEY_ITEM);
+    await askForKey(key ? `The key was refused (${reason}). Enter a valid key.` : "This server lets in only clients with a key.");
+  }
+}
+
 async function loadModel() {
   try {
-    const res = await fetch("/v1/model");
+    const res = await api("/v1/model");
     if (!res.ok) throw new Error((await res.json()).error || res.statusText);
     const m = await res.json();
     state.model = m;
@@ -152,7 +176,7 @@ async function screen(file) {
   form.append("file", file, file.name);
   const query = new URLSearchParams({ threshold: "screening", preview: "true", heatmap: String(state.heatmap) });
   try {
-    const res = await fetch("/v1/predict?" + query, { method: "POST", body: form });
+    const res = await api("/v1/predict?" + query, { method: "POST", body: form });
     let body;
     try { body = await res.json(); } catch { body = { error: `${res.status} ${res.statusText}` }; }
     if (!res.ok) {
@@ -206,6 +230,15 @@ function setup() {
   window.addEventListener("drop", (e) => {
     const file = e.dataTransfer && e.dataTransfer.files[0];
     if (file) screen(file);
+  });
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const value = $("api-key").value.trim();
+    if (!value) return;
+    sessionStorage.setItem(KEY_ITEM, value);
+    $("api-key").value = "";
+    show("key-form", false);
+    for (const resolve of keyWaiters.splice(0)) resolve();
   });
   loadModel();
 }

@@ -1,0 +1,504 @@
+"""What makes the HTTP service one a hospital can run, over real sockets: API keys, TLS, the audit trail, the
+Prometheus metrics, dynamic batching and the bounded queue, and the ``serve`` / ``keys`` command lines."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import synthetic_xray
+from PIL import Image
+from test_serve import JPEG, TEXT, dicom_bytes, post
+
+from pneumoscan.cli import main
+from pneumoscan.serve import app as serve_app
+from pneumoscan.serve import auth, create_app, serve_in_thread
+
+MiB = 2**20
+
+
+def xray_jpeg(seed: int, opacity: float = 0.0, size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.round(synthetic_xray(size, seed, opacity=opacity) * 255).astype(np.uint8)
+    Image.fromarray(pixels, "L").save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def audit_lines(path: Path, expected: int, timeout: float = 10.0) -> list[dict]:
+    """The audit file's lines once ``expected`` are there: each is written when its response has gone out, so
+    the client can be a moment ahead of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= expected or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.02)
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
+    return path, auth.add_key(path, "ward-3")
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model, keyfile, tmp_path_factory):
+    """Keys and an audit log on; yields (url, key, audit file)."""
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    app = create_app(tiny_model, api_keys=keyfile[0], audit_log=audit)
+    with serve_in_thread(app) as url:
+        yield url, keyfile[1], audit
+
+
+# ---- keys: the command line -----------------------------------------------------------------------------------
+
+
+def test_keys_add_prints_the_key_once_and_the_file_keeps_only_its_hash(tmp_path, capsys):
+    path = tmp_path / "keys.json"
+    assert main(["keys", "add", "radiology", "--file", str(path)]) == 0
+    out, err = capsys.readouterr()
+    key = out.strip()
+    assert key.startswith("psk_") and len(key) >= 40 and "\n" not in key
+    assert "shown only this once" in err
+    text = path.read_text()
+    assert key not in text
+    assert hashlib.sha256(key.encode()).hexdigest() in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert main(["keys", "add", "ward-3", "--file", str(path)]) == 0
+    second = capsys.readouterr().out.strip()
+    assert second != key
+
+    assert main(["keys", "list", "--file", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert [line.split("\t")[0] for line in listed.splitlines()] == ["radiology", "ward-3"]
+    assert key not in listed and second not in listed
+
+    assert main(["keys", "remove", "radiology", "--file", str(path)]) == 0
+    capsys.readouterr()
+    assert list(auth.read_keys(path)) == ["ward-3"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["keys", "add", "ward-3"], "a key named 'ward-3' exists"),
+    (["keys", "add", "bad name"], "key name must be"),
+    (["keys", "remove", "nobody"], "no key named 'nobody' (keys: ward-3)"),
+])
+def test_keys_command_refusals_are_one_line(tmp_path, capsys, argv, message):
+    path = tmp_path / "keys.json"
+    auth.add_key(path, "ward-3")
+    assert main([*argv, "--file", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pneumoscan: error: ") and message in err and "\n" not in err
+
+
+def test_keys_list_of_a_missing_or_foreign_file_is_one_line(tmp_path, capsys):
+    assert main(["keys", "list", "--file", str(tmp_path / "none.json")]) == 2
+    assert "key file not found" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    assert main(["keys", "list", "--file", str(tmp_path / "other.json")]) == 2
+    assert "not a pneumoscan key file" in capsys.readouterr().err
+
+
+# ---- keys: the server -----------------------------------------------------------------------------------------
+
+
+def test_v1_routes_and_metrics_need_a_bearer_key(secured):
+    url, key, _ = secured
+    for method, path in [("GET", "/v1/model"), ("POST", "/v1/predict"), ("GET", "/metrics"),
+                         ("GET", "/v1/model/card"), ("GET", "/v1/nothing")]:
+        missing = httpx.request(method, url + path)
+        assert missing.status_code == 401, path
+        assert missing.json() == {"error": serve_app.KEY_MISSING}
+        assert missing.headers["www-authenticate"] == 'Bearer realm="pneumoscan"'
+        assert missing.headers["x-content-type-options"] == "nosniff"  # the security headers too
+        wrong = httpx.request(method, url + path, headers=bearer(key + "x"))
+        assert wrong.status_code == 401
+        assert wrong.json() == {"error": serve_app.KEY_INVALID}
+        assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+        for header in ({"Authorization": key}, {"Authorization": f"Basic {key}"}, {"Authorization": "Bearer"}):
+            assert httpx.request(method, url + path, headers=header).status_code == 401
+    assert httpx.get(f"{url}/v1/model", headers=bearer(key)).status_code == 200
+    assert httpx.get(f"{url}/metrics", headers=bearer(key)).status_code == 200
+    assert post(url, JPEG, headers=bearer(key)).status_code == 200
+
+
+def test_healthz_the_page_and_its_files_stay_open(secured):
+    url, _, _ = secured
+    for path in ("/healthz", "/", "/static/app.js", "/openapi.json"):
+        assert httpx.get(url + path).status_code == 200, path
+
+
+def test_an_unauthenticated_upload_is_refused_before_it_is_read(secured):
+    url, key, _ = secured
+    response = post(url, b"\0" * (8 * MiB), "big.png")
+    assert response.status_code == 401
+    assert post(url, JPEG, headers=bearer(key)).status_code == 200
+
+
+def test_a_removed_key_is_refused_without_a_restart(tiny_model, tmp_path):
+    path = tmp_path / "keys.json"
+    keep, drop = auth.add_key(path, "keep"), auth.add_key(path, "drop")
+    with serve_in_thread(create_app(tiny_model, api_keys=path)) as url:
+        assert httpx.get(f"{url}/v1/model", headers=bearer(drop)).status_code == 200
+        auth.remove_key(path, "drop")
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/v1/model", headers=bearer(drop)).status_code == 200:
+            assert time.monotonic() < deadline, "the removed key still works"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/model", headers=bearer(keep)).status_code == 200
+
+
+def test_key_check_compares_every_key_in_constant_time(monkeypatch, tmp_path):
+    path = tmp_path / "keys.json"
+    keys = [auth.add_key(path, f"k{i}") for i in range(3)]
+    store = auth.KeyStore(path)
+    calls = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    assert store.identify(f"Bearer {keys[0]}") == "k0"
+    assert store.identify("Bearer wrong") is None
+    assert store.identify(None) is None
+    assert len(calls) == 9  # all three entries, whether the first matched, none did, or no key came
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "pacs.hospital.example"])
+def test_serve_refuses_an_open_non_loopback_address_in_one_line(host, capsys):
+    assert main(["serve", "--host", host]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pneumoscan: error: refusing to serve {host} without API keys") and "\n" not in err
+    assert "--allow-open" in err
+
+
+def test_loopback_addresses_are_recognised():
+    from pneumoscan.serve.cli import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.5.0.1", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "::", "example.org"]))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--ssl-certfile", "cert.pem"], "TLS needs both --ssl-certfile and --ssl-keyfile"),
+    (["--ssl-certfile", "nope.pem", "--ssl-keyfile", "nope.key"], "nope.pem: TLS file not found"),
+    (["--api-keys", "nokeys.json"], "key file not found"),
+])
+def test_serve_refuses_bad_tls_or_key_files_in_one_line(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pneumoscan: error: ") and message in err and "\n" not in err
+
+
+# ---- TLS ------------------------------------------------------------------------------------------------------
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1, valid for a day."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if importlib.util.find_spec("cryptography") is not None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(private, hashes.SHA256())
+        )
+        cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    elif shutil.which("openssl"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    else:
+        pytest.skip("neither the cryptography package nor the openssl command is available")
+    return cert, key
+
+
+def test_https_with_a_self_signed_certificate(tiny_model, keyfile, tmp_path):
+    cert, key = self_signed(tmp_path)
+    app = create_app(tiny_model, api_keys=keyfile[0])
+    with serve_in_thread(app, ssl_certfile=cert, ssl_keyfile=key) as url:
+        assert url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(verify=trusted, timeout=60) as client:
+            assert client.get(f"{url}/healthz").json()["status"] == "ok"
+            response = client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}, headers=bearer(keyfile[1]))
+            assert response.status_code == 200 and response.json()["status"] == "ok"
+            assert client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}).status_code == 401
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/healthz")  # the system's trust store does not know the throwaway certificate
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/healthz")  # plain HTTP is not spoken
+
+
+# ---- audit trail ----------------------------------------------------------------------------------------------
+
+
+def test_audit_log_has_one_line_per_request_and_no_patient_data(secured):
+    url, key, audit = secured
+    before = len(audit_lines(audit, 0, timeout=0))
+    dicom = dicom_bytes(16)
+    assert b"Test^Phantom" in dicom
+    sent = [
+        post(url, JPEG, "Doe_John_chest.jpeg", headers=bearer(key)),
+        post(url, dicom, "Doe_John.dcm", headers=bearer(key)),
+        post(url, TEXT, "Doe_John_notes.png", headers=bearer(key)),
+        post(url, JPEG, "Doe_John_nokey.jpeg"),
+        post(url, JPEG, "Doe_John_wrongkey.jpeg", headers=bearer("psk_wrong")),
+        httpx.get(f"{url}/healthz"),
+    ]
+    lines = audit_lines(audit, before + len(sent))[before:]
+    assert len(lines) == len(sent)
+    by_id = {line["request_id"]: line for line in lines}
+    assert set(by_id) == {r.headers["x-request-id"] for r in sent}
+    text = audit.read_text()
+    for secret in ("Doe_John", "Phantom", key):
+        assert secret not in text
+
+    good, dcm, notes, nokey, wrongkey, health = (by_id[r.headers["x-request-id"]] for r in sent)
+    body = sent[0].json()
+    assert good["status"] == 200 and good["route"] == "/v1/predict" and good["method"] == "POST"
+    assert good["key"] == "ward-3" and good["client"] == "127.0.0.1"
+    assert good["upload_sha256"] == hashlib.sha256(JPEG).hexdigest() and good["upload_bytes"] == len(JPEG)
+    assert good["model_sha256"] == body["model"]["sha256"]
+    assert (good["prediction"], good["probability"], good["decision"]) == ("ok", body["probability"], body["decision"])
+    assert (good["operating_point"], good["threshold"]) == ("screening", 0.3)
+    assert good["latency_ms"] > 0
+    assert good["time"].endswith("Z")
+    assert body["request_id"] == sent[0].headers["x-request-id"]
+    assert dcm["upload_sha256"] == hashlib.sha256(dicom).hexdigest() and dcm["prediction"] == "ok"
+    assert (notes["status"], notes["prediction"], notes["upload_bytes"]) == (415, None, len(TEXT))
+    assert (nokey["status"], nokey["key"], nokey["upload_sha256"]) == (401, None, None)
+    assert (wrongkey["status"], wrongkey["key"]) == (401, None)
+    assert (health["status"], health["route"]) == (200, "/healthz")
+
+
+def test_a_failing_audit_log_never_fails_the_request(tiny_model):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to make writes fail")
+    app = create_app(tiny_model, audit_log="/dev/full")  # every write: ENOSPC
+    with serve_in_thread(app) as url:
+        for _ in range(3):
+            response = post(url, JPEG)
+            assert response.status_code == 200 and response.json()["status"] == "ok"
+        time.sleep(0.2)
+        assert app.state.audit.failures >= 3
+        samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert samples[("pneumoscan_audit_failures_total", ())] >= 3
+
+
+def test_audit_log_rotates_at_its_size_limit(tiny_model, tmp_path):
+    from pneumoscan.serve.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    app = create_app(tiny_model, audit_log=AuditLog(path, max_bytes=2000, backups=2))
+    with serve_in_thread(app) as url:
+        for _ in range(20):
+            httpx.get(f"{url}/healthz")
+    time.sleep(0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+
+
+def test_metrics_in_the_prometheus_text_format(tiny_model, tmp_path):
+    app = create_app(tiny_model)
+    other = create_app(tiny_model)  # a second app in the same process: its own registry, no clash
+    with serve_in_thread(app) as url:
+        for _ in range(3):
+            assert post(url, JPEG).status_code == 200
+        assert post(url, TEXT, "notes.png").status_code == 415
+        httpx.get(f"{url}/nope")
+        response = httpx.get(f"{url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    assert samples[("pneumoscan_http_requests_total", (("route", "/v1/predict"), ("status", "200")))] == 3
+    assert samples[("pneumoscan_http_requests_total", (("route", "/v1/predict"), ("status", "415")))] == 1
+    assert samples[("pneumoscan_http_requests_total", (("route", "other"), ("status", "404")))] == 1
+    assert samples[("pneumoscan_http_request_duration_seconds_count", (("route", "/v1/predict"),))] == 4
+    assert samples[("pneumoscan_batch_size_count", ())] == 3
+    assert samples[("pneumoscan_batch_size_sum", ())] == 3
+    assert samples[("pneumoscan_predictions_total", (("status", "ok"),))] == 3
+    assert samples[("pneumoscan_queue_depth", ())] == 0
+    assert samples[("pneumoscan_requests_in_progress", ())] == 0
+    info = next(labels for (name, labels) in samples if name == "pneumoscan_model_info")
+    assert ("sha256", tiny_model.sha256) in info and ("name", "tiny-test-model") in info
+    assert metric_samples(other.state.metrics.render().decode())[("pneumoscan_batch_size_count", ())] == 0
+
+
+# ---- dynamic batching -----------------------------------------------------------------------------------------
+
+
+def distinct_xrays(n: int) -> list[bytes]:
+    return [xray_jpeg(100 + i, opacity=0.1 * (i % 5), size=80 + 8 * i) for i in range(n)]
+
+
+def _send_together(url: str, images: list[bytes]) -> list[dict]:
+    barrier = threading.Barrier(len(images))
+
+    def send(i: int) -> dict:
+        barrier.wait()
+        response = post(url, images[i], f"{i}.jpeg")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(send, range(len(images))))
+
+
+def _check_batched_answers(model, app, url):
+    images = distinct_xrays(8)
+    expected = [model.predict(data).probability for data in images]
+    assert len({round(p, 6) for p in expected}) == 8  # distinct answers: a swapped row would show
+    for _ in range(3):  # a noisy CPU may split a round; each round must be right, one must batch
+        bodies = _send_together(url, images)
+        for i, body in enumerate(bodies):
+            assert body["filename"] == f"{i}.jpeg"
+            assert body["probability"] == pytest.approx(expected[i], abs=1e-5)
+        if max(b["batch_size"] for b in bodies) > 1:
+            break
+    assert max(b["batch_size"] for b in bodies) > 1
+    assert app.state.batcher.batches < app.state.batcher.images
+
+
+def test_concurrent_distinct_images_share_a_network_call_and_each_gets_its_own_answer(tiny_model):
+    app = create_app(tiny_model, batch_window_ms=100, max_batch=8, max_concurrency=4)
+    with serve_in_thread(app) as url:
+        _check_batched_answers(tiny_model, app, url)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("pneumoscan.export") is None,
+    reason="the onnx backend is not installed",
+)
+def test_onnx_backend_batches_the_same_way(tiny_model, tmp_path):
+    from pneumoscan import load_model
+    from pneumoscan.export import export_onnx
+
+    prep = tiny_model.preprocessing
+    calibration = np.stack([prep.to_uint8(synthetic_xray(96, s)) for s in range(4)])
+    exported = export_onnx(tiny_model, tmp_path / "tiny.onnx", images=calibration, checked_on="generated")
+    model = load_model(exported.path, backend="onnx")
+    app = create_app(model, batch_window_ms=100, max_batch=8, max_concurrency=4)
+    with serve_in_thread(app) as url:
+        _check_batched_answers(model, app, url)
+
+
+def test_max_batch_caps_the_images_per_network_call(tiny_model):
+    app = create_app(tiny_model, batch_window_ms=100, max_batch=2, max_concurrency=4)
+    with serve_in_thread(app) as url:
+        bodies = _send_together(url, distinct_xrays(6))
+    assert max(b["batch_size"] for b in bodies) <= 2
+    assert app.state.batcher.images == 6
+
+
+def test_a_lone_request_does_not_wait_for_the_window(tiny_model):
+    app = create_app(tiny_model, batch_window_ms=1000)
+    with serve_in_thread(app) as url:
+        post(url, JPEG)
+        start = time.perf_counter()
+        body = post(url, JPEG).json()
+        elapsed = time.perf_counter() - start
+    assert body["batch_size"] == 1
+    assert elapsed < 0.9, f"a lone request took {elapsed:.2f} s with a 1 s window"
+
+
+class _SlowModel:
+    """The model with a network that takes ``seconds`` per call."""
+
+    def __init__(self, model, seconds: float):
+        self._model, self._seconds = model, seconds
+
+    def score(self, images):
+        time.sleep(self._seconds)
+        return self._model.score(images)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_the_event_loop_answers_while_the_network_runs(tiny_model):
+    app = create_app(tiny_model)
+    app.state.batcher.model = _SlowModel(tiny_model, 2.0)
+    with serve_in_thread(app) as url, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, url, JPEG)
+        time.sleep(0.3)
+        start = time.perf_counter()
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert time.perf_counter() - start < 1.0
+        assert not slow.done()
+        assert slow.result().status_code == 200
+
+
+def test_beyond_max_pending_the_answer_is_503_with_retry_after(tiny_model):
+    app = create_app(tiny_model, max_pending=2)
+    app.state.batcher.model = _SlowModel(tiny_model, 1.5)
+    with serve_in_thread(app) as url, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(post, url, JPEG) for _ in range(2)]
+        time.sleep(0.5)
+        busy = post(url, JPEG)
+        assert busy.status_code == 503
+        assert busy.json() == {"error": serve_app.BUSY}
+        assert busy.headers["retry-after"] == "1"
+        assert [f.result().status_code for f in held] == [200, 200]
+        assert post(url, JPEG).status_code == 200
+        samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert samples[("pneumoscan_busy_rejections_total", ())] == 1
+
+
+def test_a_failing_network_call_is_a_500_for_its_requests_and_the_batcher_lives_on(tiny_model):
+    class Broken(_SlowModel):
+        def score(self, images):
+            raise RuntimeError("simulated network failure")
+
+    app = create_app(tiny_model)
+    app.state.batcher.model = Broken(tiny_model, 0)
+    with serve_in_thread(app) as url:
+        failed = post(url, JPEG)
+        assert (failed.status_code, failed.json()) == (500, {"error": serve_app.INTERNAL})
+        app.state.batcher.model = tiny_model
+        assert post(url, JPEG).status_code == 200
