@@ -592,14 +592,37 @@ def run_api(model, cases: list[Case], paths: list[Path], tally: Tally, batch_siz
     tally.seconds += time.perf_counter() - start
 
 
+def _cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``pneumoscan.cli.main(argv)`` here, its output captured and an escaping exception printed as the
+    interpreter would: the same checks as a subprocess without a second interpreter's start-up (for the tests)."""
+    import contextlib
+
+    from pneumoscan.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # what a user would see as a traceback
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def run_cli(model_path: str, precision: str, cases: list[Case], paths: list[Path], tally: Tally,
-            folder: Path) -> None:
-    """``pneumoscan predict FILES --csv OUT`` in a fresh interpreter, as a user runs it."""
+            folder: Path, in_process: bool = False) -> None:
+    """``pneumoscan predict FILES --csv OUT`` in a fresh interpreter, as a user runs it (or in this one)."""
     start = time.perf_counter()
     out = folder / "rows.csv"
-    command = [sys.executable, "-m", "pneumoscan.cli", "predict", *map(str, paths), "--csv", str(out),
-               "--quiet", "--model", model_path, "--precision", precision]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+    argv = ["predict", *map(str, paths), "--csv", str(out), "--quiet", "--model", model_path,
+            "--precision", precision]
+    if in_process:
+        done = _cli_in_process(argv)
+    else:
+        done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", *argv], capture_output=True, text=True,
+                              timeout=3600, check=False)
     tally.files += len(paths)
     tally.exit_codes[done.returncode] += 1
     if "Traceback (most recent call last)" in done.stderr:
@@ -676,10 +699,16 @@ def normalise(message: str, name: str) -> str:
 
 
 def fuzz(n: int, seed: int, *, size: int = 256, sources: int = 6, model_path: str | None = None,
-         precision: str = "float32", chunk: int = 500, batch_size: int = 16, cli: bool = True, http: bool = True,
+         precision: str = "float32", chunk: int = 500, batch_size: int = 16, cli: bool | str = True,
+         http: bool = True, progress: Path | None = None,
          only: Iterable[int] | None = None, keep: Path | None = None, images: Path = TEST_IMAGES,
          log: Callable[[str], None] = print) -> dict:
-    """Generate ``n`` cases of ``seed`` and run them through every route; the counts as a dict."""
+    """Generate ``n`` cases of ``seed`` and run them through every route; the counts as a dict.
+
+    ``cli``: True runs the command line in a subprocess per chunk, "in-process" calls ``pneumoscan.cli.main``
+    here (cheaper, for the tests), False skips it. ``progress``: a file rewritten with the counts after every
+    chunk, so a long run that is stopped still leaves its figures.
+    """
     import logging as _logging
 
     from pneumoscan import load_model
@@ -716,13 +745,18 @@ def fuzz(n: int, seed: int, *, size: int = 256, sources: int = 6, model_path: st
                         manifest.write(json.dumps({"file": case.filename, "base": case.base, "ops": case.ops}) + "\n")
                 run_api(model, cases, paths, api, batch_size)
                 if cli:
-                    run_cli(model_file, precision, cases, paths, cmd, folder)
+                    run_cli(model_file, precision, cases, paths, cmd, folder, in_process=cli == "in-process")
                 if http:
                     run_http(url, cases, web, histogram, errors, slowest)
                 if keep is None:
                     for path in paths:
                         path.unlink()
                 log(f"{first + len(cases)} / {len(indices)} cases, {time.perf_counter() - started:.0f} s")
+                if progress is not None:
+                    partial = {"cases_done": first + len(cases), "predict_files": api.to_dict(),
+                               "cli": cmd.to_dict(), "http": web.to_dict(),
+                               "status_codes": {str(k): v for k, v in histogram.items()}}
+                    progress.write_text(json.dumps(partial, indent=2) + "\n")
             if manifest is not None:
                 manifest.close()
     finally:
@@ -761,13 +795,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--only", type=int, nargs="+", help="run only these case numbers")
     parser.add_argument("--keep", type=Path, help="write the cases (and manifest.jsonl) here and keep them")
-    parser.add_argument("--json", type=Path, help="write the counts here")
+    parser.add_argument("--json", type=Path, help="write the counts here (and after each chunk to FILE.partial)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.size < 16 or args.chunk < 1:
         parser.error("--n and --chunk must be positive, --size at least 16")
     result = fuzz(args.n, args.seed, size=args.size, sources=args.sources, model_path=args.model,
                   precision=args.precision, chunk=args.chunk, cli=not args.no_cli, http=not args.no_http,
-                  only=args.only, keep=args.keep, log=lambda s: print(s, file=sys.stderr, flush=True))
+                  only=args.only, keep=args.keep, log=lambda s: print(s, file=sys.stderr, flush=True),
+                  progress=args.json.with_suffix(args.json.suffix + ".partial") if args.json else None)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
