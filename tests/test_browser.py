@@ -135,3 +135,50 @@ def test_a_file_that_is_not_an_xray_shows_the_servers_reason(page, server, tmp_p
     assert "notes.png: unsupported file type; expected a JPEG, PNG, TIFF, BMP or DICOM image" in error.inner_text()
     assert page.locator("#dropzone").is_visible()  # nothing to show: back to the drop zone
     save_screenshot(page, tmp_path, "serve-error.png")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model, tmp_path_factory):
+    """A server that needs an API key; yields (url, key)."""
+    from pneumoscan.serve import auth
+
+    keys = tmp_path_factory.mktemp("browser-keys") / "keys.json"
+    key = auth.add_key(keys, "reading-room")
+    with serve_in_thread(create_app(tiny_model, api_keys=keys)) as url:
+        yield url, key
+
+
+def test_the_page_asks_for_the_key_and_keeps_it_only_in_the_tab(browser, keyed_server, tmp_path):
+    url, key = keyed_server
+    image = xray_file(tmp_path)
+    expected = httpx.post(f"{url}/v1/predict", files={"file": (image.name, image.read_bytes())},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60).json()
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    page.goto(url + "/")
+    form = page.locator("#key-form")
+    form.wait_for(state="visible", timeout=30_000)
+    assert "only clients with a key" in form.inner_text()
+    assert page.locator("#api-key").get_attribute("type") == "password"
+
+    page.fill("#api-key", "psk_not-the-key")
+    page.click("#key-submit")
+    page.get_by_text("The key was refused (invalid API key)").wait_for(timeout=30_000)
+    assert form.is_visible()
+
+    page.fill("#api-key", key)
+    page.click("#key-submit")
+    page.get_by_text("tiny-test-model").wait_for(timeout=30_000)
+    assert form.is_hidden()
+    assert page.evaluate("sessionStorage.getItem('pneumoscan-api-key')") == key
+    assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""
+
+    page.set_input_files("#file-input", str(image))
+    page.locator("#result").wait_for(state="visible", timeout=60_000)
+    assert page.locator("#probability").inner_text() == shown_probability(expected["probability"])
+    save_screenshot(page, tmp_path, "serve-key.png")
+
+    other = context.new_page()  # another tab: sessionStorage is per tab, so it asks again
+    other.goto(url + "/")
+    other.locator("#key-form").wait_for(state="visible", timeout=30_000)
+    context.close()
