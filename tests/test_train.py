@@ -353,3 +353,27 @@ def test_calibration_of_perfectly_separated_validation_keeps_the_ranking():
     temperature, bias, _ = fit_decision_rule(logits, y, 0.98)
     p = softmax_pneumonia(logits, temperature, bias)
     assert temperature == pytest.approx(0.05) and roc_auc(y, p) == 1.0 and p.min() < 0.5 < p.max()
+
+
+def test_calibrate_reads_an_old_run_from_another_directory(trained_run, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A run written before split.csv format 2 keeps paths relative to where training ran; `pneumoscan calibrate`
+    run from elsewhere must still find every image (it once skipped them)."""
+    from pneumoscan.cli import main
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_dataset, repo / "data")
+    run = repo / "runs" / "old"
+    shutil.copytree(trained_run, run)
+    train, val = RunFolder(trained_run).split()
+    rows = ["path,label,patient,subset"]
+    for subset, items in (("train", train), ("val", val)):
+        rows += [f"data/{s.path.relative_to(tiny_dataset.resolve())},{['NORMAL', 'PNEUMONIA'][s.label]},{s.patient},"
+                 f"{subset}" for s in items]
+    (run / "split.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", str(run)]) == 0
+    training = read_model_file(run / "model.safetensors")[1]["training"]
+    assert (training["train_images"], training["val_images"], training["skipped_images"]) == (len(train), len(val), 0)
+    assert training["data"] == str((repo / "data").resolve())
+    assert (run / "split.csv").read_text().startswith("path,label")  # the record is read, never rewritten
+    capsys.readouterr()
