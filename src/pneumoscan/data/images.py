@@ -135,12 +135,6 @@ def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = Non
         raise ImageReadError(f"{label}: corrupt or unreadable image ({detail})") from None
 
 
-def read_image(source: Source, *, name: str | None = None, reduce_to: int | None = None,
-               info: dict | None = None) -> np.ndarray:
-    """Deprecated: ``decode(source).pixels``. Kept while callers move to ``decode``."""
-    return decode(source, name=name).pixels
-
-
 def reduce_factor(width: int, height: int) -> int:
     """The power of two every format's decoder divides a side by (1 for any image up to ``REDUCE_ABOVE`` px)."""
     factor = 1
