@@ -93,6 +93,7 @@ def test_cli_train_with_missing_key_prints_one_line_and_exit_2(tmp_path, capsys)
     assert code == 2
     assert err == f"pneumoscan: error: {bad}: missing key 'train_images' (a MedMNIST .npz has train_images, " \
                   "train_labels, val_images, val_labels, test_images, test_labels)"
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
 
 
 @pytest.mark.slow
