@@ -6,15 +6,16 @@ Network-only rows time ``backend.forward`` on already decoded and resized uint8 
 latency) and batch --batch. End-to-end rows time ``Model.predict_files``: file -> decode -> checks -> network ->
 guard -> probability, batched. A second table counts each backend's statuses on the same files (ok, not_xray,
 out_of_distribution, error), and how many images the PyTorch float32 model accepts that another backend rejects:
-the int8 export refits the guard's limit on int8 features, so that count should be 0 on real X-rays.
+the int8 export moves the guard's limit by the int8 features' score shift, so that count should be 0 on real
+X-rays.
 
     nice -n 19 python benchmarks/bench_inference.py [--model MODEL] [--images ../shared/data/chest_xray/test]
     python benchmarks/bench_inference.py --quick       (8 images, few calls: a smoke run, still exports ONNX)
 
 Reading test images here is fine: only speed and guard agreement are measured, nothing is chosen on them. The int8
 model is made as ``pneumoscan export --int8 --data DATA`` makes it (``export.int8_inputs``): calibrated on
-training images, its guard limit refitted on validation images (the run's, or DATA/val), never on the images
-it is timed on.
+training images, its guard limit moved by the median int8-minus-float guard score of those calibration images and
+of validation images (the run's, or DATA/val), never of the images it is timed on.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def onnx_models(model, args, images: np.ndarray, workdir: Path) -> tuple[Path, P
     result = quantize_int8(fp32_path, calibration=calibration, val_images=val_images, val_labels=val_labels,
                            validated_on=where, out=workdir / "model.int8.onnx")
     how = (f"{result.method} int8, calibrated on {len(calibration)} training images, guard limit refitted on "
-           f"{where}; validation AUC {result.auc_fp32:.4f} -> {result.auc_int8:.4f}, screening decisions "
+           f"int8 features of those and of {where}; validation AUC {result.auc_fp32:.4f} -> {result.auc_int8:.4f}, screening decisions "
            f"changed {result.decisions_changed}, max |probability difference| {result.max_probability_diff:.3f}")
     return fp32_path, result.path, how
 
