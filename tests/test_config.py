@@ -100,11 +100,15 @@ def test_a_bad_value_is_one_line_naming_the_key_and_the_file(tmp_path, text, mes
     assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
 
 
-def test_a_float_given_as_an_integer_is_accepted_and_stored_as_float(tmp_path):
+def test_a_float_given_as_an_integer_or_in_dotless_exponent_form_is_read_as_a_float(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 1\nwarmup_epochs: 0\n")
+    path.write_text("lr: 1\nwarmup_epochs: 0\nweight_decay: 5e-5\n")  # PyYAML reads 5e-5 as a string
     cfg = load_config(path)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.warmup_epochs, float)
+    assert cfg.weight_decay == 5e-5
+    path.write_text("epochs: 1e1\n")
+    with pytest.raises(ConfigError, match="epochs must be an integer >= 1, got '1e1'"):
+        load_config(path)
 
 
 def test_a_bad_command_line_override_is_named_as_such(tmp_path):

@@ -9,6 +9,7 @@ before any data is read or any run folder is created.
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -149,6 +150,9 @@ def removed_option(key: str, value: object) -> str | None:
             f"git checkout {LAST_COMMIT_WITH_REMOVED} to rerun it")
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
 def _describe(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
@@ -192,6 +196,8 @@ def _check(hint, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError
     elif hint is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError
         value = float(value)
