@@ -502,3 +502,47 @@ def test_a_failing_network_call_is_a_500_for_its_requests_and_the_batcher_lives_
         assert (failed.status_code, failed.json()) == (500, {"error": serve_app.INTERNAL})
         app.state.batcher.model = tiny_model
         assert post(url, JPEG).status_code == 200
+
+
+@pytest.mark.slow
+def test_serve_command_with_keys_tls_audit_and_batching_options(tiny_model_path, tmp_path):
+    """The command line end to end: `pneumoscan serve` over HTTPS with a key file, an audit log and batching
+    options, in a process of its own."""
+    import socket
+    import sys
+
+    cert, tls_key = self_signed(tmp_path)
+    keys = tmp_path / "keys.json"
+    key = auth.add_key(keys, "cli")
+    audit = tmp_path / "audit.jsonl"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(tiny_model_path), "--port", str(port),
+               "--api-keys", str(keys), "--audit-log", str(audit), "--ssl-certfile", str(cert), "--ssl-keyfile",
+               str(tls_key), "--batch-window-ms", "2", "--max-batch", "4", "--max-pending", "8"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, server.stderr.read()
+                try:
+                    client.get(f"{url}/healthz", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "server did not start"
+                    time.sleep(0.2)
+            assert client.get(f"{url}/v1/model").status_code == 401
+            info = client.get(f"{url}/v1/model", headers=bearer(key)).json()
+            assert info["batching"] == {"batch_window_ms": 2.0, "max_batch": 4, "max_pending": 8}
+            response = client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}, headers=bearer(key))
+            assert response.status_code == 200
+        lines = audit_lines(audit, 4)
+        assert [(line["route"], line["status"]) for line in lines][-3:] == [
+            ("/v1/model", 401), ("/v1/model", 200), ("/v1/predict", 200)]
+        assert lines[-1]["key"] == "cli" and lines[-1]["request_id"] == response.headers["x-request-id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
