@@ -179,7 +179,8 @@ class RunFolder:
 
     def _legacy_medmnist(self, rows: list[dict], data_root) -> tuple[DataSource, list[Sample], list[Sample]]:
         """MedMNIST's ``source,index,label,subset``: the .npz as given to ``train`` and an index into its split."""
-        source = MedMNISTSource(data_root or self._relocation(Path(rows[0]["source"]), None)(Path(rows[0]["source"])))
+        npz = Path(rows[0]["source"]) if rows else Path()
+        source = MedMNISTSource(data_root or self._relocation(npz, None)(npz))
         out: dict[str, list[Sample]] = {"train": [], "val": []}
         for row in rows:
             out[row["subset"]].append(source.sample(f"{row['subset']}/{int(row['index'])}",
