@@ -120,7 +120,7 @@ class Node:
 
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True  # a PACS configured with another title for us is told so (rejected)
-        ae.maximum_pdu_size = 0  # no limit on what we receive per PDU
+        ae.maximum_pdu_size = 256 * 1024  # per P-DATA PDU received: bounded, and few PDUs per radiograph
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
