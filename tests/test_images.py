@@ -28,7 +28,7 @@ def picture() -> np.ndarray:
 
 def _error(source, **kwargs) -> str:
     with pytest.raises(ImageReadError) as info:
-        decode(source, **kwargs).pixels
+        decode(source, **kwargs)
     message = str(info.value)
     assert "\n" not in message
     return message

@@ -15,8 +15,8 @@ from conftest import make_model_file, save_gray, synthetic_xray
 from pneumoscan import Model, Prediction, load_model
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.modelfile import read_model_file, save_model_file
 from pneumoscan.guard import NOT_XRAY, OUTSIDE_POPULATION, image_check
+from pneumoscan.modelfile import read_model_file, save_model_file
 from pneumoscan.predict import DEFAULT_MODEL
 
 CSV_HEADER = ["path", "probability", "decision", "threshold", "status", "message"]
