@@ -9,7 +9,14 @@ import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
 from pneumoscan.calibrate import balanced_threshold, fit_temperature, screening_threshold, softmax_pneumonia
-from pneumoscan.metrics import classification_report, decide, expected_calibration_error, operating_point
+from pneumoscan.metrics import (
+    classification_report,
+    decide,
+    expected_calibration_error,
+    operating_point,
+    pr_auc,
+    roc_auc,
+)
 
 
 def scores(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -103,3 +110,86 @@ def test_prior_shift_moves_the_odds_by_the_ratio_of_prior_odds():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="prevalence must be strictly between 0 and 1"):
             prior_shift(0.75, bad)
+
+
+# --- 95% confidence intervals ---------------------------------------------------------------------------------------
+
+def test_clopper_pearson_matches_known_values_and_edges():
+    from pneumoscan.metrics import clopper_pearson
+
+    low, high = clopper_pearson(5, 10)
+    assert (low, high) == pytest.approx((0.187086, 0.812914), abs=1e-6)  # standard table value
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    assert clopper_pearson(10, 10) == pytest.approx((0.025 ** 0.1, 1.0))
+    assert all(math.isnan(v) for v in clopper_pearson(0, 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_statistics_equal_sklearn_on_the_resample_they_stand_for(seed):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from pneumoscan.metrics import (
+        bootstrap_weights,
+        weighted_auc,
+        weighted_average_precision,
+        weighted_ece,
+    )
+
+    y, p = scores(300, seed)
+    p = np.round(p, 2)  # ties, as real probabilities have
+    groups = np.random.default_rng(seed).integers(0, 120, len(y))
+    weights = bootstrap_weights(groups, len(y), resamples=4, seed=seed)
+    for w in weights:
+        # every member of a drawn patient counts as often as the patient was drawn
+        assert all(len(set(w[groups == g])) == 1 for g in np.unique(groups))
+        take = np.repeat(np.arange(len(y)), w.astype(int))
+        assert weighted_auc(y, p, w[None])[0] == pytest.approx(roc_auc_score(y[take], p[take]))
+        assert weighted_average_precision(y, p, w[None])[0] == pytest.approx(average_precision_score(y[take], p[take]))
+        assert weighted_ece(y, p, w[None])[0] == pytest.approx(expected_calibration_error(y[take], p[take]))
+
+
+def test_patient_bootstrap_is_wider_than_image_bootstrap_when_patients_repeat_images():
+    from pneumoscan.metrics import confidence_intervals
+
+    y, p = scores(200, 3)
+    # every patient has five identical images: the information is that of 200 images, not 1000
+    y5, p5, groups = np.repeat(y, 5), np.repeat(p, 5), np.repeat(np.arange(200), 5)
+    by_patient = confidence_intervals(y5, p5, groups, {})
+    by_image = confidence_intervals(y5, p5, None, {})
+    width = {k: v["auc"][1] - v["auc"][0] for k, v in (("patient", by_patient), ("image", by_image))}
+    assert width["patient"] > 1.6 * width["image"]
+    assert by_patient["groups"] == 200 and by_image["groups"] == 1000
+    low, high = by_patient["auc"]
+    assert low < roc_auc(y5, p5) < high
+
+
+def test_confidence_intervals_cover_every_figure_and_are_reproducible():
+    from pneumoscan.metrics import confidence_intervals
+
+    y, p = scores(400, 4)
+    points = {"screening": operating_point(y, p, 0.3), "balanced": operating_point(y, p, 0.5)}
+    ci = confidence_intervals(y, p, np.arange(len(y)) // 2, points)
+    assert ci == confidence_intervals(y, p, np.arange(len(y)) // 2, points)  # seeded
+    for key, value in (("auc", roc_auc(y, p)), ("pr_auc", pr_auc(y, p)), ("ece", expected_calibration_error(y, p))):
+        assert ci[key][0] <= value <= ci[key][1], key
+    for name, point in points.items():
+        for figure in ("sensitivity", "specificity", "accuracy"):
+            low, high = ci[name][figure]
+            assert 0 <= low <= getattr(point, figure) <= high <= 1
+
+
+def test_true_auc_is_covered_about_95_percent_of_the_time():
+    """Coverage of the patient bootstrap on 60 simulated studies whose population AUC is known (binormal)."""
+    from scipy.stats import norm
+
+    from pneumoscan.metrics import confidence_intervals
+
+    true_auc = norm.cdf(1.0 / np.sqrt(2))  # positives N(1, 1), negatives N(0, 1)
+    hits = 0
+    for seed in range(60):
+        rng = np.random.default_rng(100 + seed)
+        y = rng.integers(0, 2, 150)
+        p = 1 / (1 + np.exp(-(rng.normal(0, 1, 150) + y)))
+        low, high = confidence_intervals(y, p, None, {}, resamples=300, seed=seed)["auc"]
+        hits += low <= true_auc <= high
+    assert 50 <= hits <= 60  # 57 expected; binomial spread at 60 trials

@@ -87,6 +87,11 @@ def _model_line(model) -> str:
     return f"model {model.name} (sha256 {model.sha256})"
 
 
+def _interval(bounds) -> str:
+    low, high = bounds
+    return "[n/a]" if not (math.isfinite(low) and math.isfinite(high)) else f"[{low:.4f}, {high:.4f}]"
+
+
 def _format_evaluation(result, model) -> str:
     lines = [f"{_model_line(model)}, {result.split} split: {result.n} images"
              + (", test-time augmentation" if result.tta else "")
@@ -96,12 +101,19 @@ def _format_evaluation(result, model) -> str:
              f"(temperature {model.temperature:.3f}, bias {model.bias:+.3f}"
              + (f", re-based from prevalence {model.fitted_prevalence:.3f} to {model.prevalence:.3f})"
                 if model.prevalence is not None else ")")]
+    ci = getattr(result, "intervals", None) or {}
+    if ci:
+        lines.append(f"95% CI (bootstrap by patient, {ci['groups']} patients, {ci['resamples']} resamples): "
+                     f"ROC AUC {_interval(ci['auc'])}   PR AUC {_interval(ci['pr_auc'])}   ECE {_interval(ci['ece'])}")
     if result.guard_rejected:
         lines.append(f"guard: {result.guard_rejected} of these X-rays would be rejected as not a chest X-ray")
     for name, point in result.points.items():
         lines += ["", f"== {name} operating point: threshold {point.threshold:.4f} ==", result.reports[name].rstrip(),
                   f"sensitivity {point.sensitivity:.4f}  specificity {point.specificity:.4f}  "
                   f"precision {point.precision:.4f}  NPV {point.npv:.4f}",
+                  *([f"95% CI (Clopper-Pearson): sensitivity {_interval(ci[name]['sensitivity'])}  specificity "
+                     f"{_interval(ci[name]['specificity'])}  accuracy {_interval(ci[name]['accuracy'])}"]
+                    if name in ci else []),
                   "confusion matrix (rows true, columns predicted; NORMAL, PNEUMONIA):",
                   f"  [[{point.tn:4d} {point.fp:4d}]", f"   [{point.fn:4d} {point.tp:4d}]]"]
     for error in result.errors:

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.layout import list_split
+from .data.layout import list_split, patient_id
 from .data.sources import FolderSource, MedMNISTSource, open_source
 from .errors import PneumoscanError
 from .metrics import (
     OperatingPoint,
     classification_report,
+    confidence_intervals,
     expected_calibration_error,
     operating_point,
     pr_auc,
@@ -44,6 +45,9 @@ class Evaluation:
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     # the same logits at temperature 1: the report's reliability diagram shows what calibration changed
     probabilities_uncalibrated: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    # 95% intervals (metrics.confidence_intervals): auc, pr_auc, ece by patient bootstrap; per operating point
+    # sensitivity, specificity, accuracy by Clopper-Pearson
+    intervals: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready; undefined figures (e.g. precision with no positive decision) are None, because
@@ -52,12 +56,17 @@ class Evaluation:
             "split": self.split, "n": self.n, "auc": self.auc, "pr_auc": self.pr_auc, "ece": self.ece,
             "ece_uncalibrated": self.ece_uncalibrated, "tta": self.tta, "guard_rejected": self.guard_rejected,
             "errors": self.errors, **{name: p.to_dict() for name, p in self.points.items()},
+            "intervals": {k: list(v) if isinstance(v, tuple) else
+                          ({m: list(i) for m, i in v.items()} if isinstance(v, dict) else v)
+                          for k, v in self.intervals.items()},
         })
 
 
 def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
@@ -73,9 +82,10 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     run = RunFolder.of_model(model.path) if split == VALIDATION else None
     source = run.source() if run is not None else open_source(data_dir)
     if isinstance(source, FolderSource):  # files go through the prediction path, its image checks included
-        labels, logits, scores, errors = _score_folder(model, data_dir, split, batch_size, tta)
-    else:
+        labels, logits, scores, errors, groups = _score_folder(model, data_dir, split, batch_size, tta)
+    else:  # no patient ids in an .npz: every image is its own patient
         labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
+        groups = None
     if not labels:
         raise EvaluationError(f"{data_dir}: no readable image in the {split} split ({len(errors)} unreadable)")
     y = np.array(labels)
@@ -86,8 +96,10 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     order = sorted(model.thresholds, key=lambda k: (k != "screening", k))  # screening first, as clinicians read it
     points = {name: operating_point(y, p, model.thresholds[name]) for name in order}
     reports = {name: classification_report(y, p, model.thresholds[name]) for name in order}
+    intervals = confidence_intervals(y, p, groups, points)
     return Evaluation(split, len(y), roc_auc(y, p), pr_auc(y, p), expected_calibration_error(y, p),
-                      expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p, raw)
+                      expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p, raw,
+                      intervals)
 
 
 VALIDATION = "validation"  # the run's own patient-grouped validation split (split.csv), not the official val
@@ -103,10 +115,10 @@ def _validation_samples(model: Model) -> list:
 
 
 def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
-    """(labels, logits, guard scores, error messages) for the image files of a Kaggle-layout split."""
+    """(labels, logits, guard scores, error messages, patient ids) for the image files of a Kaggle-layout split."""
     samples = _validation_samples(model) if split == VALIDATION else list_split(data_dir, split)
     label_of = {str(s.path): s.label for s in samples}
-    labels, logits, scores, errors = [], [], [], []
+    labels, logits, scores, errors, groups = [], [], [], [], []
     for item in model.score_files(label_of, batch_size=batch_size, tta=tta):
         if item.error is not None:
             errors.append(item.error)
@@ -114,7 +126,8 @@ def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool
         labels.append(label_of[item.path])
         logits.append(item.logits)
         scores.append(item.guard_score)
-    return labels, logits, scores, errors
+        groups.append(patient_id(Path(item.path).name))
+    return labels, logits, scores, errors, groups
 
 
 def _score_npz(model: Model, path, split: str, batch_size: int, tta: bool):
