@@ -44,17 +44,25 @@ def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     # pynetdicom at INFO narrates every association; its warnings and errors still show
     logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every attribute module it copies
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
     import signal
 
-    from ..predict import load_model
-    from .node import Destination, Node
+    from .node import Destination
 
     forward = Destination.parse(args.forward) if args.forward else None
     if forward is None and args.out is None:
         raise PneumoscanError("give --forward AET@HOST:PORT and/or --out DIR: results must go somewhere")
+    try:
+        import highdicom  # noqa: F401
+        import pynetdicom  # noqa: F401
+    except ImportError as exc:
+        raise PneumoscanError(f"the DICOM node needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
+    from ..predict import load_model
+    from .node import Node
+
     _logging(args.verbose)
     model = load_model(args.model, precision=args.precision)
     node = Node(model, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port, forward=forward,
@@ -138,3 +146,26 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
+
+
+def add_dicom_out_option(p: argparse.ArgumentParser) -> None:
+    """``pneumoscan predict --dicom-out DIR``."""
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="for every DICOM input, write its Structured Report and Grad-CAM Secondary Capture as "
+                        "DIR/<Study UID>/<SOP UID>.dcm (needs the dicom extra)")
+
+
+def dicom_out(folder: str | None, model):
+    """A callable writing the SR and SC for each Prediction of a DICOM input under ``folder``; None without one."""
+    if not folder:
+        return None
+    try:
+        from .results import MANUFACTURER  # noqa: F401 - fails early without the dicom extra
+        from .screen import Screener
+    except ImportError as exc:
+        raise PneumoscanError(f"--dicom-out needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
+    from pathlib import Path
+
+    from .predict_out import DicomOut
+
+    return DicomOut(Path(folder), Screener(model))

@@ -125,7 +125,8 @@ class Node:
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_REJECTED, self._on_rejected)]
+                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ACCEPTED, self._on_accepted)]
         pending = len(self.spool.pending())
         if pending:
             log.info("%d instance(s) received before the last stop are waiting: screening them first", pending)
@@ -166,6 +167,13 @@ class Node:
 
     def _on_aborted(self, event) -> None:
         log.warning("association with %s aborted; nothing half-received was kept", _peer(event))
+
+    def _on_accepted(self, event) -> None:
+        assoc = event.assoc
+        if not assoc.accepted_contexts:
+            proposed = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+            log.warning("association from %s proposed only SOP classes this node does not take (%s): "
+                        "every presentation context rejected", _peer(event), ", ".join(proposed)[:300])
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s rejected", _peer(event))
