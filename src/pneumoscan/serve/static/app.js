@@ -27,6 +27,7 @@ const keyWaiters = [];
 function storedKey() { try { return sessionStorage.getItem(KEY_ITEM); } catch { return null; } }
 function askForKey(message) {
   $("key-message").textContent = message;
+  if (!state.model) $("model-info").textContent = "waiting for an API key";
   show("key-form", true);
   $("api-key").focus();
   return new Promise((resolve) => keyWaiters.push(resolve));
