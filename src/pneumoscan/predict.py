@@ -36,7 +36,7 @@ DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 DEFAULT_NAME = "pneumoscan-default"
 # The bundled model file's sha256, known to the code itself: an edited copy (a threshold changed in its JSON
 # header, say) still parses, and would otherwise load under the bundled model's name.
-BUNDLED_SHA256 = "255f1a3835dcbe33ff2a4e893588d7f8579289706aac966002c0828277adb4c1"
+BUNDLED_SHA256 = "15a183a60113de2bebb96d8bc7cc9f307248bed6cc56f7de9370a7da9d4d570f"
 STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
 
 
