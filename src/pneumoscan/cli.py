@@ -269,14 +269,25 @@ def _row(pred) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .archive import output_kind, require_pyarrow, require_ray
     from .report import check_output_dir, check_output_file
 
     if args.heatmaps and args.backend != "torch":
         raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
+    if args.heatmaps and args.engine == "ray":
+        raise PneumoscanError("--heatmaps (Grad-CAM) runs on the local engine only: drop --engine ray")
+    if args.resume and not (args.csv or args.out):
+        raise PneumoscanError("--resume continues the partial results of --csv or --out: give the same one")
     # Destinations fail first (before the model loads); then bad options (model, threshold: exit 2) before
     # an empty input (exit 1); no image is decoded before all of that passed.
     check_output_file(args.csv, "--csv")
+    if args.out:
+        if output_kind(args.out) == "parquet":
+            require_pyarrow()
+        check_output_file(args.out, "--out")
     check_output_dir(args.heatmaps, "--heatmaps")
+    if args.engine == "ray":
+        require_ray()
     inputs = Inputs(args.inputs)
 
     from tqdm import tqdm
@@ -300,20 +311,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(PREDICT_HEADER)
     elif not args.quiet:  # piped: stdout stays rows only, the model goes to stderr
         print(f"pneumoscan: {_model_line(model)}", file=sys.stderr)
-    failed = 0
-    with PredictionWriter(args.csv, args.heatmaps, model) as writer:
-        results = model.predict_files(inputs.files, threshold=args.threshold, batch_size=args.batch_size,
-                                      tta=args.tta)
-        for pred in tqdm(results, desc="screening", unit="img", total=len(inputs.files),
-                         disable=args.quiet or not sys.stderr.isatty()):
+    with PredictionWriter(args.csv, args.heatmaps, model, out_path=args.out, files=inputs.files,
+                          threshold=args.threshold, tta=args.tta, resume=args.resume) as writer:
+        failed = sum(row["status"] == "error" for row in writer.kept)
+        if writer.kept and not args.quiet:
+            print(f"pneumoscan: resuming: {len(writer.kept)} row(s) kept from {writer.archive.path}, "
+                  f"{len(writer.todo)} file(s) to screen", file=sys.stderr)
+        if args.engine == "ray":
+            results = _ray_results(model, writer.todo, args)
+        elif args.csv or args.out:
+            from .archive import predict_local
+
+            results = predict_local(model, writer.todo, threshold=args.threshold, batch_size=args.batch_size,
+                                    tta=args.tta)
+        else:
+            results = ((pred, None) for pred in model.predict_files(
+                inputs.files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta))
+        for pred, row in tqdm(results, desc="screening", unit="img", total=len(writer.todo),
+                              disable=args.quiet or not sys.stderr.isatty()):
             failed += pred.status == "error"
-            writer.add(pred)
+            writer.add(pred, row)
             print(json.dumps(_finite(pred.to_dict()), default=str) if args.json else _row(pred), flush=table)
     if failed == len(inputs.files):
         print(f"pneumoscan: none of the {failed} file(s) could be read: nothing was screened", file=sys.stderr)
     elif failed:
         print(f"pneumoscan: {failed} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _ray_results(model, files: list, args: argparse.Namespace):
+    """(Prediction, row) per file from the Ray engine, on the cluster at --address or a local instance."""
+    import ray
+
+    from .archive import predict_ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, log_to_driver=not args.quiet, include_dashboard=False,
+                 configure_logging=False)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = not args.quiet and sys.stderr.isatty()
+        yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
+                               num_cpus=args.num_cpus, num_gpus=args.num_gpus, concurrency=args.concurrency,
+                               backend=args.backend, precision=args.precision)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -419,7 +464,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
     p.add_argument("--csv", metavar="FILE", help="write one row per file (path, probability, decision, threshold, "
-                                                 "status, message); written only when the run completes")
+                                                 "status, message); the file appears only when the run completes, "
+                                                 "finished rows are kept in FILE.partial until then (--resume)")
+    p.add_argument("--out", metavar="FILE", help="results.csv or results.parquet (pyarrow): the CSV's columns, and "
+                                                 "in Parquet also model_sha256 and the DICOM Study, Series and SOP "
+                                                 "Instance UIDs; crash-safe like --csv")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FILE.partial: keep its rows, screen only the files whose "
+                        "path, size and modification time have no row yet (same model and options only)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: decode in Ray tasks and score in a pool of Ray actors (pip install "
+                        "'pneumoscan[cluster]'), on a local instance or the cluster at --address")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto (the one `ray start --head` "
+                                                   "started) or ray://host:10001; default: a local instance")
+    p.add_argument("--num-cpus", type=positive_float, default=1.0, metavar="N", help="CPUs per Ray actor (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, metavar="G", help="GPUs per Ray actor (default 0)")
+    p.add_argument("--concurrency", type=positive_int, default=1, metavar="K",
+                   help="Ray actors scoring at once, each with its own copy of the model (default 1)")
     p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
     p.add_argument("--json", action="store_true",
                    help="print JSON Lines instead of tab-separated rows: one object per file, the fields of "

@@ -7,9 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .archive import CSV_COLUMNS  # noqa: F401 (the CSV's columns, imported from here by older code)
 from .errors import PneumoscanError
-
-CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -56,40 +55,49 @@ def check_output_dir(path: str | Path | None, option: str) -> None:
 
 
 class PredictionWriter:
-    """Collects predictions into a CSV written to a temporary file and renamed only when the run completes,
-    so an interrupted run never leaves a CSV that looks complete."""
+    """The outputs of a predict run. Rows go to a journal beside the first destination (``DEST.partial``,
+    appended, flushed per row and fsynced at short intervals: a killed run keeps its finished rows, and
+    ``resume`` continues it); the CSV (``--csv``, or ``--out x.csv``) and Parquet (``--out x.parquet``) files are
+    written from it, in input order, and renamed into place only when the run completes, so a file at the final
+    name is always complete. Heatmaps are written before their row, so a row never lacks its heatmap."""
 
-    def __init__(self, csv_path: str | None, heatmap_dir: str | None, model):
+    def __init__(self, csv_path: str | None, heatmap_dir: str | None, model, *, out_path: str | None = None,
+                 files: list | None = None, threshold="screening", tta: bool = False, resume: bool = False):
+        from .archive import ArchiveWriter, output_kind, run_settings
+
         self.csv_path = Path(csv_path) if csv_path else None
         self.heatmap_dir = Path(heatmap_dir) if heatmap_dir else None
         self.model = model
-        self._file = None
-        self._tmp = None
+        destinations = [(Path(out_path), output_kind(out_path))] if out_path else []
+        if self.csv_path:
+            destinations.append((self.csv_path, "csv"))
+        self.files = list(files or [])
+        self.archive = ArchiveWriter(destinations, model, run_settings(model, threshold, tta), self.files,
+                                     resume=resume)
+
+    @property
+    def todo(self) -> list:
+        """The files still to score (all of them, unless a resumed journal holds some)."""
+        return self.archive.todo
+
+    @property
+    def kept(self) -> list[dict]:
+        return self.archive.kept
 
     def __enter__(self) -> PredictionWriter:
         check_output_file(self.csv_path, "--csv")
         check_output_dir(self.heatmap_dir, "--heatmaps")
         try:
-            if self.csv_path:
-                self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-                fd, self._tmp = tempfile.mkstemp(dir=self.csv_path.parent, prefix=f".{self.csv_path.name}.",
-                                                 suffix=".tmp")
-                self._file = os.fdopen(fd, "w", newline="")
-                self._csv = csv.writer(self._file)
-                self._csv.writerow(CSV_COLUMNS)
+            self.archive.open()
             if self.heatmap_dir:
                 self.heatmap_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            self.__exit__(type(exc), exc, None)
+            self.archive.abort()
             where = exc.filename or self.csv_path or self.heatmap_dir
             raise PneumoscanError(f"{where}: cannot write there ({exc.strerror or exc})") from None
         return self
 
-    def add(self, pred) -> None:
-        if self._file:
-            probability = "" if pred.probability is None else f"{pred.probability:.6f}"
-            self._csv.writerow([pred.path, probability, pred.decision or "", f"{pred.threshold:.6f}", pred.status,
-                                pred.message])
+    def add(self, pred, row: dict | None = None) -> None:
         if self.heatmap_dir and pred.status == "ok":
             from .explain import save_heatmap
 
@@ -98,19 +106,21 @@ class PredictionWriter:
             except OSError as exc:  # e.g. the disk filled up: one line, and no CSV that looks complete
                 raise PneumoscanError(f"{self.heatmap_dir}: cannot write the heatmap of {pred.path} "
                                       f"({exc.strerror or exc})") from None
+        if row is None:
+            from .archive import file_key, make_row
+
+            row = make_row(pred, *file_key(pred.path))
+        self.archive.add(row)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
-            if exc_type is None:
-                try:
-                    os.replace(self._tmp, self.csv_path)
-                except OSError as exc:
-                    Path(self._tmp).unlink(missing_ok=True)
-                    raise PneumoscanError(f"{self.csv_path}: cannot write --csv ({exc.strerror or exc})") from None
-            else:
-                Path(self._tmp).unlink(missing_ok=True)
+        if exc_type is None:
+            self.archive.finish()
+            return
+        line = self.archive.abort()
+        if line:
+            import sys
+
+            print(f"pneumoscan: {line}", file=sys.stderr)
 
 
 # ---- evaluation plots -------------------------------------------------------------------------------------

@@ -1,0 +1,562 @@
+"""Screening an archive: a crash-safe journal of finished rows, resumable runs, CSV and Parquet outputs, and a
+cluster engine on Ray Data.
+
+Every finished row is appended to ``DEST.partial`` (JSON Lines: one row per line, so a row torn by SIGKILL is
+recognisable and dropped), flushed at once and fsynced every ``FSYNC_ROWS`` rows or ``FSYNC_SECONDS``. Only at the
+end are the final files (CSV, Parquet) written from the journal, in input order, and renamed into place; then the
+journal is removed. ``--resume`` keeps the journal's rows whose file still has the same path, size and
+modification time, and scores only the rest.
+
+The journal's first line records what produced the rows (model sha256, operating point and threshold,
+test-time augmentation, network arithmetic): a resume with anything else is refused, so one output never mixes
+two models' answers.
+
+Both engines give the same row per file: the local one through ``Model.predict_files``; the Ray one through the
+same ``Model.decode``/``prepare`` (Ray tasks) and ``Model.score``/``result`` (an actor pool, the model loaded once
+per actor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from .errors import PneumoscanError
+
+JOURNAL_SUFFIX = ".partial"
+JOURNAL_FORMAT = "pneumoscan-journal/1"
+FSYNC_ROWS = 64
+FSYNC_SECONDS = 2.0
+CLUSTER_HINT = "pip install 'pneumoscan[cluster]' (Ray Data and pyarrow)"
+PARQUET_HINT = "pip install pyarrow (or 'pneumoscan[cluster]')"
+
+CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message"]
+UID_COLUMNS = ["study_instance_uid", "series_instance_uid", "sop_instance_uid"]
+PARQUET_COLUMNS = [*CSV_COLUMNS, "model_sha256", *UID_COLUMNS]
+# what the journal keeps per row: everything any output needs, and the file's identity for --resume
+ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
+            "size", "mtime_ns", *UID_COLUMNS]
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+
+def file_key(path: str | Path) -> tuple[int | None, int | None]:
+    """(size, mtime_ns) of a file now; (None, None) when it cannot be stat'ed (gone, unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def output_kind(path: str | Path, option: str = "--out") -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise PneumoscanError(f"{path}: {option} must name a .csv or .parquet file")
+    return suffix[1:]
+
+
+def require_pyarrow(why: str = "--out .parquet") -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise PneumoscanError(f"{why} needs pyarrow, which is not installed: {PARQUET_HINT}") from None
+
+
+def require_ray() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        missing = (exc.name or "ray").split(".")[0]
+        raise PneumoscanError(f"--engine ray needs Ray Data and pyarrow ({missing} is not installed): "
+                              f"{CLUSTER_HINT}") from None
+
+
+# --- rows ----------------------------------------------------------------------------------------------------
+
+def _uids(header) -> dict[str, str | None]:
+    return {k: (getattr(header, k, None) if header is not None else None) for k in UID_COLUMNS}
+
+
+def make_row(pred, size: int | None, mtime_ns: int | None, header=None) -> dict:
+    """The journal row of one Prediction (``header``: the file's DicomHeader, or None)."""
+    return {"path": pred.path, "probability": pred.probability, "decision": pred.decision,
+            "operating_point": pred.operating_point, "threshold": pred.threshold, "status": pred.status,
+            "message": pred.message, "guard_score": pred.guard_score, "size": size, "mtime_ns": mtime_ns,
+            **_uids(header)}
+
+
+def csv_cells(row: dict) -> list[str]:
+    """The CSV row, formatted as ``pneumoscan predict --csv`` always wrote it."""
+    probability = "" if row["probability"] is None else f"{row['probability']:.6f}"
+    return [row["path"], probability, row["decision"] or "", f"{row['threshold']:.6f}", row["status"],
+            row["message"]]
+
+
+@contextmanager
+def capture_files(model):
+    """While active, every ``model.decode(path)`` also records the file's size, mtime and DICOM identifiers, so
+    ``model.predict_files`` (unchanged: same decoding, batching and values) yields rows this module can complete.
+    ``take(path)`` returns and forgets them; memory stays bounded by predict_files' read-ahead."""
+    seen: dict[str, list] = defaultdict(list)
+    original = model.decode
+
+    def decode(source, name=None):
+        if isinstance(source, str | Path) and name is None:
+            key = str(source)
+            size, mtime = file_key(source)
+            entry = [size, mtime, None]
+            seen[key].append(entry)
+            decoded = original(source, name)
+            entry[2] = decoded.dicom
+            return decoded
+        return original(source, name)
+
+    def take(path: str) -> tuple[int | None, int | None, object]:
+        entries = seen.get(path)
+        if entries:
+            size, mtime, header = entries.pop(0)
+            if not entries:
+                seen.pop(path, None)
+            return size, mtime, header
+        return (*file_key(path), None)
+
+    model.decode = decode  # an instance attribute: Model.score_files calls self.decode
+    try:
+        yield take
+    finally:
+        del model.decode
+
+
+def predict_local(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False
+                  ) -> Iterator[tuple[object, dict]]:
+    """(Prediction, journal row) per file, in order, through ``model.predict_files``."""
+    with capture_files(model) as take:
+        for pred in model.predict_files(paths, threshold=threshold, batch_size=batch_size, tta=tta):
+            yield pred, make_row(pred, *take(pred.path))
+
+
+# --- the journal ---------------------------------------------------------------------------------------------
+
+def journal_path(destination: str | Path) -> Path:
+    destination = Path(destination)
+    return destination.with_name(destination.name + JOURNAL_SUFFIX)
+
+
+def run_settings(model, threshold, tta: bool) -> dict:
+    """What decides the rows' values: a journal is resumed only with the same."""
+    op = model.resolve_threshold(threshold)
+    return {"model_sha256": model.sha256, "model": model.name, "operating_point": op[0],
+            "threshold": op[1], "tta": bool(tta), "runtime": model.runtime}
+
+
+def read_journal(path: Path) -> tuple[dict | None, list[dict]]:
+    """(settings line or None, complete rows). A last line without its newline (the process was killed while
+    writing it) or that does not parse is dropped: it is scored again."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, []
+    except OSError as exc:
+        raise PneumoscanError(f"{path}: cannot read the partial results ({exc.strerror or exc})") from None
+    lines = data.split(b"\n")[:-1]  # what follows the last newline is a torn row
+    if not lines:
+        return None, []
+    try:
+        settings = json.loads(lines[0])
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict) or settings.get("format") != JOURNAL_FORMAT:
+        raise PneumoscanError(f"{path}: not a pneumoscan partial results file; remove it or choose another "
+                              "destination")
+    rows = []
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # torn by a crash mid-line (only the last can be): rescored
+        if isinstance(row, dict) and set(ROW_KEYS) <= set(row):
+            rows.append(row)
+    return settings, rows
+
+
+def check_resumable(path: Path, found: dict, wanted: dict) -> None:
+    if found["model_sha256"] != wanted["model_sha256"]:
+        raise PneumoscanError(
+            f"{path}: cannot resume: its rows were written by model {found.get('model')} (sha256 "
+            f"{found['model_sha256']}), this run uses {wanted['model']} (sha256 {wanted['model_sha256']}); "
+            "use the same --model, or remove the file to start again")
+    for key, option in (("operating_point", "--threshold"), ("threshold", "--threshold"), ("tta", "--tta"),
+                        ("runtime", "--backend/--precision")):
+        if found.get(key) != wanted[key]:
+            raise PneumoscanError(f"{path}: cannot resume: its rows were written with {key} {found.get(key)!r}, "
+                                  f"this run has {wanted[key]!r}; use the same {option}, or remove the file")
+
+
+class Journal:
+    """The append-only file of finished rows, fsynced at short intervals."""
+
+    def __init__(self, path: Path, settings: dict, kept: list[dict]):
+        self.path = path
+        self.rows_written = len(kept)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:  # settings + kept rows, then atomically in place
+            f.write(json.dumps({"format": JOURNAL_FORMAT, **settings}) + "\n")
+            for row in kept:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._unsynced = 0
+        self._synced_at = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()  # in the kernel now: a SIGKILL loses nothing from here on
+        self.rows_written += 1
+        self._unsynced += 1
+        if self._unsynced >= FSYNC_ROWS or time.monotonic() - self._synced_at >= FSYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())  # on the disk: survives a power cut too
+        self._unsynced = 0
+        self._synced_at = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def plan_resume(rows: list[dict], files: list) -> tuple[list[dict], list]:
+    """(journal rows to keep, files still to score): a row is kept when a listed file has its path, size and
+    mtime; a path listed twice takes one row per listing. Rows of changed or unlisted files are dropped."""
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_key[(row["path"], row["size"], row["mtime_ns"])].append(row)
+    kept, todo = [], []
+    for f in files:
+        key = (str(f), *file_key(f))
+        if by_key.get(key):
+            kept.append(by_key[key].pop(0))
+        else:
+            todo.append(f)
+    return kept, todo
+
+
+def ordered(rows: list[dict], files: list) -> list[dict]:
+    """Rows in the order of the listed files (the order of an uninterrupted run)."""
+    positions: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(files):
+        positions[str(f)].append(i)
+    seen: dict[str, int] = defaultdict(int)
+
+    def index(row: dict) -> int:
+        slots = positions.get(row["path"], [])
+        k = seen[row["path"]]
+        seen[row["path"]] += 1
+        return slots[k] if k < len(slots) else len(files)
+
+    keyed = [(index(row), n, row) for n, row in enumerate(rows)]
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    return [row for _, _, row in keyed]
+
+
+# --- final outputs -------------------------------------------------------------------------------------------
+
+def write_csv(rows: Iterable[dict], path: Path) -> None:
+    import csv
+
+    from .modelfile import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(CSV_COLUMNS)
+            for row in rows:
+                out.writerow(csv_cells(row))
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def parquet_table(rows: list[dict], model_sha256: str):
+    import pyarrow as pa
+
+    schema = pa.schema([("path", pa.string()), ("probability", pa.float64()), ("decision", pa.string()),
+                        ("threshold", pa.float64()), ("status", pa.string()), ("message", pa.string()),
+                        ("model_sha256", pa.string()), *[(k, pa.string()) for k in UID_COLUMNS]])
+    columns = {k: [r[k] for r in rows] for k in CSV_COLUMNS + UID_COLUMNS}
+    columns["model_sha256"] = [model_sha256] * len(rows)
+    return pa.table({k: columns[k] for k in PARQUET_COLUMNS}, schema=schema)
+
+
+def write_parquet(rows: list[dict], path: Path, model_sha256: str) -> None:
+    import pyarrow.parquet as pq
+
+    from .modelfile import atomic_write
+
+    atomic_write(path, lambda tmp: pq.write_table(parquet_table(rows, model_sha256), tmp))
+
+
+class ArchiveWriter:
+    """Rows of a predict run: into the journal as they come; the final CSV and/or Parquet files at the end.
+
+    ``destinations``: [(path, "csv" | "parquet")]; the journal sits beside the first. On an exception the journal
+    stays (its rows are the finished work) and ``__exit__`` says how to continue."""
+
+    def __init__(self, destinations: list[tuple[Path, str]], model, settings: dict, files: list, *,
+                 resume: bool = False, quiet: bool = False):
+        self.destinations = destinations
+        self.model = model
+        self.settings = settings
+        self.files = files
+        self.resume = resume
+        self.quiet = quiet
+        self.journal: Journal | None = None
+        self.kept: list[dict] = []
+        self.todo = list(files)
+        self.path = journal_path(destinations[0][0]) if destinations else None
+
+    def open(self) -> ArchiveWriter:
+        """Read (with --resume) or refuse an existing journal, then start appending. Nothing scored yet."""
+        if self.path is None:
+            return self
+        found, rows = read_journal(self.path)
+        if found is not None and not self.resume:
+            raise PneumoscanError(f"{self.path}: partial results of an interrupted run ({len(rows)} rows) are "
+                                  "there: add --resume to continue it, or remove the file to start again")
+        if found is not None:
+            check_resumable(self.path, found, self.settings)
+            self.kept, self.todo = plan_resume(rows, self.files)
+        for path, _ in self.destinations:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.journal = Journal(self.path, self.settings, self.kept)
+        except OSError as exc:
+            raise PneumoscanError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
+        return self
+
+    def add(self, row: dict) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.add(row)
+            except OSError as exc:
+                raise PneumoscanError(f"{self.path}: cannot append a row ({exc.strerror or exc}); the "
+                                      f"{self.journal.rows_written} rows before it are kept: free space, then "
+                                      "rerun with --resume") from None
+
+    def finish(self) -> None:
+        if self.journal is None:
+            return
+        self.journal.close()
+        _, rows = read_journal(self.path)
+        rows = ordered(rows, self.files)
+        for path, kind in self.destinations:
+            try:
+                if kind == "csv":
+                    write_csv(rows, path)
+                else:
+                    write_parquet(rows, path, self.settings["model_sha256"])
+            except OSError as exc:
+                raise PneumoscanError(f"{path}: cannot write it ({exc.strerror or exc}); the rows are kept in "
+                                      f"{self.path}: rerun with --resume") from None
+        self.path.unlink(missing_ok=True)
+        self.journal = None
+
+    def abort(self) -> str | None:
+        """Close after a failure; the line to print (where the finished rows are) or None."""
+        if self.journal is None:
+            return None
+        n = self.journal.rows_written
+        with suppress(OSError):
+            self.journal.close()
+        self.journal = None
+        if n == 0:
+            self.path.unlink(missing_ok=True)
+            return None
+        return f"{n} finished row(s) kept in {self.path}: rerun the same command with --resume to continue"
+
+
+# --- the Ray engine ------------------------------------------------------------------------------------------
+
+def _read_error(path: str, exc: BaseException) -> str:
+    """The message ``Model.score_files`` gives a file it cannot read (the same text on both engines)."""
+    from .data.images import ImageReadError
+
+    if isinstance(exc, ImageReadError):
+        return str(exc)
+    return f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+
+
+def _prepare_row(row: dict, shim, size: int) -> dict:
+    """Ray task body: decode and preprocess one file with the model's own ``decode``/``prepare`` (``shim``: the
+    model without its network, so only the record travels to the tasks)."""
+    import numpy as np
+
+    path = str(row["path"])
+    st_size, mtime = file_key(path)
+    out = {"path": path, "size": -1 if st_size is None else st_size, "mtime_ns": -1 if mtime is None else mtime,
+           "reason": "", "has_reason": False, "error": "", **{k: "" for k in UID_COLUMNS}}
+    try:
+        decoded = shim.decode(path)
+        small, reason = shim.prepare(decoded)
+        out.update({k: v or "" for k, v in _uids(decoded.dicom).items()})
+        out["reason"] = "" if reason is None else reason
+        out["has_reason"] = reason is not None
+    except Exception as exc:  # that file's error row, as on the local engine
+        out["error"] = _read_error(path, exc)
+        small = np.zeros((size, size), np.uint8)
+    out["pixels"] = np.ascontiguousarray(small, dtype=np.uint8)
+    return out
+
+
+class _Scorer:
+    """Ray actor: loads the model once, then scores batches with ``Model.score`` and decides with
+    ``Model.result``."""
+
+    def __init__(self, model_path, backend, precision, prevalence, max_pixels, threshold, tta, threads, device,
+                 pid_dir=None):
+        import torch
+
+        from .predict import load_model
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model = load_model(model_path, backend=backend, precision=precision, prevalence=prevalence,
+                                max_pixels=max_pixels, device=device)
+        self.op = self.model.resolve_threshold(threshold)
+        self.tta = tta
+        if pid_dir:  # tests: which processes are the actors
+            Path(pid_dir, f"{os.getpid()}.pid").write_text(str(os.getpid()))
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from .predict import Prediction
+
+        n = len(batch["path"])
+        ok = [i for i in range(n) if not batch["error"][i]]
+        if ok:
+            scores = self.model.score(np.stack([batch["pixels"][i] for i in ok]), tta=self.tta)
+        out = {k: [] for k in ROW_KEYS}
+        j = 0
+        for i in range(n):
+            path = str(batch["path"][i])
+            if batch["error"][i]:
+                pred = Prediction(path, None, None, self.op[0], self.op[1], "error", str(batch["error"][i]))
+            else:
+                reason = str(batch["reason"][i]) if batch["has_reason"][i] else None
+                pred = self.model.result(path, scores.logits[j], float(scores.guard[j]), self.op, reason)
+                j += 1
+            size, mtime = int(batch["size"][i]), int(batch["mtime_ns"][i])
+            row = make_row(pred, None if size < 0 else size, None if mtime < 0 else mtime)
+            for k in UID_COLUMNS:
+                row[k] = str(batch[k][i]) or None
+            for k in ROW_KEYS:
+                out[k].append(row[k])
+        out["model_sha256"] = [self.model.sha256] * n
+        return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def predictions_dataset(paths, model=None, *, backend: str = "torch", precision: str = "auto",
+                        prevalence: float | None = None, max_pixels: int | None = None,
+                        threshold: str | float = "screening", tta: bool = False, batch_size: int | None = None,
+                        num_cpus: float = 1, num_gpus: float = 0, concurrency: int = 1,
+                        _pid_dir: str | None = None):
+    """A Ray Dataset of predictions (the journal row keys plus ``model_sha256``) for ``paths``: a list of paths or
+    a Ray Dataset with a ``path`` column (paths every node can read: a shared file system).
+
+    Files are decoded and preprocessed in Ray tasks and scored in a pool of ``concurrency`` actors, each loading
+    the model once with ``num_cpus``/``num_gpus`` of resources. Lazy: nothing runs before it is consumed
+    (``iter_rows``, ``write_parquet``, ...). A killed actor is restarted and its batches retried.
+
+    ``model``: a model file / run folder path, None for the bundled model, or a loaded Model (its file is
+    reloaded in each actor with the same settings)."""
+    require_ray()
+    import ray
+
+    from .constants import BATCH_SIZE
+    from .data.images import MAX_PIXELS
+    from .predict import Model, load_model
+
+    if isinstance(model, Model):
+        loaded = model
+        model_path = str(model.path)
+    else:
+        model_path = None if model is None else str(model)
+        loaded = load_model(model_path, backend=backend, precision=precision, prevalence=prevalence,
+                            max_pixels=max_pixels or MAX_PIXELS)
+    loaded.resolve_threshold(threshold)  # a bad threshold fails here, not in every actor
+    if isinstance(paths, ray.data.Dataset):
+        ds = paths
+        if "path" not in ds.columns():
+            raise PneumoscanError(f"the Dataset needs a 'path' column, it has {ds.columns()}")
+        ds = ds.select_columns(["path"])
+    else:
+        ds = ray.data.from_items([{"path": str(p)} for p in paths])
+    shim = Model(loaded.record, None, None, loaded.path, loaded.sha256, max_pixels=loaded.max_pixels)
+    prepared = ds.map(_prepare_row, fn_kwargs={"shim": shim, "size": loaded.preprocessing.size}, num_cpus=1)
+    backend_used = getattr(loaded.backend, "name", backend)
+    precision_used = getattr(loaded.backend, "precision", None) or precision
+    device = "cuda" if num_gpus and num_gpus > 0 else "cpu"
+    return prepared.map_batches(
+        _Scorer, batch_size=batch_size or BATCH_SIZE, batch_format="numpy", concurrency=concurrency,
+        num_cpus=num_cpus, num_gpus=num_gpus or None,
+        fn_constructor_args=(model_path, backend_used, precision_used, loaded.prevalence, loaded.max_pixels, threshold, tta,
+                             max(1, int(num_cpus)), device, _pid_dir),
+        max_restarts=-1, max_task_retries=-1)
+
+
+def predict_ray(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False,
+                num_cpus: float = 1, num_gpus: float = 0, concurrency: int = 1, backend: str = "torch",
+                precision: str = "auto") -> Iterator[tuple[object, dict]]:
+    """(Prediction, journal row) per file through the Ray engine, in completion order."""
+    from .predict import Prediction
+
+    if not paths:
+        return
+    ds = predictions_dataset(paths, model, backend=backend, precision=precision, threshold=threshold, tta=tta,
+                             batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus,
+                             concurrency=concurrency)
+    for item in ds.iter_rows():
+        row = {k: _plain(item[k]) for k in ROW_KEYS}
+        pred = Prediction(row["path"], row["probability"], row["decision"], row["operating_point"],
+                          row["threshold"], row["status"], row["message"], row["guard_score"])
+        yield pred, row
+
+
+def _plain(value):
+    """numpy scalars from Ray batches as Python values (JSON-ready)."""
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and value != value:  # NaN: no figure
+        return None
+    return value

@@ -1,0 +1,409 @@
+"""Screening an archive (issue 18): rows survive a SIGKILL, --resume finishes the run with exactly the rows of an
+uninterrupted one, Parquet carries the model sha256 and DICOM UIDs, and bad input is one line each."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import KERMANY, make_model_file, save_gray, synthetic_xray
+
+from pneumoscan.archive import JOURNAL_FORMAT, journal_path, read_journal
+from pneumoscan.cli import main
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **elements) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    cr = "1.2.840.10008.5.1.4.1.1.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = cr
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = cr
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def build_archive(root: Path, n_synthetic: int = 20, n_real: int = 6) -> Path:
+    """A folder like an archive export: generated X-rays, real test-split X-rays (when present), DICOM files
+    (one without a suffix), a blank image (not_xray), a broken and an empty file (error rows)."""
+    folder = root / "archive"
+    for i in range(n_synthetic):
+        save_gray(folder / "gen" / f"x{i:03d}.png", synthetic_xray(64, seed=i, opacity=0.4 * (i % 2)))
+    if KERMANY.is_dir():
+        def smallest(label, n):  # the quickest to decode: this test is about rows, not pixels
+            return sorted((KERMANY / "test" / label).iterdir(), key=lambda p: (p.stat().st_size, p.name))[:n]
+
+        real = smallest("PNEUMONIA", n_real // 2) + smallest("NORMAL", n_real - n_real // 2)
+        for path in real:
+            (folder / "real").mkdir(parents=True, exist_ok=True)
+            (folder / "real" / path.name).symlink_to(path)
+    picture = np.round(synthetic_xray(64, seed=99) * 255).astype(np.uint8)
+    write_dicom(folder / "dicom" / "a.dcm", picture)
+    write_dicom(folder / "dicom" / "IMG0002", np.round(synthetic_xray(64, seed=98) * 255).astype(np.uint8))
+    save_gray(folder / "odd" / "blank.png", np.zeros((64, 64), np.float32))
+    (folder / "odd" / "broken.png").write_text("not an image")
+    (folder / "odd" / "empty.jpeg").write_bytes(b"")
+    return folder
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def parquet_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return build_archive(tmp_path_factory.mktemp("archive"))
+
+
+@pytest.fixture(scope="module")
+def reference(archive, tiny_model_path, tmp_path_factory) -> dict:
+    """An uninterrupted run, in process: the rows every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    code = main(["predict", str(archive), "--model", str(tiny_model_path), "--csv", str(out / "r.csv"), "--out",
+                 str(out / "r.parquet"), "--quiet", "--batch-size", "1", "--precision", "float32"])
+    assert code == 1  # the broken and the empty file
+    assert not journal_path(out / "r.parquet").exists()
+    return {"csv": csv_rows(out / "r.csv"), "parquet": parquet_rows(out / "r.parquet")}
+
+
+# --- what an uninterrupted run writes ------------------------------------------------------------------------
+
+def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference, archive, tiny_model_path):
+    from pneumoscan.modelfile import sha256_file
+
+    rows, table = reference["csv"], reference["parquet"]
+    assert [r["path"] for r in rows] == [r["path"] for r in table]
+    assert len(rows) == len({r["path"] for r in rows}) == len(list(p for p in archive.rglob("*") if p.is_file()))
+    statuses = {Path(r["path"]).name: r["status"] for r in rows}
+    assert statuses["blank.png"] == "not_xray" and statuses["broken.png"] == statuses["empty.jpeg"] == "error"
+    assert list(table[0]) == ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
+                              "study_instance_uid", "series_instance_uid", "sop_instance_uid"]
+    sha = sha256_file(tiny_model_path)
+    for c, p in zip(rows, table, strict=True):
+        assert p["model_sha256"] == sha
+        assert (c["status"], c["message"], c["decision"]) == (p["status"], p["message"], p["decision"] or "")
+        assert c["probability"] == ("" if p["probability"] is None else f"{p['probability']:.6f}")
+        assert float(c["threshold"]) == pytest.approx(p["threshold"], abs=1e-6)
+        is_dicom = "/dicom/" in p["path"]
+        assert all((p[k] is not None) == is_dicom for k in ("study_instance_uid", "series_instance_uid",
+                                                            "sop_instance_uid"))
+    dicom = {Path(p["path"]).name: p for p in table if "/dicom/" in p["path"]}
+    import pydicom
+
+    header = pydicom.dcmread(archive / "dicom" / "a.dcm", stop_before_pixels=True)
+    assert dicom["a.dcm"]["study_instance_uid"] == header.StudyInstanceUID
+    assert dicom["a.dcm"]["series_instance_uid"] == header.SeriesInstanceUID
+    assert dicom["a.dcm"]["sop_instance_uid"] == header.SOPInstanceUID
+
+
+# --- SIGKILL, then --resume ----------------------------------------------------------------------------------
+
+def _journal_rows(path: Path) -> int:
+    try:
+        return max(0, path.read_bytes().count(b"\n") - 1)
+    except FileNotFoundError:
+        return -1
+
+
+def _kill_when(argv: list[str], journal: Path, rows: int, timeout: float = 240) -> int:
+    """Start a real `pneumoscan predict`, SIGKILL it once its journal holds ``rows`` rows (0: as soon as the
+    journal exists); the number of rows at the kill, or None when the run ended first."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if _journal_rows(journal) >= rows:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+                return _journal_rows(journal)
+            if proc.poll() is not None:
+                return None
+            time.sleep(0.005)
+        raise AssertionError("the run never reached the kill point")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_moments_then_resume_gives_the_uninterrupted_rows(archive, tiny_model_path, reference,
+                                                                           tmp_path):
+    out_csv, out_pq = tmp_path / "res" / "r.csv", tmp_path / "res" / "r.parquet"
+    journal = journal_path(out_pq)
+    argv = [sys.executable, "-m", "pneumoscan.cli", "predict", str(archive), "--model", str(tiny_model_path),
+            "--out", str(out_pq), "--csv", str(out_csv), "--quiet", "--batch-size", "1", "--precision", "float32"]
+    total = len(reference["csv"])
+    killed_at = []
+    for i, rows in enumerate((0, 5, total // 2 + 3)):  # before any row, early, past the middle
+        at = _kill_when(argv + (["--resume"] if i else []), journal, rows)
+        if at is None:
+            break  # this machine outran the poll: the run completed, which the checks below still judge
+        killed_at.append(at)
+        assert not out_csv.exists() and not out_pq.exists()  # nothing at the final names before the end
+        settings, kept = read_journal(journal)
+        assert settings["format"] == JOURNAL_FORMAT and len(kept) >= rows
+    assert len(killed_at) >= 2, killed_at  # at least two real kills mid-run
+    if not out_csv.exists():
+        proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr  # as uninterrupted: two files could not be read
+        assert "Traceback" not in proc.stderr
+        assert "pneumoscan: 2 file(s) could not be read" in proc.stderr
+    assert not journal.exists()
+    assert csv_rows(out_csv) == reference["csv"]  # same rows, same order, same figures: none lost, none doubled
+    assert parquet_rows(out_pq) == reference["parquet"]
+
+
+def test_a_torn_last_line_is_dropped_and_rescored(archive, tiny_model_path, reference, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    args = ["predict", str(archive), "--model", str(tiny_model_path), "--csv", str(out), "--quiet",
+            "--batch-size", "1", "--precision", "float32"]
+    # rebuild the journal a killed run leaves: settings, 7 complete rows, half of the 8th
+    from pneumoscan.archive import run_settings
+    from pneumoscan.predict import load_model
+
+    model = load_model(tiny_model_path, precision="float32")
+    journal = journal_path(out)
+    settings = {"format": JOURNAL_FORMAT, **run_settings(model, "screening", False)}
+    from pneumoscan.archive import predict_local
+    from pneumoscan.cli import Inputs
+
+    files = Inputs([str(archive)]).files
+    rows = [row for _, row in predict_local(model, files[:8], batch_size=1)]
+    text = json.dumps(settings) + "\n" + "".join(json.dumps(r) + "\n" for r in rows[:7])
+    journal.write_text(text + json.dumps(rows[7])[:40])
+    assert read_journal(journal)[1] == rows[:7]
+    assert main([a for a in args if a != "--quiet"] + ["--resume"]) == 1
+    assert "resuming: 7 row(s) kept" in capsys.readouterr().err
+    assert csv_rows(out) == reference["csv"]
+
+
+def test_resume_rescores_a_file_that_changed_and_drops_a_file_that_left(tmp_path, tiny_model_path, capsys):
+    folder = tmp_path / "in"
+    for i in range(4):
+        save_gray(folder / f"x{i}.png", synthetic_xray(64, seed=i))
+    out = tmp_path / "r.csv"
+    args = ["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]
+    assert main(args) == 0
+    first = {r["path"]: r for r in csv_rows(out)}
+    # a journal holding all four rows, as if the run died just before the final rename
+    from pneumoscan.archive import make_row, run_settings
+    from pneumoscan.predict import load_model
+
+    model = load_model(tiny_model_path)
+    files = sorted(folder.iterdir())
+    preds = list(model.predict_files(files))
+    from pneumoscan.archive import file_key
+
+    rows = [make_row(p, *file_key(p.path)) for p in preds]
+    journal = journal_path(out)
+    journal.write_text(json.dumps({"format": JOURNAL_FORMAT, **run_settings(model, "screening", False)}) + "\n"
+                       + "".join(json.dumps(r) + "\n" for r in rows))
+    save_gray(folder / "x1.png", synthetic_xray(64, seed=41, opacity=0.8))  # changed: size/mtime differ
+    os.utime(folder / "x1.png", ns=(1, 1))
+    (folder / "x3.png").unlink()  # gone from the folder: its row must go too
+    assert main([a for a in args if a != "--quiet"] + ["--resume"]) == 0
+    assert "resuming: 2 row(s) kept" in capsys.readouterr().err
+    now = {r["path"]: r for r in csv_rows(out)}
+    assert sorted(Path(p).name for p in now) == ["x0.png", "x1.png", "x2.png"]
+    assert now[str(folder / "x0.png")] == first[str(folder / "x0.png")]
+    fresh = model.predict(folder / "x1.png")
+    assert float(now[str(folder / "x1.png")]["probability"]) == pytest.approx(fresh.probability, abs=1e-6)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def _interrupted_journal(tmp_path, folder, model_path, out) -> Path:
+    """A run killed after its first rows (in process: the journal a SIGKILL leaves behind)."""
+    from pneumoscan.archive import ArchiveWriter, predict_local, run_settings
+    from pneumoscan.predict import load_model
+
+    model = load_model(model_path)
+    files = sorted(folder.iterdir())
+    writer = ArchiveWriter([(out, "csv")], model, run_settings(model, "screening", False), files).open()
+    for _, row in predict_local(model, files[:2], batch_size=2):
+        writer.add(row)
+    writer.journal.close()
+    return journal_path(out)
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    for i in range(3):
+        save_gray(tmp_path / "in" / f"x{i}.png", synthetic_xray(64, seed=i))
+    return tmp_path / "in"
+
+
+def test_resume_with_another_model_is_refused_naming_both_sha256(tmp_path, small, tiny_model_path, capsys):
+    from pneumoscan.modelfile import sha256_file
+
+    out = tmp_path / "r.csv"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out)
+    before = journal.read_bytes()
+    other = make_model_file(tmp_path / "other.safetensors", seed=1)
+    code = main(["predict", str(small), "--model", str(other), "--csv", str(out), "--resume", "--quiet"])
+    line = _one_error_line(capsys)
+    assert code == 2
+    assert line.startswith(f"pneumoscan: error: {journal}: cannot resume: its rows were written by model ")
+    assert sha256_file(tiny_model_path) in line and sha256_file(other) in line
+    assert journal.read_bytes() == before and not out.exists()  # nothing lost
+
+
+def test_resume_with_another_threshold_is_refused(tmp_path, small, tiny_model_path, capsys):
+    out = tmp_path / "r.csv"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out)
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--resume",
+                 "--threshold", "balanced", "--quiet"])
+    assert code == 2 and "cannot resume" in _one_error_line(capsys) and journal.exists()
+
+
+def test_a_new_run_does_not_overwrite_partial_results(tmp_path, small, tiny_model_path, capsys):
+    out = tmp_path / "r.csv"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out)
+    before = journal.read_bytes()
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 2
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {journal}: partial results of an interrupted run "
+                                       "(2 rows) are there: add --resume to continue it, or remove the file to "
+                                       "start again")
+    assert journal.read_bytes() == before
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--quiet",
+                 "--resume"]) == 0
+    assert len(csv_rows(out)) == 3 and not journal.exists()
+
+
+def test_files_that_vanish_between_listing_and_reading_are_error_rows(tmp_path, small, tiny_model_path, capsys,
+                                                                    monkeypatch):
+    import pneumoscan.cli as cli
+
+    listed = cli.Inputs
+
+    class Vanishing(listed):
+        def __init__(self, items):
+            super().__init__(items)
+            (small / "x1.png").unlink()  # listed, then gone before it is read
+
+    monkeypatch.setattr(cli, "Inputs", Vanishing)
+    out = tmp_path / "r.parquet"
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--out", str(out), "--quiet"]) == 1
+    rows = {Path(r["path"]).name: r for r in parquet_rows(out)}
+    assert rows["x1.png"]["status"] == "error" and rows["x1.png"]["message"] == f"{small / 'x1.png'}: file not found"
+    assert rows["x0.png"]["status"] == rows["x2.png"]["status"] == "ok"
+    assert _one_error_line(capsys) == "pneumoscan: 1 file(s) could not be read"
+
+
+def test_out_in_a_missing_folder_is_created(tmp_path, small, tiny_model_path):
+    out = tmp_path / "new" / "deeper" / "r.parquet"
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--out", str(out), "--quiet"]) == 0
+    assert len(parquet_rows(out)) == 3 and os.listdir(out.parent) == ["r.parquet"]
+
+
+def test_out_in_a_read_only_folder_is_one_line_before_any_work(tmp_path, small, tiny_model_path, capsys,
+                                                              monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    target = tmp_path / "mnt" / "r.parquet"
+    code = main(["predict", str(small), "--model", str(tmp_path / "gone.safetensors"), "--out", str(target)])
+    assert code == 2  # the destination fails before the (missing) model is even looked at
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {target}: cannot write --out in {tmp_path} "
+                                       "(Read-only file system)")
+    assert not (tmp_path / "mnt").exists()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("r.txt", "--out must name a .csv or .parquet file"),
+    ("folder", "--out names a folder"),
+])
+def test_out_with_a_wrong_name_is_one_line(tmp_path, small, tiny_model_path, capsys, name, message):
+    target = tmp_path / name
+    if name == "folder":
+        target = tmp_path / "folder.parquet"
+        target.mkdir()
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--out", str(target)]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_resume_without_a_destination_is_one_line(small, tiny_model_path, capsys):
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--resume"]) == 2
+    assert "--resume continues the partial results of --csv or --out" in _one_error_line(capsys)
+
+
+def test_missing_pyarrow_or_ray_is_one_line_naming_what_to_install(tmp_path, small, tiny_model_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--out", str(tmp_path / "r.parquet")]) == 2
+    assert "--out .parquet needs pyarrow" in _one_error_line(capsys)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--engine", "ray"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("pneumoscan: error: --engine ray needs Ray Data and pyarrow") and "[cluster]" in line
+    assert os.listdir(tmp_path) == ["in"]
+
+
+def test_run_stopped_by_an_exception_keeps_its_rows_and_says_how_to_resume(tmp_path, small, tiny_model_path,
+                                                                          capsys, monkeypatch):
+    from pneumoscan.predict import Model
+
+    original = Model.predict_files
+    out = tmp_path / "r.csv"
+
+    def interrupted(self, *args, **kwargs):
+        for n, prediction in enumerate(original(self, *args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield prediction
+
+    monkeypatch.setattr(Model, "predict_files", interrupted)
+    args = ["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"pneumoscan: 2 finished row(s) kept in {journal_path(out)}: rerun the same command with --resume" in err
+    assert not out.exists()
+    monkeypatch.setattr(Model, "predict_files", original)
+    assert main(args + ["--resume"]) == 0
+    assert [Path(r["path"]).name for r in csv_rows(out)] == ["x0.png", "x1.png", "x2.png"]
