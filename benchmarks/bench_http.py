@@ -4,9 +4,9 @@ Two modes, each against a server run as its own process (``python -m pneumoscan.
 API keys and an audit log on, so the load generator's threads do not share its interpreter:
 
 ``compare`` (default): for each backend (torch, onnx), the network alone in this process (``Model.score`` at batch
-1 and 16, the best images/s), then the server unbatched (``--max-batch 1``) and batched (the defaults), in one run,
-so the ratios are comparable on a noisy machine. Every answer is checked against the one the same server gave the
-same image alone (batch 1) before the load, within 1e-5.
+1, 4 and 16, the best of 1 s trials), then two servers, unbatched (``--max-batch 1``) and batched (the defaults),
+loaded in alternating rounds (``--rounds``) so that the ratios hold on a noisy, shared machine. Every answer is
+checked against the one the server gave the same image alone (batch 1) before the load, within 1e-5.
 
 ``load``: a fifth of the requests are bad (no key, wrong key, truncated JPEG, text as PNG, oversize, malformed
 multipart, a client that disconnects mid-upload, one that sends its body too slowly), in turn. Checks: zero 5xx,
@@ -323,21 +323,39 @@ class Server:
 # ---- the network alone --------------------------------------------------------------------------------------
 
 
-def network_only(model_path: Path, backend: str, images: list[bytes], seconds: float) -> dict[int, float]:
-    """images/s of ``Model.score`` alone (decoding done beforehand), at batch 1 and 16."""
+def network_only(model_path: Path, backend: str, images: list[bytes], seconds: float,
+                 batches: tuple[int, ...] = (1, 4, 16), trial: float = 1.0) -> dict[int, float]:
+    """images/s of ``Model.score`` alone (decoding done beforehand) per batch size: the best of ~1 s trials, the
+    batch sizes taking turns, ``seconds`` per size; the best trial is the least disturbed by other load."""
     from pneumoscan import load_model
 
     model = load_model(model_path, backend=backend)
     inputs = [model.prepare(model.decode(data, "x.jpeg"))[0] for data in images]
-    out = {}
-    for batch in (1, 16):
-        stack = np.stack([inputs[i % len(inputs)] for i in range(batch)])
-        model.score(stack)  # warm-up
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model.score(stack)
-            n += batch
-        out[batch] = n / (time.perf_counter() - start)
+    stacks = {b: np.stack([inputs[i % len(inputs)] for i in range(b)]) for b in batches}
+    best = {b: 0.0 for b in batches}
+    for b in batches:
+        model.score(stacks[b])  # warm-up
+    for _ in range(max(1, round(seconds / trial))):
+        for b in batches:
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < trial:
+                model.score(stacks[b])
+                n += b
+            best[b] = max(best[b], n / (time.perf_counter() - start))
+    return best
+
+
+def merge(results: list[LoadResult]) -> LoadResult:
+    out = LoadResult()
+    for r in results:
+        out.wall += r.wall
+        out.attempts += r.attempts
+        out.latencies += r.latencies
+        out.wrong += r.wrong
+        out.rss += r.rss
+        for name in ("errors", "statuses"):
+            for k, v in getattr(r, name).items():
+                getattr(out, name)[k] = getattr(out, name).get(k, 0) + v
     return out
 
 
@@ -352,7 +370,10 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 
 
 def run_compare(args, images: list[bytes], folder: Path) -> int:
+    """Per backend: the network alone, then an unbatched and a batched server, both started first and loaded in
+    alternating rounds, so that a change in the machine's other load hits both alike."""
     models = {"torch": args.model, "onnx": args.onnx_model}
+    configs = (("unbatched", ["--max-batch", "1"]), ("batched", []))
     rows = []
     failed = False
     for backend in args.backends:
@@ -361,34 +382,47 @@ def run_compare(args, images: list[bytes], folder: Path) -> int:
             continue
         net = network_only(models[backend], backend, images, args.network_seconds)
         best = max(net.values())
-        print(f"{backend}: network only {net[1]:.1f} images/s at batch 1, {net[16]:.1f} at batch 16", flush=True)
-        for label, extra in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
-            server = Server(models[backend], backend, [*extra, *args.server_args], folder, f"{backend}-{label}")
-            try:
-                expected = references(server.base, server.key, images)
-                calls0, images0 = batch_sizes(server.base, server.key)
-                result = mixed_load(server.base, server.key, list(zip(images, expected, strict=True)),
-                                    clients=args.clients, duration=args.duration, rss_pid=server.proc.pid)
-                calls, served = batch_sizes(server.base, server.key)
-            finally:
+        print(f"{backend}: network only, best of 1 s trials: "
+              + ", ".join(f"batch {b} {v:.1f} images/s" for b, v in net.items()), flush=True)
+        servers = {}
+        try:
+            for label, extra in configs:
+                servers[label] = Server(models[backend], backend, [*extra, *args.server_args], folder,
+                                        f"{backend}-{label}")
+            expected = {label: references(s.base, s.key, images) for label, s in servers.items()}
+            for label in servers:
+                if not np.allclose(expected[label], expected["unbatched"], rtol=0, atol=TOLERANCE):
+                    sys.exit(f"bench_http: the {label} server's batch-1 answers differ from the unbatched one's")
+            start_calls = {label: batch_sizes(s.base, s.key) for label, s in servers.items()}
+            parts: dict[str, list[LoadResult]] = {label: [] for label in servers}
+            for _ in range(args.rounds):
+                for label, server in servers.items():
+                    parts[label].append(mixed_load(
+                        server.base, server.key, list(zip(images, expected["unbatched"], strict=True)),
+                        clients=args.clients, duration=args.duration / args.rounds, rss_pid=server.proc.pid))
+            end_calls = {label: batch_sizes(s.base, s.key) for label, s in servers.items()}
+        finally:
+            for server in servers.values():
                 server.stop()
+        for label in servers:
+            result = merge(parts[label])
             ok = len(result.latencies)
             rps = ok / result.wall
             p50, p95, p99 = percentiles(result.latencies)
             n_err = sum(result.errors.values())
-            mean_batch = (served - images0) / max(1.0, calls - calls0)
+            calls = end_calls[label][0] - start_calls[label][0]
+            mean_batch = (end_calls[label][1] - start_calls[label][1]) / max(1.0, calls)
             failed |= bool(n_err or result.wrong)
-            rows.append((backend, label, rps, p50, p95, p99, n_err, ok, result.wrong, mean_batch, rps / best,
-                         max(result.rss)))
+            rows.append((backend, label, rps, p50, p95, p99, n_err, ok, result.wrong, mean_batch, rps / best))
             print(f"{backend:5} {label:9} {rps:7.1f} requests/s  p50 {p50:4.0f}  p95 {p95:4.0f}  p99 {p99:4.0f} ms  "
                   f"errors {n_err} of {ok + n_err}  wrong {result.wrong}  mean batch {mean_batch:.1f}  "
                   f"{100 * rps / best:.0f}% of network-only  peak RSS {max(result.rss):.0f} MiB"
                   + (f"  {result.errors}" if n_err else ""), flush=True)
     print()
     print("| backend | server | requests/s | p50 ms | p95 ms | p99 ms | errors | wrong answers | mean batch | "
-          "of network-only images/s |")
+          "of best network-only images/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for backend, label, rps, p50, p95, p99, n_err, ok, wrong, mean_batch, share, _ in rows:
+    for backend, label, rps, p50, p95, p99, n_err, ok, wrong, mean_batch, share in rows:
         print(f"| {backend} | {label} | {rps:.1f} | {p50:.0f} | {p95:.0f} | {p99:.0f} | {n_err} of {ok + n_err} | "
               f"{wrong} | {mean_batch:.1f} | {100 * share:.0f}% |")
     return 1 if failed else 0
@@ -451,7 +485,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per server")
     parser.add_argument("--network-seconds", type=float, default=10.0,
-                        help="compare mode: seconds per network-only measurement")
+                        help="compare mode: seconds of network-only trials per batch size")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="compare mode: the --duration of each server split into this many alternating rounds")
     parser.add_argument("--upload-timeout", type=float, default=2.0, help="load mode: the server's --upload-timeout")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="more `pneumoscan serve` options for every server (last on the line)")
