@@ -375,8 +375,24 @@ def test_not_assessed_srs_say_why(node, tmp_path):
         assert "Probability" not in items and items["Pneumonia"] == "Indeterminate"
         assert reason in items["Reason not assessed"], (path.name, items)
         assert items["Source (attribute)"] == source.SOPInstanceUID
-    assert "not a frontal chest X-ray" in sr_items(results_in(node.out, pydicom.dcmread(
-        lateral, stop_before_pixels=True).StudyInstanceUID, 1)[0])["Reason not assessed"]
+    report = results_in(node.out, pydicom.dcmread(lateral, stop_before_pixels=True).StudyInstanceUID, 1)[0]
+    assert "not a frontal chest X-ray" in sr_items(report)["Reason not assessed"]
+    assert dciodvfy_errors(report, tmp_path) == []
+
+
+def test_not_assessed_reasons_keep_not_xray_and_outside_population_apart(model, xrays):
+    from pneumoscan.dicom.results import structured_report
+    from pneumoscan.guard import NOT_XRAY, OUTSIDE_POPULATION
+    from pneumoscan.predict import Prediction
+
+    header = pydicom.dcmread(xrays[1], stop_before_pixels=True)
+    for status, message in (("not_xray", f"{NOT_XRAY}: a colour image; no probability reported"),
+                            ("out_of_distribution", f"{OUTSIDE_POPULATION}: guard score 9 > 3")):
+        items = sr_items(structured_report(header, Prediction("x", None, None, "screening", 0.3, status, message),
+                                           model))
+        assert items["Reason not assessed"].startswith(message.split(":")[0])
+        assert items["Screening status"] == f"not assessed ({status})"
+        assert "Probability" not in items and items["Pneumonia"] == "Indeterminate"
 
 
 def test_dimse_failures_and_the_node_keeps_serving(node, tmp_path):
@@ -397,7 +413,8 @@ def test_dimse_failures_and_the_node_keeps_serving(node, tmp_path):
     assert send(node.port, make(tmp_path, "ok.dcm", modality="CR")) == 0x0000
 
 
-def test_association_with_only_unsupported_sop_classes_is_refused(node):
+def test_association_with_only_unsupported_sop_classes_is_refused(node, caplog):
+    caplog.set_level("INFO", logger="pneumoscan.dicom")
     mr = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
     assoc = scu(node.port, [mr])
     try:
@@ -406,6 +423,8 @@ def test_association_with_only_unsupported_sop_classes_is_refused(node):
     finally:
         if assoc.is_established:
             assoc.release()
+    assert any("proposed only SOP classes this node does not take" in r.message and mr in r.message
+               for r in caplog.records)
     echo = scu(node.port, ["1.2.840.10008.1.1"])
     assert echo.is_established and int(echo.send_c_echo().Status) == 0
     echo.release()
@@ -529,3 +548,15 @@ def test_dicomweb_pull_and_store(orthanc, model, tmp_path):
     assert sorted(str(d.SOPClassUID) for d in found) == sorted([samples.CR, SR_CLASS, SC_CLASS])
     # pulling again screens the X-ray only, not our own Secondary Capture
     assert len(list(pull(model, f"{orthanc.url}/dicom-web", study))) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dicom", "listen"], "results must go somewhere"),
+    (["dicom", "listen", "--forward", "ORTHANC@nohost"], "--forward must be AET@HOST:PORT"),
+])
+def test_listen_refuses_bad_options_before_loading_anything(argv, message, capsys):
+    from pneumoscan.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+

@@ -209,8 +209,10 @@ class Node:
         except OSError as exc:
             log.error("instance %s: cannot be spooled (%s; status 0xA700)", sop_uid, exc.strerror or exc)
             return OUT_OF_RESOURCES
-        log.info("instance %s: received (%s, %.1f MB, spooled in %.3f s)", uid_in_dataset,
-                 STORAGE_CLASSES.get(sop_class, sop_class), size / 2**20, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        (log.warning if took > 5 else log.info)(
+            "instance %s: received (%s, %.1f MB, spooled in %.3f s)", uid_in_dataset,
+            STORAGE_CLASSES.get(sop_class, sop_class), size / 2**20, took)
         self._work.set()
         return SUCCESS
 
