@@ -45,6 +45,7 @@ def _logging(verbose: bool) -> None:
     # pynetdicom at INFO narrates every association; its warnings and errors still show
     logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every attribute module it copies
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # and this every request
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
