@@ -560,3 +560,33 @@ def test_listen_refuses_bad_options_before_loading_anything(argv, message, capsy
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_screening_again_makes_the_same_result_objects(model, xrays):
+    """After a crash between sending results and removing the instance, re-screening must not duplicate them."""
+    from pneumoscan.dicom.screen import Screener
+
+    data = xrays[0].read_bytes()
+    first, second = (Screener(model).screen([("x", data)])[0] for _ in range(2))
+    assert [d.SOPInstanceUID for d in first.results] == [d.SOPInstanceUID for d in second.results]
+    assert [d.SeriesInstanceUID for d in first.results] == [d.SeriesInstanceUID for d in second.results]
+    assert len({d.SOPInstanceUID for d in first.results}) == 2
+
+
+@pytest.mark.parametrize("text", ["ORTHANC", "ORTHANC@host", "@host:4242", "A@h:0", "A@h:70000",
+                                  "SEVENTEEN_CHARS_X@h:1"])
+def test_forward_destination_must_be_aet_at_host_port(text):
+    from pneumoscan.errors import PneumoscanError
+
+    with pytest.raises(PneumoscanError, match="AET@HOST:PORT"):
+        Destination.parse(text)
+    assert Destination.parse("ORTHANC@127.0.0.1:4242") == Destination("ORTHANC", "127.0.0.1", 4242)
+
+
+def test_spool_names_are_uids_or_hashes():
+    from pneumoscan.dicom.spool import safe_name
+
+    assert safe_name("1.2.840.113619.2.55") == "1.2.840.113619.2.55"
+    for bad in ("../../etc/passwd", "1.2/3", "", None, ".1.2", "1" * 65):
+        name = safe_name(bad, b"data")
+        assert name.startswith("x") and "/" not in name and len(name) == 41

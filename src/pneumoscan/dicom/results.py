@@ -13,12 +13,13 @@ The SR (IHE AI Results in spirit) says, under an "Imaging Measurement Report" co
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
 
@@ -50,14 +51,22 @@ NOT_ASSESSED_REASON = ("NOTASSESSED", SCHEME, "Reason not assessed")
 SCREENING_STATUS = ("STATUS", SCHEME, "Screening status")
 
 
+def derived_uid(*parts: str) -> str:
+    """A UID of the 2.25 form (PS3.5 B.2) from a name-based UUID (version 5) of ``parts``: the same parts give the
+    same UID on every machine and every run. (pydicom's generate_uid ignores its entropy sources without a prefix.)"""
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(parts)).int}"
+
+
+_NAMESPACE = uuid.UUID("6d1f0c42-53a8-5b0e-9f5e-70a6e0c1d215")  # pneumoscan's own namespace for derived UIDs
+
+
 def result_uid(source_sop_uid: str, model_sha256: str, kind: str) -> str:
-    """A UID (2.25 form) derived from what the result is about: same instance, same model -> same result UID."""
-    return generate_uid(prefix=None, entropy_srcs=[source_sop_uid, model_sha256, kind])
+    """Same instance, same model, same kind (sr | sc) -> same result UID."""
+    return derived_uid(source_sop_uid, model_sha256, kind)
 
 
 def _series_uid(source: Dataset, model_sha256: str, kind: str) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[str(source.get("SeriesInstanceUID", source.SOPInstanceUID)),
-                                                   model_sha256, kind, "series"])
+    return derived_uid(str(source.get("SeriesInstanceUID", source.SOPInstanceUID)), model_sha256, kind, "series")
 
 
 def _instance_number(source: Dataset) -> int:
@@ -87,7 +96,7 @@ def structured_report(source: Dataset, prediction: Prediction, model: Model) -> 
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(prefix=None, entropy_srcs=[model.sha256, "device"]),
+            uid=derived_uid(model.sha256, "device"),
             name=f"pneumoscan {__version__}", manufacturer_name=MANUFACTURER, model_name=model.name),
     )
     items.extend(observer)
