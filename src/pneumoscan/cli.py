@@ -164,10 +164,10 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
     """The validation images scored as they are and under fixed acquisition shifts: a recipe-selection aid."""
     import numpy as np
 
-    from .data import medmnist
+    from .data.sources import MedMNISTSource, open_source
     from .evaluate import VALIDATION, evaluate_shifts, validation_images
 
-    if args.split != ("val" if medmnist.is_npz(args.data) else VALIDATION):
+    if args.split != ("val" if isinstance(open_source(args.data), MedMNISTSource) else VALIDATION):
         raise PneumoscanError("--shifts scores the validation split only (--split validation, or val for a .npz): "
                               "recipes are chosen on it")
     images, labels = validation_images(model, args.data)
@@ -350,9 +350,15 @@ def _ray_results(model, files: list, args: argparse.Namespace):
         ray.init(address=args.address, log_to_driver=not args.quiet, include_dashboard=False,
                  configure_logging=False)
     try:
+        import logging
+
         import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = not args.quiet and sys.stderr.isatty()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = not args.quiet and sys.stderr.isatty()
+        if args.quiet:  # only errors on stderr: no execution plans, progress logs or memory advice
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            context.issue_detectors_config.detectors = []
         yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
                                num_cpus=args.num_cpus, num_gpus=args.num_gpus, concurrency=args.concurrency,
                                backend=args.backend, precision=args.precision)
@@ -513,7 +519,41 @@ def build_parser() -> argparse.ArgumentParser:
     from .dicom.cli import add_dicom_command  # torch-free; `pneumoscan dicom listen | pull`
 
     add_dicom_command(sub)
+    _add_adapt_command(sub)
     return parser
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import cmd_adapt as run
+
+    return run(args)
+
+
+def _add_adapt_command(sub) -> None:
+    p = sub.add_parser(
+        "adapt", help="fit a model to a site's own X-rays (unlabelled: --images; labelled: --data)",
+        description="Write a site-adapted model file. --images DIR (no labels): re-estimate the BatchNorm "
+                    "statistics of the fine-tuned stages on the site's images (AdaBN), estimate the site's "
+                    "pneumonia prevalence by EM and re-base the calibration to it, refit the guard. --data DIR "
+                    "(DIR/NORMAL, DIR/PNEUMONIA): refit calibration and the screening and balanced thresholds on "
+                    "the site's labelled images, after the unlabelled step when --images is given too. Images "
+                    "that are no chest X-ray or that the base model's guard rejects are left out and counted. "
+                    "Needs at least 25 usable unlabelled images, and enough PNEUMONIA images for the screening "
+                    "sensitivity at 95%% confidence (149 for 0.98); otherwise exit 2 with one line, nothing written.")
+    p.add_argument("--model", help="model file to adapt (default: the bundled model)")
+    p.add_argument("--images", metavar="SITE_DIR", help="folder of the site's unlabelled X-rays (recursive)")
+    p.add_argument("--data", metavar="SITE_LABELLED_DIR", help="folder with NORMAL/ and PNEUMONIA/ site X-rays")
+    p.add_argument("--out", required=True, metavar="SITE_MODEL", help="the adapted model file to write")
+    p.add_argument("--sensitivity", type=float, default=None, metavar="S",
+                   help="screening sensitivity the labelled refit keeps at 95%% confidence (default: the model's "
+                        "target, 0.98 for the bundled model)")
+    p.add_argument("--bn-layers", choices=("trained", "all", "none"), default="trained",
+                   help="BatchNorm layers AdaBN re-estimates: those of the fine-tuned stages (default), all, none")
+    p.add_argument("--thresholds", choices=("keep", "em"), default="keep",
+                   help="unlabelled: keep the base thresholds (moved with the prevalence; default) or refit them "
+                        "with the EM posteriors standing in for labels")
+    p.add_argument("--quiet", action="store_true", help="no line per left-out image")
+    p.set_defaults(func=cmd_adapt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,7 @@ class TrainConfig:
     weight_decay: NonNegativeFloat = 1e-4
     warmup_epochs: NonNegativeFloat = 0.3
     # early stages kept frozen (no backward through them); None: the arch default (efficientnet_lite0: 4)
-    freeze_stages: NonNegative | None = 4
+    freeze_stages: NonNegative | None = None  # None: the arch default (4 for EfficientNet-Lite, 2 for ResNets)
     sampler: Literal["weighted", "shuffle"] = "weighted"  # weighted: balanced classes per batch
     class_weighted_loss: bool = False
     val_fraction: Annotated[float, Range(0, 0.5, open_min=True, open_max=True)] = 0.2
