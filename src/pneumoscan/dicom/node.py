@@ -249,8 +249,9 @@ class Node:
         items, paths, received = [], [], []
         for path in batch:
             try:
+                stat = path.stat()
                 items.append((path.stem, path.read_bytes()))
-                received.append(path.stat().st_mtime)
+                received.append(stat)
                 paths.append(path)
             except FileNotFoundError:
                 continue
@@ -262,11 +263,12 @@ class Node:
                 continue
             for ds in outcome.results:
                 self._emit(ds)
-            path.unlink(missing_ok=True)
+            if _same_file(path, when):  # not sent again while being screened (then the new copy is screened next)
+                path.unlink(missing_ok=True)
             self.screened += 1
             t = outcome.seconds
             log.info("instance %s: %s; %d result(s); %.2f s from receipt (decode %.2f, score %.2f, results %.2f)",
-                     outcome.sop_instance_uid, outcome.summary(), len(outcome.results), time.time() - when,
+                     outcome.sop_instance_uid, outcome.summary(), len(outcome.results), time.time() - when.st_mtime,
                      t.get("decode", 0), t.get("score", 0), t.get("results", 0))
         self._send.set()
 
@@ -340,6 +342,14 @@ class Node:
             if assoc.is_established:
                 assoc.release()
         return all_taken
+
+
+def _same_file(path: Path, stat: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_mtime_ns, now.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def _age(path: Path) -> float:
