@@ -38,13 +38,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 XRAYS = [KERMANY / "test" / "PNEUMONIA" / "person1_virus_6.jpeg",
          KERMANY / "test" / "NORMAL" / "IM-0001-0001.jpeg",
          KERMANY / "test" / "PNEUMONIA" / "person100_bacteria_475.jpeg",
-         KERMANY / "test" / "NORMAL" / "IM-0003-0001.jpeg"]
+         KERMANY / "test" / "NORMAL" / "IM-0003-0001.jpeg",
+         KERMANY / "test" / "NORMAL" / "IM-0005-0001.jpeg"]
 # (modality, SOP class, photometric, bits, transfer syntax): every kind the issue names, one file each
 KINDS = [
     ("CR", samples.CR, "MONOCHROME1", 16, RLELossless),
     ("DX", samples.DX_PRESENTATION, "MONOCHROME2", 8, pydicom.uid.ExplicitVRLittleEndian),
     ("DX", samples.DX_PRESENTATION, "MONOCHROME2", 16, JPEGLosslessSV1),
     ("DX", samples.DX_PROCESSING, "MONOCHROME1", 8, pydicom.uid.ExplicitVRLittleEndian),
+    ("OT", samples.SC, "MONOCHROME2", 8, pydicom.uid.ExplicitVRLittleEndian),  # a digitised film
 ]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"

@@ -74,9 +74,8 @@ def xray_dicom(image: str | Path | np.ndarray, *, modality: str = "DX", sop_clas
     ds.InstanceNumber = instance_number
     ds.Modality = modality
     ds.Manufacturer = "pneumoscan test"
-    ds.ConversionType = "WSD" if sop_class == SC else None
-    if ds.ConversionType is None:
-        del ds.ConversionType
+    if sop_class == SC:
+        ds.ConversionType = "WSD"  # workstation: a film or an image captured from a screen
     if body_part:
         ds.BodyPartExamined = body_part
     if view:
