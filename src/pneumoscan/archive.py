@@ -42,6 +42,8 @@ PARQUET_COLUMNS = [*CSV_COLUMNS, "model_sha256", *UID_COLUMNS]
 ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
             "size", "mtime_ns", *UID_COLUMNS]
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+# bytes reserved per Ray decoding task: a worker with numpy, PIL and torch peaked at 444 MiB on Kermany originals
+DECODE_MEMORY = 768 * 2**20
 
 
 # --- files ---------------------------------------------------------------------------------------------------
@@ -523,16 +525,22 @@ def predictions_dataset(paths, model=None, *, backend: str = "torch", precision:
     else:
         ds = ray.data.from_items([{"path": str(p)} for p in paths])
     shim = Model(loaded.record, None, None, loaded.path, loaded.sha256, max_pixels=loaded.max_pixels)
-    prepared = ds.map(_prepare_row, fn_kwargs={"shim": shim, "size": loaded.preprocessing.size}, num_cpus=1)
+    # Decoding in tasks, each reserving about what a worker decoding a large radiograph holds (DECODE_MEMORY;
+    # a 50 MP image is 200 MB of float32 pixels, larger ones are reduced while decoding). Resources that
+    # differ from the actors' also keep Ray Data from fusing this stage into the actor pool, where decoding
+    # would run inside the scoring actors (on GPU nodes: CPU work on the GPU actors).
+    prepared = ds.map(_prepare_row, fn_kwargs={"shim": shim, "size": loaded.preprocessing.size}, num_cpus=1,
+                      memory=DECODE_MEMORY)
     backend_used = getattr(loaded.backend, "name", backend)
     precision_used = getattr(loaded.backend, "precision", None) or precision
     device = "cuda" if num_gpus and num_gpus > 0 else "cpu"
+    # Ray Data restarts a dead actor and retries its batches (max_restarts=-1, max_task_retries=-1 are its
+    # defaults for map_batches actors), and retries failed tasks: a killed worker costs time, not rows.
     return prepared.map_batches(
-        _Scorer, batch_size=batch_size or BATCH_SIZE, batch_format="numpy", concurrency=concurrency,
-        num_cpus=num_cpus, num_gpus=num_gpus or None,
-        fn_constructor_args=(model_path, backend_used, precision_used, loaded.prevalence, loaded.max_pixels, threshold, tta,
-                             max(1, int(num_cpus)), device, _pid_dir),
-        max_restarts=-1, max_task_retries=-1)
+        _Scorer, batch_size=batch_size or BATCH_SIZE, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus, num_gpus=num_gpus or None,
+        fn_constructor_args=(model_path, backend_used, precision_used, loaded.prevalence, loaded.max_pixels,
+                             threshold, tta, max(1, int(num_cpus)), device, _pid_dir))
 
 
 def predict_ray(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False,
