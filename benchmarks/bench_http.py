@@ -465,7 +465,9 @@ def run_load(args, images: list[bytes], folder: Path) -> int:
     print(f"5xx          {result.server_errors} answered, {audit_5xx} in the audit log")
     print(f"wrong        {result.wrong} good answers differ from the reference by more than {TOLERANCE:g}")
     print(f"audit        {lines} lines for {result.attempts} requests; {len(leaks)} lines with a key or file name")
-    print(f"memory       server RSS {rss0:.0f} MiB at the start, peak {peak:.0f} MiB, end {result.rss[-1]:.0f} MiB")
+    quarters = [max(result.rss[: max(1, len(result.rss) * q // 4)]) for q in (1, 2, 3, 4)]
+    print(f"memory       server RSS {rss0:.0f} MiB at the start, peak {peak:.0f} MiB, end {result.rss[-1]:.0f} MiB; "
+          f"peak by the end of each quarter of the run: {', '.join(f'{v:.0f}' for v in quarters)} MiB")
     good = (result.server_errors == 0 and audit_5xx == 0 and n_err == 0 and result.wrong == 0
             and not result.bad_mismatches and lines == result.attempts and not leaks)
     print("verdict      " + ("all checks passed" if good else f"FAILED (bad mismatches: {result.bad_mismatches})"))
