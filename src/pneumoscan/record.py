@@ -50,6 +50,7 @@ class ModelRecord:
     storage: str = "float32"  # how the weights are stored in the file (the bundled model: float16)
     source_sha256: str | None = None  # ONNX files: the model file they were exported from
     quantization: dict | None = None  # ONNX int8 files: how they were quantised
+    adaptation: dict | None = None  # site-adapted files (pneumoscan adapt): what was refit, on which images, from which base
     record_version: int = RECORD_VERSION
 
     @property
