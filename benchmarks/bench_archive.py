@@ -98,7 +98,7 @@ def main() -> int:
 
         import ray
 
-        from pneumoscan.archive import ROW_KEYS, _plain, predictions_dataset
+        from pneumoscan.archive import predictions_dataset, ray_row
 
         start = time.perf_counter()
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -113,7 +113,7 @@ def main() -> int:
             for item in ds.iter_rows():
                 if not first:
                     first.append(time.perf_counter())
-                row = {k: _plain(item[k]) for k in ROW_KEYS}
+                row = ray_row(item)
                 remote[row["path"]] = row
                 yield None, row
 

@@ -407,3 +407,10 @@ def test_run_stopped_by_an_exception_keeps_its_rows_and_says_how_to_resume(tmp_p
     monkeypatch.setattr(Model, "predict_files", original)
     assert main(args + ["--resume"]) == 0
     assert [Path(r["path"]).name for r in csv_rows(out)] == ["x0.png", "x1.png", "x2.png"]
+
+
+def test_resume_with_nothing_to_resume_screens_everything_and_says_so(tmp_path, small, tiny_model_path, capsys):
+    out = tmp_path / "r.csv"
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--resume"]) == 0
+    assert f"pneumoscan: no {journal_path(out)} to resume: screening every file" in capsys.readouterr().err
+    assert len(csv_rows(out)) == 3

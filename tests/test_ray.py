@@ -58,9 +58,9 @@ def _same(ray_row: dict, local: dict) -> None:
 
 
 def _rows(ds) -> list[dict]:
-    from pneumoscan.archive import ROW_KEYS, _plain
+    from pneumoscan.archive import ray_row
 
-    return [{k: _plain(item[k]) for k in [*ROW_KEYS, "model_sha256"]} for item in ds.iter_rows()]
+    return [{**ray_row(item), "model_sha256": item["model_sha256"]} for item in ds.iter_rows()]
 
 
 def test_dataset_from_a_list_of_paths_equals_the_local_engine(ray_instance, tiny_model, tiny_model_path, files,
@@ -140,11 +140,11 @@ def test_a_killed_actor_is_restarted_and_the_output_is_complete(ray_instance, ti
 
     killer = threading.Thread(target=kill_the_actor_once_rows_flow, daemon=True)
     killer.start()
-    from pneumoscan.archive import ROW_KEYS, _plain
+    from pneumoscan.archive import ray_row
 
     rows = []
     for item in ds.iter_rows():
-        rows.append({k: _plain(item[k]) for k in ROW_KEYS})
+        rows.append(ray_row(item))
         received[0] += 1
     killer.join(5)
     assert killed, "the actor was never killed"
@@ -154,3 +154,42 @@ def test_a_killed_actor_is_restarted_and_the_output_is_complete(ray_instance, ti
     assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every file three times, none lost
     for row in rows:
         _same(row, local_rows[row["path"]])
+
+
+def test_engine_ray_resumes_a_journal_and_keeps_its_rows(ray_instance, tiny_model_path, files, tmp_path, capsys):
+    """A run interrupted on the local engine, continued with --engine ray: the kept rows stay as they were, the
+    rest come from Ray, and the output has every file once."""
+    from pneumoscan.archive import ArchiveWriter, journal_path, predict_local, read_journal, run_settings
+    from pneumoscan.predict import load_model
+
+    model = load_model(tiny_model_path, precision="float32")
+    out = tmp_path / "r.parquet"
+    writer = ArchiveWriter([(out, "parquet")], model, run_settings(model, "screening", False), files).open()
+    for _, row in predict_local(model, files[:7], batch_size=4):
+        writer.add(row)
+    writer.journal.close()
+    kept = {r["path"]: r for r in read_journal(journal_path(out))[1]}
+    folder = os.path.commonpath([str(f) for f in files])
+    assert main(["predict", folder, "--model", str(tiny_model_path), "--precision", "float32", "--engine", "ray",
+                 "--out", str(out), "--resume", "--batch-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"resuming: 7 row(s) kept from {journal_path(out)}, {len(files) - 7} file(s) to screen" in err
+    rows = parquet_rows(out)
+    assert [r["path"] for r in rows] == [str(f) for f in files] and not journal_path(out).exists()
+    for row in rows:
+        if row["path"] in kept:
+            assert row["probability"] == kept[row["path"]]["probability"]  # kept as written, not rescored
+
+
+def test_a_dataset_of_only_unreadable_files_gives_error_rows(ray_instance, tiny_model_path, tmp_path):
+    from pneumoscan.archive import predictions_dataset
+
+    (tmp_path / "broken.png").write_text("not an image")
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    paths = [str(tmp_path / "broken.png"), str(tmp_path / "empty.jpeg"), str(tmp_path / "gone.png")]
+    rows = {Path(r["path"]).name: r for r in _rows(predictions_dataset(paths, tiny_model_path, batch_size=8))}
+    assert {name: r["status"] for name, r in rows.items()} == dict.fromkeys(
+        ("broken.png", "empty.jpeg", "gone.png"), "error")
+    assert rows["gone.png"]["message"] == f"{tmp_path / 'gone.png'}: file not found"
+    assert rows["gone.png"]["size"] is None and rows["empty.jpeg"]["size"] == 0
+    assert all(r["probability"] is None and r["decision"] is None for r in rows.values())

@@ -345,6 +345,7 @@ class ArchiveWriter:
         self.journal: Journal | None = None
         self.kept: list[dict] = []
         self.todo = list(files)
+        self.resumed = False  # a journal was found and continued
         self.path = journal_path(destinations[0][0]) if destinations else None
 
     def open(self) -> ArchiveWriter:
@@ -355,6 +356,7 @@ class ArchiveWriter:
         if found is not None and not self.resume:
             raise PneumoscanError(f"{self.path}: partial results of an interrupted run ({len(rows)} rows) are "
                                   "there: add --resume to continue it, or remove the file to start again")
+        self.resumed = found is not None
         if found is not None:
             check_resumable(self.path, found, self.settings)
             self.kept, self.todo = plan_resume(rows, self.files)
@@ -478,14 +480,45 @@ class _Scorer:
                 reason = str(batch["reason"][i]) if batch["has_reason"][i] else None
                 pred = self.model.result(path, scores.logits[j], float(scores.guard[j]), self.op, reason)
                 j += 1
-            size, mtime = int(batch["size"][i]), int(batch["mtime_ns"][i])
-            row = make_row(pred, None if size < 0 else size, None if mtime < 0 else mtime)
+            row = make_row(pred, int(batch["size"][i]), int(batch["mtime_ns"][i]))
             for k in UID_COLUMNS:
-                row[k] = str(batch[k][i]) or None
+                row[k] = str(batch[k][i])
             for k in ROW_KEYS:
                 out[k].append(row[k])
         out["model_sha256"] = [self.model.sha256] * n
-        return {k: np.array(v, dtype=object) for k, v in out.items()}
+        return _typed(out)
+
+
+# Ray columns have one type each, whatever a batch holds (a batch of only error rows included): NaN, -1 or ""
+# where a figure does not apply; ``ray_row`` turns a Dataset row back into the journal row (None there).
+_FLOAT_KEYS = ("probability", "threshold", "guard_score")
+_INT_KEYS = ("size", "mtime_ns")
+_NULLABLE_STR_KEYS = ("decision", *UID_COLUMNS)
+
+
+def _typed(columns: dict[str, list]) -> dict:
+    import numpy as np
+
+    out = {}
+    for k, values in columns.items():
+        if k in _FLOAT_KEYS:
+            out[k] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        elif k in _INT_KEYS:
+            out[k] = np.array([-1 if v is None else v for v in values], dtype=np.int64)
+        else:
+            out[k] = np.array(["" if v is None else str(v) for v in values], dtype=object)
+    return out
+
+
+def ray_row(item) -> dict:
+    """The journal row (None where a figure does not apply) of a row of ``predictions_dataset``."""
+    row = {}
+    for k in ROW_KEYS:
+        value = _plain(item[k])
+        if (k in _INT_KEYS and value == -1) or (k in _NULLABLE_STR_KEYS and value == ""):
+            value = None
+        row[k] = value
+    return row
 
 
 def predictions_dataset(paths, model=None, *, backend: str = "torch", precision: str = "auto",
@@ -493,8 +526,10 @@ def predictions_dataset(paths, model=None, *, backend: str = "torch", precision:
                         threshold: str | float = "screening", tta: bool = False, batch_size: int | None = None,
                         num_cpus: float = 1, num_gpus: float = 0, concurrency: int = 1,
                         _pid_dir: str | None = None):
-    """A Ray Dataset of predictions (the journal row keys plus ``model_sha256``) for ``paths``: a list of paths or
-    a Ray Dataset with a ``path`` column (paths every node can read: a shared file system).
+    """A Ray Dataset of predictions for ``paths``: a list of paths or a Ray Dataset with a ``path`` column (paths
+    every node can read: a shared file system). Columns: path, probability, decision, operating_point, threshold,
+    status, message, guard_score, size, mtime_ns, the three DICOM UIDs and model_sha256, each of one type: NaN,
+    -1 or "" where a figure does not apply (``ray_row`` gives the row with None there).
 
     Files are decoded and preprocessed in Ray tasks and scored in a pool of ``concurrency`` actors, each loading
     the model once with ``num_cpus``/``num_gpus`` of resources. Lazy: nothing runs before it is consumed
@@ -555,7 +590,7 @@ def predict_ray(model, paths: list, *, threshold="screening", batch_size: int, t
                              batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus,
                              concurrency=concurrency)
     for item in ds.iter_rows():
-        row = {k: _plain(item[k]) for k in ROW_KEYS}
+        row = ray_row(item)
         pred = Prediction(row["path"], row["probability"], row["decision"], row["operating_point"],
                           row["threshold"], row["status"], row["message"], row["guard_score"])
         yield pred, row

@@ -314,9 +314,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with PredictionWriter(args.csv, args.heatmaps, model, out_path=args.out, files=inputs.files,
                           threshold=args.threshold, tta=args.tta, resume=args.resume) as writer:
         failed = sum(row["status"] == "error" for row in writer.kept)
-        if writer.kept and not args.quiet:
+        if args.resume and not args.quiet:
             print(f"pneumoscan: resuming: {len(writer.kept)} row(s) kept from {writer.archive.path}, "
-                  f"{len(writer.todo)} file(s) to screen", file=sys.stderr)
+                  f"{len(writer.todo)} file(s) to screen" if writer.archive.resumed else
+                  f"pneumoscan: no {writer.archive.path} to resume: screening every file", file=sys.stderr)
         if args.engine == "ray":
             results = _ray_results(model, writer.todo, args)
         elif args.csv or args.out:
