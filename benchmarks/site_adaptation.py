@@ -126,7 +126,13 @@ def crossfit(model, sites: tuple[Site, Site], *, which: str = "trained", size: i
             except AdaptError as exc:
                 refused["labelled"] = str(exc)
         if any("unlabelled" in m for m in methods):
-            adapted = adapt_unlabelled(model, fit_site, which=which, seed=seed, balance=balance)
+            try:
+                adapted = adapt_unlabelled(model, fit_site, which=which, seed=seed, balance=balance)
+            except AdaptError as exc:
+                for m in methods:
+                    if "unlabelled" in m:
+                        refused[m] = str(exc)
+                continue
             logits = adapted.scores(eval_site)[0]
             runs["unlabelled"] = (adapted, logits)
             parts.setdefault("em_prevalence", []).append(adapted.steps["unlabelled"]["prevalence"]["site"])
@@ -236,9 +242,17 @@ def run_test(args) -> dict:
     for method in methods:
         print(f"{method}: {_line(main[method])}", flush=True)
     print(f"cross-fit: {time.perf_counter() - t:.0f} s", flush=True)
+    if args.also:  # declared in docs/experiments.md before the run: reported for information, chooses nothing
+        which, balance = args.also.split(",")
+        t = time.perf_counter()
+        got = crossfit(model, sites, which=which, balance=balance == "balanced", methods=("unlabelled",))
+        main[f"for information: AdaBN {which} {balance}"] = got["unlabelled"]
+        main[f"for information: AdaBN {which} {balance} em prevalence"] = got.get("em_prevalence_per_half")
+        print(f"for information, AdaBN {which} {balance}: {_line(got['unlabelled'])} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
     results["crossfit"] = main
     curve: dict = {}
-    for size in (*SIZES, None):
+    for size in (*[n for n in SIZES if n <= min(len(s) for s in sites)], None):
         for d in range(DRAWS) if size is not None else range(1):
             got = crossfit(model, sites, which=args.bn_layers, size=size, seed=d,
                            methods=(args.unlabelled, "labelled"), balance=args.balance)
@@ -270,9 +284,10 @@ def time_cli(args, samples, half) -> float:
             (folder / samples[i].path.name).symlink_to(samples[i].path.resolve())
         command = [sys.executable, "-m", "pneumoscan.cli", "adapt", "--images", str(folder), "--quiet",
                    "--bn-layers", args.bn_layers, "--out", str(Path(tmp) / "site.safetensors"),
-                   "--thresholds", "em" if "em" in args.unlabelled else "keep"]
+                   "--thresholds", "em" if "em" in args.unlabelled else "keep",
+                   *(["--bn-balance"] if args.balance else [])]
         if args.model:
-            command[3:3] = ["--model", args.model]
+            command[4:4] = ["--model", args.model]
         started = time.perf_counter()
         subprocess.run(command, check=True)
         return time.perf_counter() - started
@@ -330,6 +345,7 @@ def main(argv=None) -> int:
     t.add_argument("--model")
     t.add_argument("--bn-layers", default="trained")
     t.add_argument("--balance", action="store_true")
+    t.add_argument("--also", help="LAYERS,balanced|plain: one more unlabelled variant in the cross-fit, for information")
     t.add_argument("--unlabelled", default="unlabelled", choices=("unlabelled", "unlabelled, em thresholds"))
     t.add_argument("--out", required=True)
     args = parser.parse_args(argv)

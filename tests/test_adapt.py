@@ -121,7 +121,7 @@ def test_adabn_reestimates_only_the_fine_tuned_stages_batchnorm(tiny, site):
 
 
 def test_adapted_file_scores_what_the_adaptation_computed(tiny, site, tmp_path):
-    adapted = adapt_unlabelled(tiny, site)
+    adapted = adapt_unlabelled(tiny, site, which="trained", thresholds="keep")
     logits, feats = adapted.scores(site)
     path = tmp_path / "site.safetensors"
     adapted.save(path)
@@ -284,13 +284,14 @@ def test_adapt_bundled_model_on_real_train_xrays(kermany, tmp_path):
         for path in sorted((kermany / "train" / name).iterdir())[:15]:
             (folder / path.name).symlink_to(path)
     out = tmp_path / "site.safetensors"
-    assert main(["adapt", "--images", str(folder), "--out", str(out), "--quiet"]) == 0
+    assert main(["adapt", "--images", str(folder), "--out", str(out), "--quiet", "--bn-layers", "trained",
+                 "--bn-balance"]) == 0
     model = load_model(out)
     base = load_model()
     assert model.name.startswith("pneumoscan-default-site-") and model.name != base.name
     step = model.record.adaptation["unlabelled"]
     assert step["images"] + sum(step["excluded"].values()) == 30
-    assert step["bn_layers_reestimated"] > 0 and 0 < step["prevalence"]["site"] < 1
+    assert step["bn_layers_reestimated"] > 0 and step["bn_class_balanced"] and 0 < step["prevalence"]["site"] < 1
     assert model.record.adaptation["base_sha256"] == base.sha256
     prediction = model.predict(next(folder.iterdir()))
     assert prediction.status in ("ok", "out_of_distribution")

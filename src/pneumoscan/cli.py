@@ -533,9 +533,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def _add_adapt_command(sub) -> None:
     p = sub.add_parser(
         "adapt", help="fit a model to a site's own X-rays (unlabelled: --images; labelled: --data)",
-        description="Write a site-adapted model file. --images DIR (no labels): re-estimate the BatchNorm "
-                    "statistics of the fine-tuned stages on the site's images (AdaBN), estimate the site's "
-                    "pneumonia prevalence by EM and re-base the calibration to it, refit the guard. --data DIR "
+        description="Write a site-adapted model file. --images DIR (no labels): estimate the site's pneumonia "
+                    "prevalence by EM and re-base the calibration to it, refit the thresholds from the EM "
+                    "posteriors and the guard on the site's features; --bn-layers re-estimates BatchNorm "
+                    "statistics on the site's images (AdaBN; off by default). --data DIR "
                     "(DIR/NORMAL, DIR/PNEUMONIA): refit calibration and the screening and balanced thresholds on "
                     "the site's labelled images, after the unlabelled step when --images is given too. Images "
                     "that are no chest X-ray or that the base model's guard rejects are left out and counted. "
@@ -548,11 +549,15 @@ def _add_adapt_command(sub) -> None:
     p.add_argument("--sensitivity", type=float, default=None, metavar="S",
                    help="screening sensitivity the labelled refit keeps at 95%% confidence (default: the model's "
                         "target, 0.98 for the bundled model)")
-    p.add_argument("--bn-layers", choices=("trained", "all", "none"), default="trained",
-                   help="BatchNorm layers AdaBN re-estimates: those of the fine-tuned stages (default), all, none")
-    p.add_argument("--thresholds", choices=("keep", "em"), default="keep",
-                   help="unlabelled: keep the base thresholds (moved with the prevalence; default) or refit them "
-                        "with the EM posteriors standing in for labels")
+    p.add_argument("--bn-layers", choices=("trained", "all", "none"), default="none",
+                   help="BatchNorm layers AdaBN re-estimates: none (default: AdaBN lost on validation, "
+                        "docs/experiments.md), those of the fine-tuned stages, or all")
+    p.add_argument("--bn-balance", action="store_true",
+                   help="take AdaBN's statistics over a resample of the site's images weighted to the training "
+                        "batches' class mix (by the unadapted model's EM posteriors)")
+    p.add_argument("--thresholds", choices=("keep", "em"), default="em",
+                   help="unlabelled: refit the thresholds with the EM posteriors standing in for labels (default, "
+                        "chosen on validation), or keep the base thresholds moved with the prevalence")
     p.add_argument("--quiet", action="store_true", help="no line per left-out image")
     p.set_defaults(func=cmd_adapt)
 
