@@ -138,10 +138,8 @@ def test_corrupt_rle_is_a_one_line_error(kermany):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=False, reason="pylibjpeg-rle 2.2 panics on this stream: pyo3_runtime.PanicException "
-                   "(index out of bounds in decode_frame) is a BaseException, which decode()'s except Exception "
-                   "does not catch, so it escapes predict_files and ends the whole batch")
 def test_corrupt_rle_with_pylibjpeg_rle(kermany):
+    """pylibjpeg-rle 2.2 panics on this stream (pyo3's PanicException, a BaseException): still one file's error."""
     pytest.importorskip("rle", reason="pylibjpeg-rle is not installed (not a dependency because of this)")
     from pneumoscan.data.images import ImageReadError, decode
 

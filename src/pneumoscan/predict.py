@@ -232,7 +232,9 @@ class Model:
                 return self.prepare(self.decode(path))
             except ImageReadError as exc:
                 return str(exc)
-            except Exception as exc:  # whatever a malformed file makes a library raise: that file's row, not the run's
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - whatever a malformed file makes a library raise is its row
                 return f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
         pending: list[tuple[str, tuple | str]] = []

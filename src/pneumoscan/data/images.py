@@ -130,7 +130,11 @@ def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = Non
         raise
     except MemoryError:
         raise ImageReadError(f"{label}: not enough memory to decode this image") from None
-    except Exception as exc:  # a malformed file can make any decoder raise anything; it is that file's error
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        # A malformed file can make any decoder raise anything, even a BaseException (a Rust decoder's panic
+        # surfaces as pyo3's PanicException): it is that file's error, not the batch's.
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ImageReadError(f"{label}: corrupt or unreadable image ({detail})") from None
 
