@@ -320,8 +320,13 @@ def plot(results: dict, path: Path) -> None:
     axes[1].axhline(base["screening"]["specificity"], color="gray", ls="--", label="unchanged model")
     axes[1].axhline(0.85, color="red", ls=":", label="goal 0.85 (unlabelled)")
     axes[1].axhline(0.90, color="darkred", ls=":", label="goal 0.90 (labelled)")
+    from matplotlib.ticker import NullFormatter
+
+    ticks = [*SIZES, int(np.mean(results["halves"]))]
     for ax, title in ((axes[0], "ROC AUC"), (axes[1], "screening specificity at the fitted threshold")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("site images used for adaptation (per half)")
         ax.set_title(title)
         ax.legend(fontsize=7)
@@ -340,6 +345,8 @@ def main(argv=None) -> int:
     v.add_argument("--per-half", type=int, default=120)
     v.add_argument("--shifts", nargs="+", default=list(SHIFTS))
     v.add_argument("--json")
+    pl = sub.add_parser("plot", help="redraw the curve from a test run's results.json")
+    pl.add_argument("results")
     t = sub.add_parser("test")
     t.add_argument("--data", required=True)
     t.add_argument("--model")
@@ -350,6 +357,9 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.mode == "plot":
+        plot(json.loads(Path(args.results).read_text()), Path(args.results).parent / "site_curve.png")
+        return 0
     results = run_validation(args) if args.mode == "validation" else run_test(args)
     target = args.json if args.mode == "validation" else str(Path(args.out) / "results.json")
     if target:

@@ -4,19 +4,21 @@ A model's thresholds and calibration are fitted on its validation split, which s
 acquisition; another hospital's machines shift the images, and with them the scores. Two ways to follow a site:
 
 Unlabelled (``--images``), in this order:
-1. AdaBN (Li et al. 2016): the BatchNorm statistics are re-estimated on the site's images; every weight stays.
-   Only the BatchNorm layers of the stages that were fine-tuned are re-estimated (``bn_layers="trained"``, the
-   default). The early stages were frozen in training (EfficientNet-Lite0: the stem and blocks 0-2), so their
-   BatchNorm kept the ImageNet statistics, and every later weight was learnt on features normalised by exactly
-   those statistics: AdaBN's premise (the statistics are the source domain's) does not hold for them, and
-   replacing them changes what the trained layers see. They also work at the highest resolution, where the
-   per-image standardisation of the input already removes most exposure and contrast shift. ``"all"`` re-estimates
-   them too (measured on validation in docs/experiments.md), ``"none"`` skips AdaBN.
-2. The site's pneumonia prevalence, estimated from the adapted model's own calibrated probabilities by EM (Saerens,
+1. AdaBN (Li et al. 2016), when asked for (``--bn-layers``; off by default): BatchNorm statistics re-estimated on
+   the site's images, every weight kept. ``"trained"`` re-estimates only the BatchNorm layers of the stages that
+   were fine-tuned. The early stages were frozen in training (EfficientNet-Lite0: the stem and blocks 0-2), so
+   their BatchNorm kept the ImageNet statistics, and every later weight was learnt on features normalised by
+   exactly those: AdaBN's premise (the statistics are the source domain's) does not hold for them, and their
+   high-resolution input is already standardised per image. ``"all"`` re-estimates them too. ``balance``
+   (``--bn-balance``) takes the statistics over a resample weighted to the training batches' class mix. On
+   validation every variant lost screening sensitivity (docs/experiments.md, site adaptation), hence the default.
+2. The site's pneumonia prevalence, estimated from the model's own calibrated probabilities by EM (Saerens,
    Latinne and Decaestecker 2002), re-bases the calibration the way ``--prevalence`` does: the bias and the named
-   thresholds move by the same log-odds, so decisions stay and the probabilities mean the site's prevalence.
-3. The feature guard's statistics are refit on the site's adapted features (PCA on a seeded half, the limit at the
-   base model's quantile of the other half).
+   thresholds move by the same log-odds, so the probabilities mean the site's prevalence. With ``thresholds="em"``
+   (the default, chosen on validation) the screening and balanced thresholds are then refit on the site's images
+   with the EM posteriors standing in for the labels (``em_thresholds``).
+3. The feature guard's statistics are refit on the site's features (PCA on a seeded half, the limit at the base
+   model's quantile of the other half).
 
 Labelled (``--data DIR`` with ``DIR/NORMAL`` and ``DIR/PNEUMONIA``): calibration and the screening and balanced
 thresholds are refit on the site's labelled images with ``calibrate.fit_decision_rule``, after the unlabelled step
