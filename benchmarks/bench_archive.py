@@ -64,12 +64,18 @@ def main() -> int:
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray instance")
     parser.add_argument("--concurrency", type=int, default=1, help="scoring actors")
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per scoring actor")
+    parser.add_argument("--ray-first", action="store_true",
+                        help="run the Ray engine before the local one (on a shared machine, to see the drift)")
+    parser.add_argument("--local-threads", type=int, default=None,
+                        help="torch threads of the local engine (default: torch's, 2 here)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n = 48 if args.quick else args.files
 
     import torch
 
+    if args.local_threads:
+        torch.set_num_threads(args.local_threads)
     from pneumoscan.archive import predict_local
     from pneumoscan.predict import load_model
 
@@ -82,47 +88,52 @@ def main() -> int:
         start = time.perf_counter()
         model = load_model(args.model, precision="float32")
         load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        local = {}
+        local, remote, timing = {}, {}, {}
 
-        def keep(rows):
-            for pred, row in rows:
-                local[row["path"]] = row
-                yield pred, row
+        def run_local():
+            def keep(rows):
+                for pred, row in rows:
+                    local[row["path"]] = row
+                    yield pred, row
 
-        journal_run(keep(predict_local(model, files, batch_size=args.batch_size)), out_dir / "local.csv", model,
-                    files)
-        local_s = time.perf_counter() - start
-        print(f"local: model load {load_s:.1f} s; {n} images in {local_s:.1f} s = {n / local_s:.1f} images/s",
-              flush=True)
+            start = time.perf_counter()
+            journal_run(keep(predict_local(model, files, batch_size=args.batch_size)), out_dir / "local.csv",
+                        model, files)
+            timing["local"] = time.perf_counter() - start
 
-        import ray
+        def run_ray():
+            import ray
 
-        from pneumoscan.archive import predictions_dataset, ray_row
+            from pneumoscan.archive import predictions_dataset, ray_row
 
-        start = time.perf_counter()
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        init_s = time.perf_counter() - start
-        remote = {}
-        first = []
+            start = time.perf_counter()
+            ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            timing["init"] = time.perf_counter() - start
+            first = []
 
-        def ray_rows():
-            ds = predictions_dataset(files, model, batch_size=args.batch_size,
-                                     concurrency=args.concurrency, num_cpus=args.num_cpus)
-            for item in ds.iter_rows():
-                if not first:
-                    first.append(time.perf_counter())
-                row = ray_row(item)
-                remote[row["path"]] = row
-                yield None, row
+            def ray_rows():
+                ds = predictions_dataset(files, model, batch_size=args.batch_size, concurrency=args.concurrency,
+                                         num_cpus=args.num_cpus)
+                for item in ds.iter_rows():
+                    if not first:
+                        first.append(time.perf_counter())
+                    row = ray_row(item)
+                    remote[row["path"]] = row
+                    yield None, row
 
-        start = time.perf_counter()
-        journal_run(ray_rows(), out_dir / "ray.csv", model, files)
-        ray_s = time.perf_counter() - start
-        ray.shutdown()
-        first_s = first[0] - start if first else float("nan")
-        print(f"ray: init {init_s:.1f} s, first row after {first_s:.1f} s; {n} images in {ray_s:.1f} s = "
+            start = time.perf_counter()
+            journal_run(ray_rows(), out_dir / "ray.csv", model, files)
+            timing["ray"] = time.perf_counter() - start
+            timing["first"] = first[0] - start if first else float("nan")
+            ray.shutdown()
+
+        for run in (run_ray, run_local) if args.ray_first else (run_local, run_ray):
+            run()
+            print(f"  ({run.__name__} done, load average {os.getloadavg()[0]:.1f})", flush=True)
+        local_s, ray_s, init_s = timing["local"], timing["ray"], timing["init"]
+        print(f"local: model load {load_s:.1f} s; {n} images in {local_s:.1f} s = {n / local_s:.1f} images/s")
+        print(f"ray: init {init_s:.1f} s, first row after {timing['first']:.1f} s; {n} images in {ray_s:.1f} s = "
               f"{n / ray_s:.1f} images/s ({args.concurrency} actor(s) x {args.num_cpus:g} CPU, decoding in tasks, "
               f"{args.ray_cpus} CPUs in the instance); with init {n / (ray_s + init_s):.1f} images/s")
         print(f"ray overhead: local/ray throughput {ray_s / local_s:.2f}x (with init "

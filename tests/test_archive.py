@@ -414,3 +414,19 @@ def test_resume_with_nothing_to_resume_screens_everything_and_says_so(tmp_path, 
     assert main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--resume"]) == 0
     assert f"pneumoscan: no {journal_path(out)} to resume: screening every file" in capsys.readouterr().err
     assert len(csv_rows(out)) == 3
+
+
+def test_engine_ray_with_no_cluster_at_the_address_is_one_line(tmp_path, small, tiny_model_path, capsys,
+                                                              monkeypatch):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is running in this process")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))  # no cluster of this machine's other users found
+    out = tmp_path / "r.parquet"
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--engine", "ray", "--address", "auto",
+                 "--out", str(out), "--quiet"])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("pneumoscan: error: cannot start or join the Ray cluster at --address auto (")
+    assert not out.exists() and not journal_path(out).exists()

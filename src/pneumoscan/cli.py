@@ -348,8 +348,12 @@ def _ray_results(model, files: list, args: argparse.Namespace):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address, log_to_driver=not args.quiet, include_dashboard=False,
-                 configure_logging=False)
+        try:
+            ray.init(address=args.address, log_to_driver=not args.quiet, include_dashboard=False,
+                     configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, a bad address
+            where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray instance"
+            raise PneumoscanError(f"cannot start or join {where} ({str(exc).splitlines()[0][:200]})") from None
     try:
         import logging
 
