@@ -315,7 +315,9 @@ def test_cli_not_xray_alone_is_not_a_failure(strict_model_path, tmp_path):
     assert main(["predict", str(blank), "--model", str(strict_model_path), "--quiet"]) == 0
 
 
-def test_interrupted_run_leaves_no_csv_and_keeps_an_older_one(tiny_model_path, folder, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_no_complete_looking_csv_and_keeps_an_older_one(tiny_model_path, folder, tmp_path,
+                                                                               monkeypatch):
+    """The finished rows survive in RESULTS.partial (for --resume); the final name appears only when complete."""
     out = tmp_path / "results.csv"
     calls = {"n": 0}
     original = Model.predict_files
@@ -331,8 +333,9 @@ def test_interrupted_run_leaves_no_csv_and_keeps_an_older_one(tiny_model_path, f
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"])
     assert not out.exists()
-    assert os.listdir(tmp_path) == ["in"]  # no temporary file left behind either
+    assert sorted(os.listdir(tmp_path)) == ["in", "results.csv.partial"]
 
+    (tmp_path / "results.csv.partial").unlink()  # (a journal left in place is refused without --resume)
     out.write_text("previous complete results\n")
     calls["n"] = 0
 
@@ -346,7 +349,7 @@ def test_interrupted_run_leaves_no_csv_and_keeps_an_older_one(tiny_model_path, f
     monkeypatch.setattr(Model, "predict_files", interrupted)
     assert main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 130
     assert out.read_text() == "previous complete results\n"
-    assert sorted(os.listdir(tmp_path)) == ["in", "results.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["in", "results.csv", "results.csv.partial"]
 
 
 def test_csv_appears_only_complete(tiny_model_path, folder, tmp_path, monkeypatch):
