@@ -435,7 +435,9 @@ def _prepare_row(row: dict, shim, size: int) -> dict:
         out.update({k: v or "" for k, v in _uids(decoded.dicom).items()})
         out["reason"] = "" if reason is None else reason
         out["has_reason"] = reason is not None
-    except Exception as exc:  # that file's error row, as on the local engine
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - as Model.score_files: a decoder's panic too is that file's row
         out["error"] = _read_error(path, exc)
         small = np.zeros((size, size), np.uint8)
     out["pixels"] = np.ascontiguousarray(small, dtype=np.uint8)
