@@ -592,3 +592,26 @@ def test_spool_names_are_uids_or_hashes():
     for bad in ("../../etc/passwd", "1.2/3", "", None, ".1.2", "1" * 65):
         name = safe_name(bad, b"data")
         assert name.startswith("x") and "/" not in name and len(name) == 41
+
+
+def test_predict_dicom_out_writes_sr_and_sc_for_dicom_inputs(xrays, tiny_model_path, tmp_path):
+    from pneumoscan.cli import main
+
+    lateral = make(tmp_path, "lateral.dcm", modality="DX", view="LL")
+    jpeg = XRAYS[0]
+    out = tmp_path / "dicom-out"
+    code = main(["predict", "--quiet", "--json", "--model", str(tiny_model_path), "--dicom-out", str(out),
+                 str(xrays[0]), str(lateral), str(jpeg)])
+    assert code == 0
+    source = pydicom.dcmread(xrays[0], stop_before_pixels=True)
+    made = results_in(out, source.StudyInstanceUID, 2, timeout=0)
+    assert sorted(str(d.SOPClassUID) for d in made) == sorted([SR_CLASS, SC_CLASS])
+    sr = next(d for d in made if d.SOPClassUID == SR_CLASS)
+    from pneumoscan import load_model
+
+    expected = load_model(tiny_model_path).predict(xrays[0]).probability
+    assert abs(sr_items(sr)["Probability"] - expected) < 1e-4
+    lateral_study = pydicom.dcmread(lateral, stop_before_pixels=True).StudyInstanceUID
+    [report] = results_in(out, lateral_study, 1, timeout=0)
+    assert "lateral view" in sr_items(report)["Reason not assessed"]
+    assert len(list(out.iterdir())) == 2  # nothing for the JPEG

@@ -286,6 +286,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             require_pyarrow()
         check_output_file(args.out, "--out")
     check_output_dir(args.heatmaps, "--heatmaps")
+    check_output_dir(args.dicom_out, "--dicom-out")
     if args.engine == "ray":
         require_ray()
     inputs = Inputs(args.inputs)
@@ -298,6 +299,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
                        max_pixels=round(args.max_megapixels * 1e6))
     model.resolve_threshold(args.threshold)
+    from .dicom.cli import dicom_out
+
+    write_dicom = dicom_out(args.dicom_out, model)  # SR + SC per DICOM input; None without --dicom-out
     if not inputs.files:
         skipped = inputs.skipped_summary()
         print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
@@ -332,6 +336,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               disable=args.quiet or not sys.stderr.isatty()):
             failed += pred.status == "error"
             writer.add(pred, row)
+            if write_dicom is not None:
+                write_dicom(pred)
             print(json.dumps(_finite(pred.to_dict()), default=str) if args.json else _row(pred), flush=table)
     if failed == len(inputs.files):
         print(f"pneumoscan: none of the {failed} file(s) could be read: nothing was screened", file=sys.stderr)
@@ -493,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=positive_int, default=1, metavar="K",
                    help="Ray actors scoring at once, each with its own copy of the model (default 1)")
     p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
+    from .dicom.cli import add_dicom_out_option  # --dicom-out DIR
+
+    add_dicom_out_option(p)
     p.add_argument("--json", action="store_true",
                    help="print JSON Lines instead of tab-separated rows: one object per file, the fields of "
                         "pneumoscan.Prediction (path, probability, decision, operating_point, threshold, status, "

@@ -161,7 +161,8 @@ def dicom_out(folder: str | None, model):
     if not folder:
         return None
     try:
-        from .results import MANUFACTURER  # noqa: F401 - fails early without the dicom extra
+        import highdicom  # noqa: F401 - fails early without the dicom extra
+
         from .screen import Screener
     except ImportError as exc:
         raise PneumoscanError(f"--dicom-out needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
