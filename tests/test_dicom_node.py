@@ -239,9 +239,10 @@ def scu(port: int, contexts: list[str], ae_title: str = "PNEUMOSCAN"):
     from pynetdicom import AE
 
     ae = AE(ae_title="TESTSCU")
-    for sop_class in contexts:
-        ae.add_requested_context(sop_class, [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
-                                             RLELossless, JPEGLosslessSV1])
+    for sop_class in contexts:  # one context per transfer syntax: the node accepts one syntax per context
+        for syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian, RLELossless,
+                       JPEGLosslessSV1, pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000Lossless):
+            ae.add_requested_context(sop_class, [syntax])
     return ae.associate("127.0.0.1", port, ae_title=ae_title)
 
 
@@ -395,6 +396,16 @@ def test_not_assessed_reasons_keep_not_xray_and_outside_population_apart(model, 
         assert items["Reason not assessed"].startswith(message.split(":")[0])
         assert items["Screening status"] == f"not assessed ({status})"
         assert "Probability" not in items and items["Pneumonia"] == "Indeterminate"
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000Lossless])
+def test_jpeg_baseline_and_jpeg2000_are_screened(node, model, syntax, tmp_path):
+    path = make(tmp_path, "x.dcm", modality="DX", syntax=syntax)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    assert send(node.port, path) == 0x0000
+    study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    sr = next(d for d in results_in(node.out, study, 2) if d.SOPClassUID == SR_CLASS)
+    assert abs(sr_items(sr)["Probability"] - model.predict(path).probability) < 1e-4
 
 
 def test_dimse_failures_and_the_node_keeps_serving(node, tmp_path):

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -124,6 +131,10 @@ def xray_dicom(image: str | Path | np.ndarray, *, modality: str = "DX", sop_clas
         ds.compress(RLELossless)
     elif UID(syntax) == JPEGLosslessSV1:
         _jpeg_lossless(ds, stored, bits_stored)
+    elif UID(syntax) == JPEGBaseline8Bit:
+        if bits != 8:
+            raise ValueError("JPEG baseline holds 8-bit images only")
+        _encapsulate(ds, _pillow_jpeg(stored), JPEGBaseline8Bit, lossy=True)
     elif UID(syntax) != ExplicitVRLittleEndian:
         ds.compress(UID(syntax))  # whatever pydicom can encode (JPEG-LS, JPEG 2000)
     return ds
@@ -132,11 +143,28 @@ def xray_dicom(image: str | Path | np.ndarray, *, modality: str = "DX", sop_clas
 def _jpeg_lossless(ds: FileDataset, stored: np.ndarray, bits_stored: int) -> None:
     """JPEG lossless (process 14, selection value 1): imagecodecs encodes it, pydicom has no encoder."""
     import imagecodecs
-    from pydicom.encaps import encapsulate
 
     frame = imagecodecs.jpeg8_encode(stored, lossless=True, predictor=1, bitspersample=bits_stored)
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    _encapsulate(ds, frame, JPEGLosslessSV1, lossy=False)
+
+
+def _pillow_jpeg(stored: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(stored, "L").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _encapsulate(ds: FileDataset, frame: bytes, syntax: str, *, lossy: bool) -> None:
+    from pydicom.encaps import encapsulate
+
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
-    ds.LossyImageCompression = "00"
+    ds.LossyImageCompression = "01" if lossy else "00"
+    if lossy:
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
