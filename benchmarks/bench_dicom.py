@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,6 +198,8 @@ def main() -> int:
             node.kill()
         orthanc.terminate()
         orthanc.wait(30)
+        for bulky in (work / "in", work / "orthanc" / "db", work / "spool"):  # ~1.6 GB for 500 with heatmaps
+            shutil.rmtree(bulky, ignore_errors=True)
     print(f"node log: {work / 'node.log'}", file=sys.stderr)
     return 0
 
