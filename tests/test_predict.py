@@ -494,3 +494,18 @@ def test_the_pixel_limit_is_an_option_of_predict(tiny_model_path, folder, tmp_pa
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage line and exit code 2
         main(["predict", str(folder / "a.jpeg"), "--model", str(tiny_model_path), "--max-megapixels", "0"])
     assert exit_info.value.code == 2
+
+
+def test_the_cli_reports_a_malformed_dicom_in_its_row_without_library_warnings(tiny_model_path, tmp_path):
+    import subprocess
+    import sys
+
+    from pydicom.data import get_testdata_file
+
+    out = tmp_path / "r.csv"
+    proc = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", get_testdata_file("badVR.dcm"),
+                           "--model", str(tiny_model_path), "--csv", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
+    (row,) = _rows(out)
+    assert row["status"] == "error" and "NumberOfFrames" in row["message"]

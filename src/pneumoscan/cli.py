@@ -575,8 +575,18 @@ def _add_adapt_command(sub) -> None:
     p.set_defaults(func=cmd_adapt)
 
 
+def _quiet_decoder_warnings() -> None:
+    """pydicom and Pillow warn (with a source line) about each malformed file they still read; the command line
+    reports every file in its own row instead, so their warnings would only bury the rows."""
+    import warnings
+
+    for module in (r"pydicom(\..*)?", r"PIL(\..*)?"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_decoder_warnings()
     try:
         return args.func(args)
     except PneumoscanError as exc:
