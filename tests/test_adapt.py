@@ -295,3 +295,37 @@ def test_adapt_bundled_model_on_real_train_xrays(kermany, tmp_path):
     assert model.record.adaptation["base_sha256"] == base.sha256
     prediction = model.predict(next(folder.iterdir()))
     assert prediction.status in ("ok", "out_of_distribution")
+
+
+def test_an_adapted_file_runs_unchanged_through_the_server_the_onnx_export_and_dicom_out(tiny, tmp_path, capsys):
+    import httpx
+    from pydicom import dcmread
+    from test_one_path import dicom
+
+    from pneumoscan.export import export_onnx
+    from pneumoscan.serve import create_app, serve_in_thread
+
+    folder = site_folder(tmp_path / "site", 28)
+    out = tmp_path / "site.safetensors"
+    assert main(["adapt", "--model", str(tiny.path), "--images", str(folder), "--out", str(out)]) == 0
+    model = load_model(out, precision="float32")
+    image = folder / "site000.png"
+    expected = model.predict(image)
+    with serve_in_thread(create_app(model)) as url:
+        body = httpx.post(f"{url}/v1/predict", files={"file": (image.name, image.read_bytes())}, timeout=60).json()
+    assert body["status"] == expected.status and body["model"]["sha256"] == model.sha256
+    if expected.probability is not None:
+        assert body["probability"] == pytest.approx(expected.probability, abs=1e-5)
+    small = np.stack([model.prepare(model.decode(image))[0]])
+    exported = export_onnx(model, tmp_path / "site.onnx", images=small)
+    onnx_model = load_model(exported.path, backend="onnx")
+    assert onnx_model.record.adaptation == model.record.adaptation
+    assert onnx_model.predict(image).status == expected.status
+    dcm = tmp_path / "x.dcm"
+    from pydicom.uid import generate_uid
+
+    dcm.write_bytes(dicom(np.round(synthetic_xray(96, 7) * 255).astype(np.uint8), BodyPartExamined="CHEST",
+                          StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid()))
+    assert main(["predict", str(dcm), "--model", str(out), "--dicom-out", str(tmp_path / "dicom"), "--quiet"]) == 0
+    written = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    assert written and any(dcmread(p).Modality == "SR" for p in written)

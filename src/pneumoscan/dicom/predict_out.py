@@ -38,7 +38,13 @@ class DicomOut:
         if prediction.status == "ok" and self.screener.heatmaps:
             decoded = self.screener.model.decode(data, str(path))
         written = []
-        for ds in self.screener.results_for(header, prediction, decoded):
+        try:
+            made = self.screener.results_for(header, prediction, decoded)
+        except Exception as exc:  # a header highdicom cannot build on: that file's results, not the run
+            print(f"pneumoscan: --dicom-out: {path}: cannot build its SR ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); none written", file=sys.stderr)
+            return []
+        for ds in made:
             target = self.folder / safe_name(str(ds.StudyInstanceUID)) / f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
             atomic_write(target, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
             written.append(target)

@@ -54,7 +54,15 @@ def read_header(data: bytes, name: str) -> Dataset:
                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     if missing:
         raise UnreadableInstance(f"{name}: DICOM dataset lacks {', '.join(missing)}")
+    for keyword in TYPE2_COPIED:  # required but may be empty: many exports leave them out altogether
+        if keyword not in ds:
+            setattr(ds, keyword, "")
     return ds
+
+
+# Patient and General Study attributes (Type 2) that the results copy from their source instance
+TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 class Screener:
