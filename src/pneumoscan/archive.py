@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .durable import fsync_dir
 from .errors import PneumoscanError
 
 JOURNAL_SUFFIX = ".partial"
@@ -218,7 +219,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self._unsynced = 0
         self._synced_at = time.monotonic()
@@ -241,19 +242,6 @@ class Journal:
             self.sync()
             self._file.close()
             self._file = None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def plan_resume(rows: list[dict], files: list) -> tuple[list[dict], list]:

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..durable import fsync_dir
+
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
 
@@ -26,19 +28,6 @@ def safe_name(uid: str | None, data: bytes | None = None) -> str:
     if uid and _UID.match(uid) and not uid.startswith("."):
         return uid
     return "x" + hashlib.sha256((uid or "").encode() + (data or b"")).hexdigest()[:40]
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[object], None] | bytes, tmp_dir: Path | None = None) -> Path:
@@ -60,7 +49,7 @@ def atomic_write(path: Path, write: Callable[[object], None] | bytes, tmp_dir: P
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
