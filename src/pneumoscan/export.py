@@ -281,7 +281,7 @@ def quantize_int8(
         quantize_static,
     )
 
-    from .backends.onnx import metadata_props
+    from .backends.onnx import OnnxBackend, metadata_props, open_session
 
     fp32_path = Path(fp32_path)
     out = Path(out) if out is not None else _int8_default_path(fp32_path)
@@ -327,21 +327,21 @@ def quantize_int8(
             "fp32_sha256": sha256_file(fp32_path),
         }
         record = fp32.record.with_(quantization=quantization)
-        _set_metadata(quantized, metadata_props(record, fp32.guard))
-        int8 = load_onnx_model(quantized)
-        scores32, scores8 = (m.score(val_images) for m in (fp32, int8))
+        # Score the calibration and validation images once on each network; the int8 graph needs no metadata for it
+        reference = torch.from_numpy(np.concatenate([calibration, val_images]))
+        int8_backend = OnnxBackend(open_session(quantized), fp32.preprocessing, int8=True)
+        (logits32, feats32), (logits8, feats8) = (_forward_in_batches(b, reference) for b in (fp32.backend, int8_backend))
         guard = fp32.guard
         if guard is not None and record.guard is not None:
             # int8 features sit a little farther from the float statistics: move the limit by the median shift
             # of the same images' scores, so an X-ray near the limit gets the float model's verdict
-            reference = np.concatenate([calibration, val_images])
-            shift = float(np.median((int8.score(reference).guard - fp32.score(reference).guard).numpy()))
+            shift = float(np.median((guard.score(feats8) - guard.score(feats32)).numpy()))
             guard = Guard(guard.mean, guard.components, guard.variances, guard.residual_variance,
-                          fp32.guard.threshold + max(0.0, shift))
+                          guard.threshold + max(0.0, shift))
             record = record.with_(guard=replace(record.guard, threshold=guard.threshold))
-            _set_metadata(quantized, metadata_props(record, guard))
-            int8 = load_onnx_model(quantized)
-        p32, p8 = torch.sigmoid(scores32.log_odds).numpy(), torch.sigmoid(scores8.log_odds).numpy()
+        _set_metadata(quantized, metadata_props(record, guard))
+        val = slice(len(calibration), None)
+        p32, p8 = (fp32.probability(logits[val]).numpy() for logits in (logits32, logits8))
         screening = fp32.thresholds.get("screening", 0.5)
         result = Int8Result(
             out,
@@ -355,6 +355,12 @@ def quantize_int8(
         )
         atomic_write(out, lambda tmp: os.replace(quantized, tmp))
     return result
+
+
+def _forward_in_batches(backend, images: torch.Tensor, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend.forward`` over ``images`` a batch at a time, so a large validation split stays in bounded memory."""
+    outputs = [backend.forward(images[i:i + size]) for i in range(0, len(images), size)]
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
 def _auc(labels: np.ndarray, p: np.ndarray) -> float:
