@@ -13,37 +13,24 @@ from .constants import ARCH_NAMES, BATCH_SIZE, PRECISIONS
 from .errors import PneumoscanError
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (batch sizes, workers): 0 or a negative number would be accepted and then fail
-    or hang somewhere deep inside the run."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
+def number_type(parse, ok, expected: str):
+    """An argparse type: ``parse`` the text and keep the value if ``ok``; anything else is a usage error saying
+    what was expected (0 or a negative count would otherwise be accepted and fail or hang deep inside a run)."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def positive_float(text: str) -> float:
-    """argparse type for sizes and tolerances that only make sense above zero (nan and inf refused too)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
-    return value
+positive_int = number_type(int, lambda v: v >= 1, "a whole number of at least 1")  # counts: batch sizes, workers
+positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")  # sizes, tolerances
+port_number = number_type(int, lambda v: 1 <= v <= 65535, "a TCP port from 1 to 65535")
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:

@@ -12,28 +12,6 @@ import sys
 from ..errors import PneumoscanError
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-        return value
-    return parse
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port from 0 to 65535 (0: any free one), got {text!r}")
-    return value
-
-
 def _ae_title(text: str) -> str:
     if not 1 <= len(text) <= 16 or not text.isascii() or "\\" in text or not text.strip():
         raise argparse.ArgumentTypeError(f"an AE title is 1 to 16 ASCII characters, got {text!r}")
@@ -103,6 +81,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def add_dicom_command(sub) -> None:
     """Add ``dicom listen`` and ``dicom pull`` to the main parser's subparsers."""
+    from ..cli import number_type
+
+    positive_int = number_type(int, lambda v: v > 0, "a number above 0")
+    positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")
+    port = number_type(int, lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535 (0: any free one)")
     dicom = sub.add_parser("dicom", help="DICOM node for a PACS: receive X-rays, send SR and heatmap back")
     commands = dicom.add_subparsers(dest="dicom_command", required=True)
 
@@ -114,18 +97,18 @@ def add_dicom_command(sub) -> None:
                     "and/or write them under --out. Results for a destination that is down wait in the spool "
                     "and are retried. Instances not assessed (not a frontal chest X-ray, outside the model's "
                     "population, unreadable pixels) get an SR saying why.")
-    p.add_argument("--port", type=_port, default=11112)
+    p.add_argument("--port", type=port, default=11112)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
     p.add_argument("--ae-title", type=_ae_title, default="PNEUMOSCAN", help="this node's AE title")
     p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE results to this DICOM node (the PACS)")
     p.add_argument("--out", metavar="DIR", help="also write results as OUT/<study UID>/<SOP UID>.dcm")
     p.add_argument("--spool", default="pneumoscan-spool", metavar="DIR",
                    help="where received instances and undelivered results wait (default ./pneumoscan-spool)")
-    p.add_argument("--max-instance-mb", type=_positive(float), default=100.0, metavar="N",
+    p.add_argument("--max-instance-mb", type=positive_float, default=100.0, metavar="N",
                    help="larger instances are refused with status 0xA700 (default 100)")
-    p.add_argument("--batch-size", type=_positive(int), default=8, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="instances screened per forward pass (default 8)")
-    p.add_argument("--retry-max", type=_positive(float), default=60.0, metavar="SECONDS",
+    p.add_argument("--retry-max", type=positive_float, default=60.0, metavar="SECONDS",
                    help="longest wait between delivery attempts to a destination that is down (default 60)")
     p.add_argument("--no-heatmaps", action="store_true", help="SR only, no Grad-CAM Secondary Capture")
     p.add_argument("--verbose", action="store_true", help="pynetdicom's association log too")
@@ -136,7 +119,7 @@ def add_dicom_command(sub) -> None:
     p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
     p.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
     p.add_argument("--store", action="store_true", help="store the SR and Secondary Capture back by STOW-RS")
-    p.add_argument("--batch-size", type=_positive(int), default=8, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
     _model_options(p)
     p.set_defaults(func=cmd_pull)
 

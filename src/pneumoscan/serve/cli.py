@@ -35,32 +35,14 @@ client address, upload sha256 and size, model sha256, status, prediction, latenc
 DICOM patient fields; it rotates at --audit-max-mb, keeping --audit-backups old files."""
 
 
-def _count(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _window_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1000.0:
-        raise argparse.ArgumentTypeError(f"must be a number of milliseconds from 0 to 1000, got {text!r}")
-    return value
-
-
 def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     """The ``serve`` subcommand, with the model options every answering command shares."""
-    from ..cli import port_number, positive_float, positive_int
+    from ..cli import number_type, port_number, positive_float, positive_int
+
+    def count(low: int, high: int):
+        return number_type(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
+
+    window_ms = number_type(float, lambda v: 0.0 <= v <= 1000.0, "a number of milliseconds from 0 to 1000")
 
     p = sub.add_parser("serve", help="HTTP API and web page for screening single images",
                        description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,10 +53,10 @@ def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="larger uploads are refused with 413")
     p.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
                    help=f"uploads decoded at the same time (default {DEFAULT_CONCURRENCY})")
-    p.add_argument("--batch-window-ms", type=_window_ms, default=DEFAULT_WINDOW_MS, metavar="MS",
+    p.add_argument("--batch-window-ms", type=window_ms, default=DEFAULT_WINDOW_MS, metavar="MS",
                    help=f"how long the batcher waits for more images once one is ready, while other requests are "
                         f"still being decoded (default {DEFAULT_WINDOW_MS:g}; 0: only what is already queued)")
-    p.add_argument("--max-batch", type=_count(1, MAX_BATCH_LIMIT), default=DEFAULT_MAX_BATCH, metavar="N",
+    p.add_argument("--max-batch", type=count(1, MAX_BATCH_LIMIT), default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"most images per network call (default {DEFAULT_MAX_BATCH}; 1: no batching)")
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, metavar="N",
                    help=f"screening requests in progress at once; more get 503 with Retry-After "
@@ -89,7 +71,7 @@ def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     p.add_argument("--ssl-keyfile", metavar="PEM", help="TLS private key of --ssl-certfile")
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per request to FILE (rotated)")
     p.add_argument("--audit-max-mb", type=positive_float, default=100.0, help="rotate the audit log at this size")
-    p.add_argument("--audit-backups", type=_count(0, 10_000), default=10, metavar="N",
+    p.add_argument("--audit-backups", type=count(0, 10_000), default=10, metavar="N",
                    help="rotated audit files kept (FILE.1 ... FILE.N)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     add_model_options(p)
