@@ -23,7 +23,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from .durable import fsync_dir
@@ -105,47 +105,38 @@ def csv_cells(row: dict) -> list[str]:
             row["message"]]
 
 
-@contextmanager
-def capture_files(model):
-    """While active, every ``model.decode(path)`` also records the file's size, mtime and DICOM identifiers, so
-    ``model.predict_files`` (unchanged: same decoding, batching and values) yields rows this module can complete.
-    ``take(path)`` returns and forgets them; memory stays bounded by predict_files' read-ahead."""
-    seen: dict[str, list] = defaultdict(list)
-    original = model.decode
-
-    def decode(source, name=None):
-        if isinstance(source, str | Path) and name is None:
-            key = str(source)
-            size, mtime = file_key(source)
-            entry = [size, mtime, None]
-            seen[key].append(entry)
-            decoded = original(source, name)
-            entry[2] = decoded.dicom
-            return decoded
-        return original(source, name)
-
-    def take(path: str) -> tuple[int | None, int | None, object]:
-        entries = seen.get(path)
-        if entries:
-            size, mtime, header = entries.pop(0)
-            if not entries:
-                seen.pop(path, None)
-            return size, mtime, header
-        return (*file_key(path), None)
-
-    model.decode = decode  # an instance attribute: Model.score_files calls self.decode
-    try:
-        yield take
-    finally:
-        del model.decode
-
-
 def predict_local(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False
                   ) -> Iterator[tuple[object, dict]]:
-    """(Prediction, journal row) per file, in order, through ``model.predict_files``."""
-    with capture_files(model) as take:
-        for pred in model.predict_files(paths, threshold=threshold, batch_size=batch_size, tta=tta):
-            yield pred, make_row(pred, *take(pred.path))
+    """(Prediction, journal row) per file, in order, through ``model.predict_files``.
+
+    A file's size and mtime are read as it is handed to decoding (before it is read, so a file that changes
+    later is scored again on --resume), its DICOM identifiers as it is decoded."""
+    keys: dict[str, list] = defaultdict(list)
+    headers: dict[str, list] = defaultdict(list)
+
+    def listed():
+        for path in paths:
+            keys[str(path)].append(file_key(path))
+            yield path
+
+    def seen(path: str, decoded) -> None:
+        headers[path].append(decoded.dicom)
+
+    for pred in model.predict_files(listed(), threshold=threshold, batch_size=batch_size, tta=tta,
+                                    on_decoded=seen):
+        size, mtime = _first(keys, pred.path) or file_key(pred.path)
+        yield pred, make_row(pred, size, mtime, _first(headers, pred.path))
+
+
+def _first(entries: dict[str, list], path: str):
+    """Pop the oldest entry recorded for ``path`` (a path listed twice has one per listing), or None."""
+    found = entries.get(path)
+    if not found:
+        return None
+    value = found.pop(0)
+    if not found:
+        del entries[path]
+    return value
 
 
 # --- the journal ---------------------------------------------------------------------------------------------

@@ -218,18 +218,22 @@ class Model:
         return self.result(decoded.name, scores.logits[0], float(scores.guard[0]), op, reason)
 
     def score_files(self, paths: Iterable[str | Path], *, batch_size: int = BATCH_SIZE, tta: bool = False,
-                    workers: int | None = None) -> Iterator[Scored]:
+                    workers: int | None = None, on_decoded=None) -> Iterator[Scored]:
         """(path, logits or None, guard score or None, error message or None, check reason) per file, in order.
 
         Files are decoded ahead in threads (PIL releases the GIL), at most two batches in flight, so memory is
-        bounded whatever the number of files and decoding overlaps the network.
+        bounded whatever the number of files and decoding overlaps the network. ``on_decoded(path, decoded)``, if
+        given, sees each decoded image (from a decoding thread), for callers that record what the file said.
         """
         if batch_size < 1:
             raise PneumoscanError(f"batch size must be a positive integer, got {batch_size}")
 
         def load(path: str) -> tuple[np.ndarray, str | None] | str:
             try:
-                return self.prepare(self.decode(path))
+                decoded = self.decode(path)
+                if on_decoded is not None:
+                    on_decoded(path, decoded)
+                return self.prepare(decoded)
             except ImageReadError as exc:
                 return str(exc)
             except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -259,10 +263,12 @@ class Model:
                 i += 1
 
     def predict_files(self, paths: Iterable[str | Path], *, threshold: str | float = "screening",
-                      batch_size: int = BATCH_SIZE, tta: bool = False, workers: int | None = None) -> Iterator[Prediction]:
-        """Screen many files; unreadable ones come back with status "error" and the reason."""
+                      batch_size: int = BATCH_SIZE, tta: bool = False, workers: int | None = None,
+                      on_decoded=None) -> Iterator[Prediction]:
+        """Screen many files; unreadable ones come back with status "error" and the reason. ``on_decoded``: as
+        for ``score_files``."""
         op = self.resolve_threshold(threshold)
-        for item in self.score_files(paths, batch_size=batch_size, tta=tta, workers=workers):
+        for item in self.score_files(paths, batch_size=batch_size, tta=tta, workers=workers, on_decoded=on_decoded):
             if item.error is not None:
                 yield Prediction(item.path, None, None, op[0], op[1], "error", item.error)
             else:
