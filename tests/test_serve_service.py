@@ -556,3 +556,22 @@ def test_serve_command_with_keys_tls_audit_and_batching_options(tiny_model_path,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_serving_process_threads_sleep_when_idle_and_an_operator_setting_wins(monkeypatch):
+    """Spinning OpenMP threads took the CPU from the decoding threads under load; ``pneumoscan serve`` asks them to
+    sleep (set before torch loads in the real server), and uses --threads network threads."""
+    import torch
+
+    from pneumoscan.serve.cli import network_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    try:
+        assert network_threads(1) == 1 and torch.get_num_threads() == 1
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert network_threads(None) == len(os.sched_getaffinity(0))
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    finally:
+        torch.set_num_threads(before)

@@ -4,8 +4,9 @@ Why the upload is parsed by hand: Starlette's form parser spools any size of fil
 sees it, so a 1 GB upload would cost a 1 GB temporary file. Here the multipart body is streamed through
 python-multipart chunk by chunk and refused (413) the moment the file passes the limit; nothing bigger than the
 limit is ever held. The file type is sniffed from its first bytes (the client's filename and content type are
-only labels), decoding runs in worker threads behind a limiter so the event loop keeps answering, and the network
-runs in one more thread, the batcher (``batching.py``), which scores the images of concurrent requests together.
+only labels), decoding runs in a small pool of worker threads (``--concurrency``) so the event loop keeps answering,
+and the network runs in one more thread, the batcher (``batching.py``), which scores the images of concurrent
+requests together.
 Every failure is ``{"error": "<one line>"}`` with the matching status code.
 
 Around every request (``_Service``, plain ASGI): a request id (``X-Request-ID``), the API key check on ``/v1/`` and
@@ -15,6 +16,7 @@ Around every request (``_Service``, plain ASGI): a request id (``X-Request-ID``)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -24,12 +26,11 @@ import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -506,7 +507,8 @@ def create_app(
         redoc_url=None,
         description="Pneumonia screening on chest X-rays. A screening aid, not a diagnosis.",
     )
-    limiter = anyio.CapacityLimiter(max_concurrency)
+    # decoding, checks, heatmaps and previews: at most max_concurrency at once, beside the batcher's network call
+    decoders = ThreadPoolExecutor(max_concurrency, thread_name_prefix="pneumoscan-decode")
     heatmap_ok = model.backend.gradcam
     pending = 0  # screening requests admitted and not yet answered
     incoming = 0  # of those, the ones whose image has not reached the batcher yet
@@ -514,6 +516,7 @@ def create_app(
                       metrics=metrics)
     model_ref = {"name": model.name, "sha256": model.sha256}
     app.state.batcher, app.state.metrics, app.state.audit, app.state.keys = batcher, metrics, audit, keys
+    app.state.decoders = decoders
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
@@ -603,7 +606,7 @@ def create_app(
                 audit["upload_sha256"] = hashlib.sha256(upload.data).hexdigest()
                 raise HTTPError(415, NOT_AN_IMAGE.format(name=upload.filename))
             try:
-                prepared = await anyio.to_thread.run_sync(partial(_prepare, model, upload, audit), limiter=limiter)
+                prepared = await asyncio.wrap_future(decoders.submit(_prepare, model, upload, audit))
             except PneumoscanError as exc:  # ImageReadError and its kin: the input's fault, one line
                 metrics.predictions.labels("error").inc()
                 raise HTTPError(422, str(exc).splitlines()[0]) from None
@@ -623,9 +626,9 @@ def create_app(
                       "inference": time.perf_counter() - queued}
             extra: dict = {}
             if heatmap or preview:
-                work = partial(_extras, model, prepared.decoded, pred, heatmap, preview)
+                work = decoders.submit(_extras, model, prepared.decoded, pred, heatmap, preview)
                 try:
-                    more, extra = await anyio.to_thread.run_sync(work, limiter=limiter)
+                    more, extra = await asyncio.wrap_future(work)
                 except Exception:
                     logger.exception("heatmap or preview failed for request %s", audit.get("request_id"))
                     raise HTTPError(500, INTERNAL) from None
