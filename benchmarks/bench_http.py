@@ -6,7 +6,9 @@ API keys and an audit log on, so the load generator's threads do not share its i
 ``compare`` (default): for each backend (torch, onnx), the network alone in this process (``Model.score`` at batch
 1, 4 and 16, the best of 1 s trials), then two servers, unbatched (``--max-batch 1``) and batched (the defaults),
 loaded in alternating rounds (``--rounds``) so that the ratios hold on a noisy, shared machine. Every answer is
-checked against the one the server gave the same image alone (batch 1) before the load, within 1e-5.
+checked against the one the server gave the same image alone (batch 1) before the load, within 1e-5. Beside each
+server's figures, the CPU time per answered request of the server process and of the clients (this process): on
+shared cores requests/s cannot exceed cores / (server + clients' CPU per request), whatever the batching.
 
 ``load``: a fifth of the requests are bad (no key, wrong key, truncated JPEG, text as PNG, oversize, malformed
 multipart, a client that disconnects mid-upload, one that sends its body too slowly), in turn. Checks: zero 5xx,
@@ -65,6 +67,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (NaN when unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def rss_mib(pid: int) -> float:
@@ -154,6 +165,8 @@ def send_bad(http: httpx.Client, base: str, kind: str, key: str, good: bytes, ma
 @dataclass
 class LoadResult:
     wall: float = 0.0
+    server_cpu: float = 0.0  # CPU seconds the server process used during the load (NaN: not measured)
+    client_cpu: float = 0.0  # CPU seconds this process (the clients) used during the load
     attempts: int = 0  # requests that reached the server (each must have one audit line)
     latencies: list = field(default_factory=list)  # seconds, good requests answered 200
     errors: dict = field(default_factory=dict)  # what went wrong with good requests
@@ -238,12 +251,15 @@ def mixed_load(base: str, key: str, good: list[tuple[bytes, float | None]], *, c
         result.rss.append(rss_mib(rss_pid))
         sampler.start()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    cpu0, own0 = cpu_seconds(rss_pid) if rss_pid else float("nan"), time.process_time()
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     result.wall = time.perf_counter() - start
+    result.client_cpu = time.process_time() - own0
+    result.server_cpu = (cpu_seconds(rss_pid) if rss_pid else float("nan")) - cpu0
     done.set()
     if sampler:
         sampler.join()
@@ -349,6 +365,8 @@ def merge(results: list[LoadResult]) -> LoadResult:
     out = LoadResult()
     for r in results:
         out.wall += r.wall
+        out.server_cpu += r.server_cpu
+        out.client_cpu += r.client_cpu
         out.attempts += r.attempts
         out.latencies += r.latencies
         out.wrong += r.wrong
@@ -413,18 +431,23 @@ def run_compare(args, images: list[bytes], folder: Path) -> int:
             calls = end_calls[label][0] - start_calls[label][0]
             mean_batch = (end_calls[label][1] - start_calls[label][1]) / max(1.0, calls)
             failed |= bool(n_err or result.wrong)
-            rows.append((backend, label, rps, p50, p95, p99, n_err, ok, result.wrong, mean_batch, rps / best))
+            server_ms = 1000.0 * result.server_cpu / max(1, ok)
+            client_ms = 1000.0 * result.client_cpu / max(1, ok)
+            rows.append((backend, label, rps, p50, p95, p99, n_err, ok, result.wrong, mean_batch, rps / best,
+                         server_ms, client_ms))
             print(f"{backend:5} {label:9} {rps:7.1f} requests/s  p50 {p50:4.0f}  p95 {p95:4.0f}  p99 {p99:4.0f} ms  "
                   f"errors {n_err} of {ok + n_err}  wrong {result.wrong}  mean batch {mean_batch:.1f}  "
-                  f"{100 * rps / best:.0f}% of network-only  peak RSS {max(result.rss):.0f} MiB"
+                  f"{100 * rps / best:.0f}% of network-only  peak RSS {max(result.rss):.0f} MiB  "
+                  f"CPU per request: server {server_ms:.1f} ms, clients {client_ms:.1f} ms  "
+                  f"(server {result.server_cpu / result.wall:.2f} cores)"
                   + (f"  {result.errors}" if n_err else ""), flush=True)
     print()
     print("| backend | server | requests/s | p50 ms | p95 ms | p99 ms | errors | wrong answers | mean batch | "
-          "of best network-only images/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for backend, label, rps, p50, p95, p99, n_err, ok, wrong, mean_batch, share in rows:
+          "of best network-only images/s | server CPU ms/request | clients' CPU ms/request |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backend, label, rps, p50, p95, p99, n_err, ok, wrong, mean_batch, share, server_ms, client_ms in rows:
         print(f"| {backend} | {label} | {rps:.1f} | {p50:.0f} | {p95:.0f} | {p99:.0f} | {n_err} of {ok + n_err} | "
-              f"{wrong} | {mean_batch:.1f} | {100 * share:.0f}% |")
+              f"{wrong} | {mean_batch:.1f} | {100 * share:.0f}% | {server_ms:.1f} | {client_ms:.1f} |")
     return 1 if failed else 0
 
 
