@@ -12,6 +12,15 @@ X-rays.
     nice -n 19 python benchmarks/bench_inference.py [--model MODEL] [--images ../shared/data/chest_xray/test]
     python benchmarks/bench_inference.py --quick       (8 images, few calls: a smoke run, still exports ONNX)
 
+Then the physical limit: the network's FLOPs per image (counted by ``torch.utils.flop_counter`` on the PyTorch
+network, 2 per multiply-add), the CPU's peak from its ISA flags and clock (fp32 FMA, bf16 and int8 dot-product or
+AMX units), and the share of that peak each backend's best network-only rate reaches; and the CPU time decoding
+and preprocessing one file takes on one core, which bounds end to end on these cores: every image costs its
+decode plus its share of the network, on the same cores.
+
+Like ``pneumoscan predict``, this sets OMP_WAIT_POLICY=PASSIVE before torch loads (``cli.SCREENING_COMMANDS``);
+onnxruntime sessions are opened without spinning (``backends.onnx.open_session``).
+
 Reading test images here is fine: only speed and guard agreement are measured, nothing is chosen on them. The int8
 model is made as ``pneumoscan export --int8 --data DATA`` makes it (``export.int8_inputs``): calibrated on
 training images, its guard limit moved by the median int8-minus-float guard score of those calibration images and
@@ -28,8 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI's screening commands; before torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pneumoscan.predict import DEFAULT_MODEL
 
@@ -90,6 +101,56 @@ def onnx_models(model, args, images: np.ndarray, workdir: Path) -> tuple[Path, P
     return fp32_path, result.path, how
 
 
+def cpu_peak() -> tuple[float, dict[str, float], str]:
+    """(clock GHz, peak operations/s per core by arithmetic, how): from /proc/cpuinfo's flags and clock.
+
+    Per cycle and core: fp32 16 lanes x 2 (FMA) x 2 FMA units with AVX-512 (8 lanes with AVX2); bf16 1024 with
+    AMX, 128 with AVX512_BF16; int8 2048 with AMX, 256 with AVX512_VNNI, 128 with AVX-VNNI. The number of FMA units
+    is not in the flags: two is the server Xeon/EPYC figure, so this is an upper bound.
+    """
+    flags, mhz = set(), 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("cpu MHz") and not mhz:
+                mhz = float(line.split(":", 1)[1])
+    except OSError:
+        return 0.0, {}, "no /proc/cpuinfo"
+    ghz = mhz / 1000
+    fp32 = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
+    bf16 = 1024 if "amx_bf16" in flags else 128 if "avx512_bf16" in flags else fp32
+    int8 = (2048 if "amx_int8" in flags else 256 if "avx512_vnni" in flags else 128 if "avx_vnni" in flags
+            else 64 if "avx2" in flags else 32)
+    per_cycle = {"fp32": fp32, "bf16": bf16, "int8": int8}
+    how = ", ".join(f"{k} {v}/cycle" for k, v in per_cycle.items()) + f" at {ghz:.2f} GHz (cpu MHz)"
+    return ghz, {k: v * ghz * 1e9 for k, v in per_cycle.items()}, how
+
+
+def network_flops(model) -> float:
+    """FLOPs of one image through the network (2 per multiply-add), counted by PyTorch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.zeros(1, model.preprocessing.size, model.preprocessing.size, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        model.backend.forward(image)
+    return float(counter.get_total_flops())
+
+
+def decode_ms(model, files: list[Path]) -> float:
+    """CPU milliseconds per file to decode, check and resize it, on one core (after one warm-up pass)."""
+    for path in files[:8]:
+        model.prepare(model.decode(path))
+    start = time.process_time()
+    for path in files:
+        model.prepare(model.decode(path))
+    return (time.process_time() - start) / len(files) * 1e3
+
+
+ARITHMETIC = {"PyTorch float32": "fp32", "PyTorch bfloat16": "bf16", "onnxruntime fp32": "fp32",
+              "onnxruntime int8": "int8"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model file or run dir (default: bundled)")
@@ -148,12 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, batch_size, batch_size / seconds.mean(), *np.percentile(seconds * 1e3, [50, 95])))
 
         statuses: dict[str, list[str]] = {}
+        best = {name: max(r[2] for r in rows if r[0] == name) for name in models}
         for name, m in models.items():
             list(m.predict_files(files[: args.batch], batch_size=args.batch))  # warm-up: thread pool, allocations
             start = time.perf_counter()
             statuses[name] = [p.status for p in m.predict_files(files, batch_size=args.batch)]
             rate = len(files) / (time.perf_counter() - start)
             rows.append((f"end to end, {name}", args.batch, rate, float("nan"), float("nan")))
+        decode_cost = decode_ms(model, files)
+        flops = network_flops(model)
 
     size = model.preprocessing.size
     print(f"model {model.name} ({model.record.arch}, {size}x{size}, sha256 {model.sha256[:12]}); "
@@ -164,11 +228,28 @@ def main(argv: list[str] | None = None) -> int:
     if int8_how:
         print(f"int8 file: {int8_how}")
     print()
-    print("| backend | batch | images/s | p50 ms/batch | p95 ms/batch |")
-    print("|---|---:|---:|---:|---:|")
+    print("| backend | batch | images/s | p50 ms/batch | p95 ms/batch | of network-only |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, batch, rate, p50, p95 in rows:
         lat = "| - | - |" if np.isnan(p50) else f"| {p50:.1f} | {p95:.1f} |"
-        print(f"| {name} | {batch} | {rate:.1f} {lat}")
+        share = f"{rate / best[name[len('end to end, '):]]:.0%}" if name.startswith("end to end, ") else "-"
+        print(f"| {name} | {batch} | {rate:.1f} {lat} {share} |")
+
+    ghz, peaks, how = cpu_peak()
+    cores = args.threads
+    print(f"\nphysical limit: the network costs {flops / 1e9:.3f} GFLOPs per image "
+          f"(torch.utils.flop_counter); peak per core {how}; decoding, checking and resizing costs "
+          f"{decode_cost:.2f} CPU ms per file on one core\n")
+    print("| backend | best network-only images/s | GFLOP/s | share of the CPU's peak | network CPU ms/image "
+          "| end-to-end bound on these cores |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rate in best.items():
+        peak = peaks.get(ARITHMETIC.get(name, "fp32"), 0.0) * cores
+        share = f"{rate * flops / peak:.1%} of {peak / 1e12:.2f} T" if peak else "-"
+        network_ms = cores / rate * 1e3
+        bound = cores / (network_ms + decode_cost) * 1e3
+        print(f"| {name} | {rate:.1f} | {rate * flops / 1e9:.1f} | {share} | {network_ms:.2f} | "
+              f"{bound:.1f} ({bound / rate:.0%}) |")
 
     reference = next(iter(statuses))
     print(f"\nstatuses on the same {len(files)} files (rejected vs {reference}: accepted there, not here)\n")

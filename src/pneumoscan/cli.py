@@ -268,9 +268,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Destinations fail first (before the model loads); then bad options (model, threshold: exit 2) before
     # an empty input (exit 1); no image is decoded before all of that passed.
     check_output_file(args.csv, "--csv")
-    if args.out:
-        if output_kind(args.out) == "parquet":
-            require_pyarrow()
+    out_kind = output_kind(args.out, engine=args.engine) if args.out else None
+    if out_kind in ("parquet", "dataset"):
+        require_pyarrow()
+    if out_kind == "dataset":  # --engine ray: a folder of Parquet files written by Ray
+        from .archive import check_output_folder
+
+        check_output_folder(args.out, "--out")
+    else:
         check_output_file(args.out, "--out")
     check_output_dir(args.heatmaps, "--heatmaps")
     check_output_dir(args.dicom_out, "--dicom-out")
@@ -302,6 +307,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(PREDICT_HEADER)
     elif not args.quiet:  # piped: stdout stays rows only, the model goes to stderr
         print(f"pneumoscan: {_model_line(model)}", file=sys.stderr)
+    if out_kind == "dataset":
+        return _predict_ray_folder(model, inputs, args, write_dicom, table)
     with PredictionWriter(args.csv, args.heatmaps, model, out_path=args.out, files=inputs.files,
                           threshold=args.threshold, tta=args.tta, resume=args.resume) as writer:
         failed = sum(row["status"] == "error" for row in writer.kept)
@@ -326,7 +333,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if write_dicom is not None:
                 write_dicom(pred)
             print(json.dumps(_finite(pred.to_dict()), default=str) if args.json else _row(pred), flush=table)
-    if failed == len(inputs.files):
+    return _failed_summary(failed, len(inputs.files))
+
+
+def _failed_summary(failed: int, total: int) -> int:
+    if failed == total:
         print(f"pneumoscan: none of the {failed} file(s) could be read: nothing was screened", file=sys.stderr)
     elif failed:
         print(f"pneumoscan: {failed} file(s) could not be read", file=sys.stderr)
@@ -335,34 +346,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _ray_results(model, files: list, args: argparse.Namespace):
     """(Prediction, row) per file from the Ray engine, on the cluster at --address or a local instance."""
-    import ray
+    from .archive import predict_ray, ray_session
 
-    from .archive import predict_ray
-
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=args.address, log_to_driver=not args.quiet, include_dashboard=False,
-                     configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, a bad address
-            where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray instance"
-            raise PneumoscanError(f"cannot start or join {where} ({str(exc).splitlines()[0][:200]})") from None
-    try:
-        import logging
-
-        import ray.data
-
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = not args.quiet and sys.stderr.isatty()
-        if args.quiet:  # only errors on stderr: no execution plans, progress logs or memory advice
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-            context.issue_detectors_config.detectors = []
+    with ray_session(args.address, args.quiet):
         yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
                                num_cpus=args.num_cpus, num_gpus=args.num_gpus, concurrency=args.concurrency,
                                backend=args.backend, precision=args.precision)
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_dicom, table: bool) -> int:
+    """--engine ray --out DEST(.parquet): Ray writes the Parquet folder; the rows are printed once written."""
+    from .archive import predict_ray_folder
+
+    failed = [0]
+
+    def resumed(folder) -> None:
+        failed[0] += sum(row["status"] == "error" for row in folder.kept)
+        if args.resume and not args.quiet:
+            print(f"pneumoscan: resuming: {len(folder.kept)} row(s) kept, {len(folder.todo)} file(s) to screen"
+                  if folder.resumed else f"pneumoscan: no {folder.parts} to resume: screening every file",
+                  file=sys.stderr)
+
+    def emit(pred) -> None:
+        failed[0] += pred.status == "error"
+        if write_dicom is not None:
+            write_dicom(pred)
+        print(json.dumps(_finite(pred.to_dict()), default=str) if args.json else _row(pred), flush=table)
+
+    predict_ray_folder(model, inputs.files, args.out, emit=emit, csv_path=args.csv, resume=args.resume,
+                       threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, num_cpus=args.num_cpus,
+                       num_gpus=args.num_gpus, concurrency=args.concurrency, backend=args.backend,
+                       precision=args.precision, address=args.address, quiet=args.quiet, on_open=resumed)
+    return _failed_summary(failed[0], len(inputs.files))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -472,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "finished rows are kept in FILE.partial until then (--resume)")
     p.add_argument("--out", metavar="FILE", help="results.csv or results.parquet (pyarrow): the CSV's columns, and "
                                                  "in Parquet also model_sha256 and the DICOM Study, Series and SOP "
-                                                 "Instance UIDs; crash-safe like --csv")
+                                                 "Instance UIDs; crash-safe like --csv. With --engine ray a "
+                                                 ".parquet (or suffix-less) name is a folder of Parquet files "
+                                                 "written by Ray (read it with pyarrow.parquet.read_table)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from FILE.partial: keep its rows, screen only the files whose "
                         "path, size and modification time have no row yet (same model and options only)")
@@ -571,8 +588,17 @@ def _quiet_decoder_warnings() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
+# Commands that decode images in threads while the network runs on the same cores. OpenMP's default is to spin
+# for a while after each parallel region, which takes the cores the decoding threads need (and, in a service, the
+# request handling); sleeping at once costs the network a few microseconds per layer. Must be set before torch
+# loads OpenMP, hence here, before any command imports torch. Training keeps the default: nothing else runs there.
+SCREENING_COMMANDS = frozenset({"predict", "evaluate", "serve", "dicom", "adapt", "calibrate"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SCREENING_COMMANDS and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_decoder_warnings()
     try:
         return args.func(args)

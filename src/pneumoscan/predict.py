@@ -176,6 +176,8 @@ class Model:
     def score(self, images: torch.Tensor | np.ndarray, *, tta: bool = False) -> Scores:
         """The one scoring function: uint8 network inputs (N, S, S) -> logits, calibrated log-odds, features and
         guard scores. Every route ends here."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # a decoded image's pixels can be read-only; torch wants to own what it wraps
         images = torch.as_tensor(images)
         logits, feats = self.backend.forward(images, tta=tta)
         guard = self.guard.score(feats) if self.guard is not None else torch.zeros(len(logits))
@@ -183,7 +185,7 @@ class Model:
 
     def prepare(self, decoded: DecodedImage) -> tuple[np.ndarray, str | None]:
         """(uint8 network input (S, S), why the checks say it is no frontal chest X-ray or None)."""
-        small = self.preprocessing.to_uint8(decoded.pixels)
+        small = self.preprocessing.to_uint8(decoded.data)
         return small, image_check(decoded, small, self.record.min_side)
 
     def decode(self, source: Source | DecodedImage | np.ndarray, name: str | None = None) -> DecodedImage:

@@ -45,6 +45,10 @@ def open_session(path: str | Path, threads: int | None = None):
     options.intra_op_num_threads = threads or cpu_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
+    # Worker threads sleep between operators instead of spinning: screening decodes images in other threads on the
+    # same cores, and a spinning pool takes the CPU they need (the torch backend does the same through
+    # OMP_WAIT_POLICY=PASSIVE; see cli.SCREENING_COMMANDS).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -1,8 +1,11 @@
 """Decode JPEG / PNG / TIFF / BMP / DICOM into the one value the rest of pneumoscan understands.
 
-Contract: ``decode(source) -> DecodedImage``: ``pixels`` float32 (H, W) in [0, 1], 0 = black (air on a frontal
-X-ray), whatever the file's bit depth, colour mode or photometric interpretation, together with what the file said
-that the gray array no longer shows (stored size, colourfulness, DICOM header fields). Keeping both in one value
+Contract: ``decode(source) -> DecodedImage``: the gray image, 0 = black (air on a frontal X-ray), whatever the
+file's bit depth, colour mode or photometric interpretation, together with what the file said that the gray array
+no longer shows (stored size, colourfulness, DICOM header fields). ``data`` keeps the image at the depth the file
+had: uint8 for 8-bit files (JPEG, 8-bit PNG: most inputs), float32 in [0, 1] for deeper ones (16-bit PNG, DICOM);
+``pixels`` is always the float32 [0, 1] view, made on demand. Skipping the float copy of an 8-bit image halves
+the cost of screening one (the network input is uint8 either way, see ``Preprocessing.to_uint8``). Keeping both in one value
 means no route can screen the pixels while dropping the header: the not-an-X-ray checks read both.
 
 Every format is decoded at full resolution, so the same pixels give the same network input whatever the
@@ -19,6 +22,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +62,7 @@ class DicomHeader:
 class DecodedImage:
     """Pixels plus what the file said about them, the input of every screening route."""
 
-    pixels: np.ndarray = field(repr=False)  # float32 (H, W) in [0, 1]
+    data: np.ndarray = field(repr=False)  # uint8 (H, W) for 8-bit files, else float32 (H, W) in [0, 1]
     name: str = "<array>"
     format: str = "array"  # jpeg | png | tiff | bmp | dicom | array
     width: int = 0  # as stored, before any reduction: the size checks judge the acquisition, not our decoding
@@ -76,6 +80,13 @@ class DecodedImage:
         if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
             raise ImageReadError(f"{name}: array values must be finite and in [0, 1]")
         return cls(array, name, "array", array.shape[1], array.shape[0])
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        """float32 (H, W) in [0, 1], whatever the depth of ``data``."""
+        if self.data.dtype == np.uint8:
+            return self.data.astype(np.float32) / np.float32(255.0)
+        return self.data
 
 
 class ImageReadError(PneumoscanError):
@@ -209,13 +220,15 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     if getattr(image, "n_frames", 1) > 1:
         raise ImageReadError(f"{name}: image has {image.n_frames} frames; expected a single image")
     image_format = image.format or Image.open(io.BytesIO(data)).format
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose would copy even when upright
+        image = ImageOps.exif_transpose(image)
     pixels = _pil_to_gray(image, name, image_format)
     return DecodedImage(pixels, name, _FORMATS.get(image_format or "", (image_format or "image").lower()),
                         stored_size[0], stored_size[1], _colour_of(image))
 
 
 def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None) -> np.ndarray:
+    """uint8 (H, W) for 8-bit modes, float32 (H, W) in [0, 1] for 16-bit, 32-bit integer and float modes."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.float32) / 65535.0
@@ -235,7 +248,7 @@ def _pil_to_gray(image: Image.Image, name: str, image_format: str | None = None)
         image = Image.alpha_composite(background, rgba)
     if image.mode != "L":
         image = image.convert("L")  # ITU-R 601-2 luma; identical to any channel for gray RGB
-    return np.asarray(image, dtype=np.float32) / 255.0
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _header(ds) -> DicomHeader:
@@ -297,7 +310,7 @@ def _read_dicom(data: bytes, name: str, max_pixels: int) -> DecodedImage:
         image = Image.fromarray(np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8)), "RGB")
         if factor > 1:
             image = image.reduce(factor)
-        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
         return DecodedImage(gray, name, "dicom", width, height, _colour_of(image), header)
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
