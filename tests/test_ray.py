@@ -1,25 +1,34 @@
-"""The Ray Data engine (issue 18) on a real local Ray instance: the same rows as the local engine within 1e-5
-(error, not_xray and DICOM rows included), from a list of paths or a Dataset of paths, through the Python API and
-`pneumoscan predict --engine ray`, and a complete output after an actor process is SIGKILLed mid-run."""
+"""The Ray Data engine (issue 18) on a real local Ray instance, on a few hundred generated and real X-rays: the
+same rows as the local engine within 1e-5 (error, not_xray and DICOM rows included), from a list of paths or a
+Dataset of paths, through the Python API and `pneumoscan predict --engine ray --out DIR.parquet` (a Parquet
+folder written by Ray, renamed into place when complete), a complete output after an actor process is SIGKILLed
+mid-run, and --resume from a Ray run's parts or a local run's journal."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import KERMANY
 from test_archive import build_archive, csv_rows, parquet_rows
 
+from pneumoscan.archive import parts_path
 from pneumoscan.cli import Inputs, main
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
-pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 
 pytestmark = pytest.mark.slow
+
+N_REAL = 200  # the smallest test-split originals (symlinked, never copied): real decoding, bounded time
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +40,29 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> list[Path]:
-    return Inputs([str(build_archive(tmp_path_factory.mktemp("ray_archive")))]).files
+def folder(tmp_path_factory) -> Path:
+    return build_archive(tmp_path_factory.mktemp("ray_archive"), n_synthetic=40, n_real=N_REAL)
 
 
 @pytest.fixture(scope="module")
-def local_rows(tiny_model, files) -> dict[str, dict]:
+def files(folder) -> list[Path]:
+    found = Inputs([str(folder)]).files
+    assert len(found) >= (N_REAL if KERMANY.is_dir() else 0) + 45
+    return found
+
+
+@pytest.fixture(scope="module")
+def some(files) -> list[Path]:
+    """Every generated, DICOM and odd file, and every eighth real one: the API tests' share."""
+    real = [f for f in files if "real" in f.parts]
+    return [f for f in files if "real" not in f.parts] + real[::8]
+
+
+@pytest.fixture(scope="module")
+def local_rows(tiny_model, some) -> dict[str, dict]:
     from pneumoscan.archive import predict_local
 
-    return {row["path"]: row for _, row in predict_local(tiny_model, files, batch_size=4)}
+    return {row["path"]: row for _, row in predict_local(tiny_model, some, batch_size=16)}
 
 
 def _same(ray_row: dict, local: dict) -> None:
@@ -63,119 +86,188 @@ def _rows(ds) -> list[dict]:
     return [{**ray_row(item), "model_sha256": item["model_sha256"]} for item in ds.iter_rows()]
 
 
-def test_dataset_from_a_list_of_paths_equals_the_local_engine(ray_instance, tiny_model, tiny_model_path, files,
+def _main(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(ray_instance, tiny_model_path, folder, tmp_path_factory) -> dict:
+    """The same folder through `pneumoscan predict` on both engines: local (one Parquet file) and Ray (a Parquet
+    folder), each with a CSV too."""
+    out = tmp_path_factory.mktemp("cli")
+    common = ["predict", str(folder), "--model", str(tiny_model_path), "--precision", "float32", "--quiet",
+              "--batch-size", "16"]
+    local = _main([*common, "--out", str(out / "local.parquet"), "--csv", str(out / "local.csv")])
+    remote = _main([*common, "--engine", "ray", "--concurrency", "1", "--num-cpus", "1",
+                    "--out", str(out / "ray.parquet"), "--csv", str(out / "ray.csv")])
+    return {"dir": out, "local": local, "ray": remote}
+
+
+def test_dataset_from_a_list_of_paths_equals_the_local_engine(ray_instance, tiny_model, tiny_model_path, some,
                                                               local_rows):
     from pneumoscan.archive import predictions_dataset
 
-    ds = predictions_dataset(files, tiny_model_path, precision="float32", batch_size=4)
+    ds = predictions_dataset(some, tiny_model_path, precision="float32", batch_size=16)
     rows = _rows(ds)
     assert sorted(r["path"] for r in rows) == sorted(local_rows)  # every file once
-    statuses = {r["status"] for r in rows}
-    assert {"ok", "not_xray", "error"} <= statuses
+    statuses = [r["status"] for r in rows]
+    assert {"ok", "not_xray", "error"} <= set(statuses) and statuses.count("error") == 2
     assert sum(r["sop_instance_uid"] is not None for r in rows) == 2  # the two DICOM files
     for row in rows:
         assert row["model_sha256"] == tiny_model.sha256
         _same(row, local_rows[row["path"]])
 
 
-def test_dataset_of_paths_in_and_a_loaded_model(ray_instance, tiny_model, files, local_rows):
+def test_dataset_of_paths_in_and_a_loaded_model(ray_instance, tiny_model, some, local_rows):
     from pneumoscan.archive import predictions_dataset
 
-    some = [str(f) for f in files[::3]]
-    ds = predictions_dataset(ray.data.from_items([{"path": p, "other": 1} for p in some]), tiny_model,
+    few = [str(f) for f in some[::3]]
+    ds = predictions_dataset(ray.data.from_items([{"path": p, "other": 1} for p in few]), tiny_model,
                              batch_size=3)
     rows = _rows(ds)
-    assert sorted(r["path"] for r in rows) == sorted(some)
+    assert sorted(r["path"] for r in rows) == sorted(few)
     for row in rows:
         _same(row, local_rows[row["path"]])
 
 
-def test_cli_engine_ray_writes_the_local_engines_rows(ray_instance, tiny_model_path, files, tmp_path, capsys):
-    folder = str(Path(os.path.commonpath([str(f) for f in files])))
-    common = ["predict", folder, "--model", str(tiny_model_path), "--precision", "float32", "--quiet",
-              "--batch-size", "4"]
-    assert main([*common, "--out", str(tmp_path / "local.parquet"), "--csv", str(tmp_path / "local.csv")]) == 1
-    assert main([*common, "--engine", "ray", "--concurrency", "1", "--num-cpus", "1",
-                 "--out", str(tmp_path / "ray.parquet"), "--csv", str(tmp_path / "ray.csv")]) == 1
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["pneumoscan: 2 file(s) could not be read"] * 2
-    local, remote = parquet_rows(tmp_path / "local.parquet"), parquet_rows(tmp_path / "ray.parquet")
-    assert [r["path"] for r in remote] == [r["path"] for r in local]  # input order, as the local engine
-    for r, lo in zip(remote, local, strict=True):
+def test_cli_engine_ray_writes_a_parquet_folder_with_the_local_engines_rows(cli_runs, files):
+    out = cli_runs["dir"]
+    for engine in ("local", "ray"):
+        code, stdout, stderr = cli_runs[engine]
+        assert code == 1 and stderr.splitlines() == ["pneumoscan: 2 file(s) could not be read"]
+        assert len(stdout.splitlines()) == len(files)  # one line per file on both engines
+    assert (out / "local.parquet").is_file() and (out / "ray.parquet").is_dir()
+    parts = os.listdir(out / "ray.parquet")
+    assert parts and all(p.endswith(".parquet") for p in parts)  # Ray's files only, no settings, no temp file
+    assert sorted(os.listdir(out)) == ["local.csv", "local.parquet", "ray.csv", "ray.parquet"]
+    local_table, ray_table = pq.read_table(out / "local.parquet"), pq.read_table(out / "ray.parquet")
+    assert ray_table.schema.equals(local_table.schema)  # the same columns and types
+    local = {r["path"]: r for r in local_table.to_pylist()}
+    remote = ray_table.to_pylist()
+    assert sorted(r["path"] for r in remote) == sorted(local) == sorted(str(f) for f in files)
+    statuses = [r["status"] for r in remote]
+    assert statuses.count("error") == 2 and "not_xray" in statuses and statuses.count("ok") > N_REAL / 2
+    for r in remote:
+        lo = local[r["path"]]
         assert {k: v for k, v in r.items() if k != "probability"} == {k: v for k, v in lo.items()
                                                                        if k != "probability"}
         assert (r["probability"] is None) == (lo["probability"] is None)
         if lo["probability"] is not None:
             assert r["probability"] == pytest.approx(lo["probability"], abs=1e-5)
-    for r, lo in zip(csv_rows(tmp_path / "ray.csv"), csv_rows(tmp_path / "local.csv"), strict=True):
-        assert r["path"] == lo["path"] and r["status"] == lo["status"] and r["message"] == lo["message"]
+    assert sum(r["sop_instance_uid"] is not None for r in remote) == 2
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "ray.parquet")) == len(files)  # the documented ways to read it
+    ray_csv, local_csv = csv_rows(out / "ray.csv"), csv_rows(out / "local.csv")
+    assert [r["path"] for r in ray_csv] == [r["path"] for r in local_csv]  # input order, as the local engine
+    for r, lo in zip(ray_csv, local_csv, strict=True):
+        assert r["status"] == lo["status"] and r["message"] == lo["message"] and r["decision"] == lo["decision"]
         if lo["probability"]:
             assert float(r["probability"]) == pytest.approx(float(lo["probability"]), abs=2e-6)
-    assert sorted(os.listdir(tmp_path)) == ["local.csv", "local.parquet", "ray.csv", "ray.parquet"]
 
 
-def test_a_killed_actor_is_restarted_and_the_output_is_complete(ray_instance, tiny_model_path, files, local_rows,
-                                                                tmp_path):
-    from pneumoscan.archive import predictions_dataset
+def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_instance, tiny_model, tiny_model_path,
+                                                                        some, local_rows, tmp_path):
+    """SIGKILL of the scoring actor once it has scored a few batches: the actor is replaced, its batches are
+    retried, and the published folder holds every row once."""
+    from pneumoscan.archive import RayParquetFolder, predictions_dataset, run_settings
 
     pids = tmp_path / "pids"
     pids.mkdir()
-    many = [str(f) for f in files] * 3  # each file three times: more batches than the first one
+    many = [str(f) for f in some]  # batches of 2: many more than the first ones
+    dest = tmp_path / "out.parquet"
+    writer = RayParquetFolder(dest, run_settings(tiny_model, "screening", False), many).open()
     ds = predictions_dataset(many, tiny_model_path, precision="float32", batch_size=2, _pid_dir=str(pids))
     killed: list[int] = []
-    received = [0]
-    at_kill: list[int] = []
+    done = threading.Event()
 
-    def kill_the_actor_once_rows_flow():
+    def kill_the_actor_once_files_are_written():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            found = sorted(pids.glob("*.pid"))
-            if found and received[0] >= 1:
-                at_kill.append(received[0])
-                pid = int(found[0].stem)
+        while time.monotonic() < deadline and not done.is_set():
+            progress = sorted(pids.glob("*.batches"))
+            if progress and int(progress[0].read_text() or 0) >= 3:
+                pid = int(progress[0].stem)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
             time.sleep(0.005)
 
-    killer = threading.Thread(target=kill_the_actor_once_rows_flow, daemon=True)
+    killer = threading.Thread(target=kill_the_actor_once_files_are_written, daemon=True)
     killer.start()
-    from pneumoscan.archive import ray_row
-
-    rows = []
-    for item in ds.iter_rows():
-        rows.append(ray_row(item))
-        received[0] += 1
+    writer.write(ds)
+    done.set()
     killer.join(5)
     assert killed, "the actor was never killed"
-    assert at_kill[0] < len(many), "the run finished before the kill"
     restarted = {int(p.stem) for p in pids.glob("*.pid")} - set(killed)
-    assert restarted, "no actor replaced the killed one"
-    assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every file three times, none lost
+    assert restarted, "no actor replaced the killed one (the run finished before the kill)"
+    writer.finish()
+    rows = pq.read_table(dest).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every file once, none lost or doubled
     for row in rows:
-        _same(row, local_rows[row["path"]])
+        lo = local_rows[row["path"]]
+        assert row["status"] == lo["status"] and row["message"] == lo["message"]
+        if lo["probability"] is not None:
+            assert row["probability"] == pytest.approx(lo["probability"], abs=1e-5)
+    assert not writer.parts.exists()
 
 
-def test_engine_ray_resumes_a_journal_and_keeps_its_rows(ray_instance, tiny_model_path, files, tmp_path, capsys):
+def test_an_interrupted_ray_run_resumes_from_its_parts(ray_instance, tiny_model, tiny_model_path, files, tmp_path):
+    """Parts of an unfinished Ray run (one of them torn by the crash) are kept on --resume; only the rest is
+    scored; the folder equals an uninterrupted run's."""
+    from pneumoscan.archive import RayParquetFolder, predictions_dataset, run_settings
+
+    src = tmp_path / "in"
+    quick = [f for f in files if f.parent.name in ("dicom", "odd")] + [f for f in files if "gen" in f.parts][:24]
+    for f in quick:  # DICOM, odd and generated files: quick to score
+        (src / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, src / f.parent.name / f.name)
+    listed = Inputs([str(src)]).files
+    dest = tmp_path / "r.parquet"
+    writer = RayParquetFolder(dest, run_settings(tiny_model, "screening", False), listed).open()
+    writer.write(predictions_dataset(listed[:12], tiny_model, batch_size=4))  # then "killed": no finish
+    part = sorted(writer.parts.glob("*.parquet"))[0]
+    torn = writer.parts / f"zz-torn-{part.name}"
+    torn.write_bytes(part.read_bytes()[:-20])  # no footer: what a writer killed mid-file leaves
+
+    args = ["predict", str(src), "--model", str(tiny_model_path), "--precision", "float32", "--engine", "ray",
+            "--out", str(dest), "--batch-size", "4"]
+    code, _, err = _main(args)
+    assert code == 2 and f"{parts_path(dest)}: partial results of an interrupted run are there" in err
+    code, stdout, err = _main([*args, "--resume"])
+    assert code == 1  # the broken and the empty file
+    assert f"resuming: 12 row(s) kept, {len(listed) - 12} file(s) to screen" in err
+    assert len(stdout.splitlines()) == len(listed) - 12  # only the newly scored rows are printed
+    rows = pq.read_table(dest).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(f) for f in listed)  # once each: the torn copy dropped
+    assert not parts_path(dest).exists() and sorted(os.listdir(tmp_path)) == ["in", "r.parquet"]
+
+    code, _, _ = _main([*args, "--csv", str(tmp_path / "again.csv")])  # a finished folder is replaced whole
+    assert code == 1 and len(pq.read_table(dest)) == len(listed) == len(csv_rows(tmp_path / "again.csv"))
+
+
+def test_engine_ray_resumes_a_local_journal_and_keeps_its_rows(ray_instance, tiny_model_path, some, tmp_path):
     """A run interrupted on the local engine, continued with --engine ray: the kept rows stay as they were, the
-    rest come from Ray, and the output has every file once."""
+    rest come from Ray, and the folder has every file once."""
     from pneumoscan.archive import ArchiveWriter, journal_path, predict_local, read_journal, run_settings
     from pneumoscan.predict import load_model
 
     model = load_model(tiny_model_path, precision="float32")
     out = tmp_path / "r.parquet"
-    writer = ArchiveWriter([(out, "parquet")], model, run_settings(model, "screening", False), files).open()
-    for _, row in predict_local(model, files[:7], batch_size=4):
+    writer = ArchiveWriter([(out, "parquet")], model, run_settings(model, "screening", False), some).open()
+    for _, row in predict_local(model, some[:7], batch_size=4):
         writer.add(row)
     writer.journal.close()
     kept = {r["path"]: r for r in read_journal(journal_path(out))[1]}
-    folder = os.path.commonpath([str(f) for f in files])
-    assert main(["predict", folder, "--model", str(tiny_model_path), "--precision", "float32", "--engine", "ray",
-                 "--out", str(out), "--resume", "--batch-size", "4"]) == 1
-    err = capsys.readouterr().err
-    assert f"resuming: 7 row(s) kept from {journal_path(out)}, {len(files) - 7} file(s) to screen" in err
+    code, _, err = _main(["predict", *map(str, some), "--model", str(tiny_model_path), "--precision", "float32",
+                          "--engine", "ray", "--out", str(out), "--resume", "--batch-size", "16"])
+    assert code == 1
+    assert f"resuming: 7 row(s) kept, {len(some) - 7} file(s) to screen" in err
     rows = parquet_rows(out)
-    assert [r["path"] for r in rows] == [str(f) for f in files] and not journal_path(out).exists()
+    assert sorted(r["path"] for r in rows) == sorted(str(f) for f in some)
+    assert not journal_path(out).exists() and not parts_path(out).exists()
     for row in rows:
         if row["path"] in kept:
             assert row["probability"] == kept[row["path"]]["probability"]  # kept as written, not rescored

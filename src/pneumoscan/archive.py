@@ -14,16 +14,25 @@ two models' answers.
 Both engines give the same row per file: the local one through ``Model.predict_files``; the Ray one through the
 same ``Model.decode``/``prepare`` (Ray tasks) and ``Model.score``/``result`` (an actor pool, the model loaded once
 per actor).
+
+With ``--engine ray --out DEST.parquet`` the rows are not streamed to the driver while scoring: Ray Data writes
+them, one file per block, into ``DEST.parquet.parts/`` (every journal column, so ``--resume`` works there too; a
+file torn by a crash has no Parquet footer and is dropped). At the end each part is rewritten, file by file, with
+the local engine's columns and nulls, into a hidden sibling folder that is renamed to ``DEST.parquet``: a folder at
+the final name is always complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .durable import fsync_dir
@@ -43,6 +52,12 @@ PARQUET_COLUMNS = [*CSV_COLUMNS, "model_sha256", *UID_COLUMNS]
 ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
             "size", "mtime_ns", *UID_COLUMNS]
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+PARTS_SUFFIX = ".parts"
+PARTS_FORMAT = "pneumoscan-parts/1"
+PARTS_SETTINGS = "_pneumoscan.json"  # "_" prefix: pyarrow's and Ray's dataset readers skip it
+KEPT_PREFIX = "kept-"
+# seconds a TCP connection to an explicit --address may take: ray.init itself retries an absent GCS forever
+CONNECT_TIMEOUT_S = 5.0
 # bytes reserved per Ray decoding task: a worker with numpy, PIL and torch peaked at 444 MiB on Kermany originals
 DECODE_MEMORY = 768 * 2**20
 
@@ -58,11 +73,33 @@ def file_key(path: str | Path) -> tuple[int | None, int | None]:
     return st.st_size, st.st_mtime_ns
 
 
-def output_kind(path: str | Path, option: str = "--out") -> str:
+def output_kind(path: str | Path, option: str = "--out", engine: str = "local") -> str:
+    """"csv" or "parquet" (one file); with the Ray engine a .parquet or suffix-less name is "dataset" (a folder
+    of Parquet files written by Ray)."""
     suffix = Path(path).suffix.lower()
+    if engine == "ray" and (suffix == ".parquet" or (suffix == "" and option == "--out")):
+        return "dataset"
     if suffix not in OUTPUT_SUFFIXES:
-        raise PneumoscanError(f"{path}: {option} must name a .csv or .parquet file")
+        raise PneumoscanError(f"{path}: {option} must name a .csv or .parquet file"
+                              + (" (or, with --engine ray, a folder)" if option == "--out" else ""))
     return suffix[1:]
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> None:
+    """Fail now, in one line, when the Parquet folder of a Ray run could not be put at ``path``: something there
+    that is neither a file nor a folder of Parquet files (replaced at the end, as a file is), or an unwritable
+    place. Creates nothing."""
+    from .report import _check_writable
+
+    target = Path(path)
+    if target.is_dir():
+        other = sorted(p.name for p in target.iterdir() if p.suffix != ".parquet" or not p.is_file())
+        if other:
+            raise PneumoscanError(f"{target}: {option} names a folder that holds other things than Parquet files "
+                                  f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new name")
+    elif target.exists() and not target.is_file():
+        raise PneumoscanError(f"{target}: {option} names something that is neither a file nor a folder")
+    _check_writable(target.parent, target, option)
 
 
 def require_pyarrow(why: str = "--out .parquet") -> None:
@@ -288,15 +325,24 @@ def write_csv(rows: Iterable[dict], path: Path) -> None:
     atomic_write(path, write)
 
 
+_FLOAT_COLUMNS = ("probability", "threshold", "guard_score")
+_INT_COLUMNS = ("size", "mtime_ns")
+
+
+def parquet_schema(columns=PARQUET_COLUMNS):
+    """The Arrow types of the output columns (both engines, every file of a Ray run's folder)."""
+    import pyarrow as pa
+
+    return pa.schema([(k, pa.float64() if k in _FLOAT_COLUMNS else pa.int64() if k in _INT_COLUMNS else pa.string())
+                      for k in columns])
+
+
 def parquet_table(rows: list[dict], model_sha256: str):
     import pyarrow as pa
 
-    schema = pa.schema([("path", pa.string()), ("probability", pa.float64()), ("decision", pa.string()),
-                        ("threshold", pa.float64()), ("status", pa.string()), ("message", pa.string()),
-                        ("model_sha256", pa.string()), *[(k, pa.string()) for k in UID_COLUMNS]])
     columns = {k: [r[k] for r in rows] for k in CSV_COLUMNS + UID_COLUMNS}
     columns["model_sha256"] = [model_sha256] * len(rows)
-    return pa.table({k: columns[k] for k in PARQUET_COLUMNS}, schema=schema)
+    return pa.table({k: columns[k] for k in PARQUET_COLUMNS}, schema=parquet_schema())
 
 
 def write_parquet(rows: list[dict], path: Path, model_sha256: str) -> None:
@@ -439,7 +485,8 @@ class _Scorer:
                                 max_pixels=max_pixels, device=device)
         self.op = self.model.resolve_threshold(threshold)
         self.tta = tta
-        if pid_dir:  # tests: which processes are the actors
+        self.pid_dir, self.batches = pid_dir, 0
+        if pid_dir:  # tests: which processes are the actors, and how far each got
             Path(pid_dir, f"{os.getpid()}.pid").write_text(str(os.getpid()))
 
     def __call__(self, batch: dict) -> dict:
@@ -467,28 +514,34 @@ class _Scorer:
             for k in ROW_KEYS:
                 out[k].append(row[k])
         out["model_sha256"] = [self.model.sha256] * n
+        if self.pid_dir:
+            self.batches += 1
+            Path(self.pid_dir, f"{os.getpid()}.batches").write_text(str(self.batches))
         return _typed(out)
 
 
 # Ray columns have one type each, whatever a batch holds (a batch of only error rows included): NaN, -1 or ""
 # where a figure does not apply; ``ray_row`` turns a Dataset row back into the journal row (None there).
-_FLOAT_KEYS = ("probability", "threshold", "guard_score")
-_INT_KEYS = ("size", "mtime_ns")
+_FLOAT_KEYS = _FLOAT_COLUMNS
+_INT_KEYS = _INT_COLUMNS
 _NULLABLE_STR_KEYS = ("decision", *UID_COLUMNS)
+RAY_COLUMNS = [*ROW_KEYS, "model_sha256"]
 
 
-def _typed(columns: dict[str, list]) -> dict:
-    import numpy as np
+def _typed(columns: dict[str, list]):
+    """An Arrow table of fixed schema (``parquet_schema(RAY_COLUMNS)``): every block, and every part file of a
+    Ray run, has the same column types whatever its rows."""
+    import pyarrow as pa
 
     out = {}
     for k, values in columns.items():
         if k in _FLOAT_KEYS:
-            out[k] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+            out[k] = [float("nan") if v is None else float(v) for v in values]
         elif k in _INT_KEYS:
-            out[k] = np.array([-1 if v is None else v for v in values], dtype=np.int64)
+            out[k] = [-1 if v is None else int(v) for v in values]
         else:
-            out[k] = np.array(["" if v is None else str(v) for v in values], dtype=object)
-    return out
+            out[k] = ["" if v is None else str(v) for v in values]
+    return pa.table(out, schema=parquet_schema(list(columns)))
 
 
 def ray_row(item) -> dict:
@@ -521,6 +574,7 @@ def predictions_dataset(paths, model=None, *, backend: str = "torch", precision:
     require_ray()
     import ray
 
+    _settle_fsspec_http()
     from .constants import BATCH_SIZE
     from .data.images import MAX_PIXELS
     from .predict import Model, load_model
@@ -584,3 +638,337 @@ def _plain(value):
     if isinstance(value, float) and value != value:  # NaN: no figure
         return None
     return value
+
+
+# --- joining a cluster ---------------------------------------------------------------------------------------
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in one line, within ``timeout`` seconds, when nothing accepts a TCP connection at the cluster address:
+    ``ray.init`` would wait for that GCS forever. ``None``/"local" start a local instance (nothing to check);
+    "auto" is checked at the address of the instance ``ray start`` recorded on this machine, when there is one."""
+    given = address
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        return
+    default_port = 6379
+    hostport = address
+    if address.startswith("ray://"):
+        hostport, default_port = address[len("ray://"):], 10001
+    elif address == "auto":
+        try:
+            from ray._private.services import find_bootstrap_address
+
+            hostport = find_bootstrap_address(None)
+        except Exception:  # noqa: BLE001 - Ray's own lookup then says what it found
+            return
+        if not hostport:
+            return  # nothing recorded: ray.init says "no running instance" at once
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep:
+        host, port = hostport.rstrip("/"), str(default_port)
+    option = f"--address {given}" if given else f"RAY_ADDRESS {address}"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
+        raise PneumoscanError(f"cannot reach the Ray cluster at {option}: {host}:{port} did not accept a "
+                              f"connection within {timeout:g} s ({why}); start one there (`ray start --head`) "
+                              "or fix the address") from None
+
+
+def _settle_fsspec_http() -> None:
+    """Ray Data resolves every path through ``from fsspec.implementations.http import HTTPFileSystem`` and
+    tolerates only ModuleNotFoundError. Where fsspec is installed without aiohttp, that import fails, and one
+    racing another import of it (Ray's executor threads) raises a plain ImportError that fails the read or write.
+    Import it once here; if it cannot be imported, mark it absent so every later import fails the tolerated way."""
+    import sys
+
+    try:
+        import fsspec.implementations.http  # noqa: F401
+    except ImportError:
+        sys.modules["fsspec.implementations.http"] = None  # type: ignore[assignment]
+
+
+@contextmanager
+def ray_session(address: str | None = None, quiet: bool = False):
+    """Ray for one CLI run: the cluster at ``address`` (checked first, see ``check_reachable``) or a local
+    instance, shut down afterwards; an instance already running in this process is used as it is."""
+    require_ray()
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=not quiet, include_dashboard=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, a bad address
+            where = f"the Ray cluster at --address {address}" if address else "a local Ray instance"
+            raise PneumoscanError(f"cannot start or join {where} ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        import logging
+        import sys
+
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = not quiet and sys.stderr.isatty()
+        if quiet:  # only errors on stderr: no execution plans, progress logs or memory advice
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            context.issue_detectors_config.detectors = []
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- a Ray run's Parquet folder ------------------------------------------------------------------------------
+
+def parts_path(destination: str | Path) -> Path:
+    destination = Path(destination)
+    return destination.with_name(destination.name + PARTS_SUFFIX)
+
+
+def _part_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+
+
+def _readable_parts(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(complete part files, torn ones): a file cut short by a crash has no footer and does not open."""
+    import pyarrow.parquet as pq
+
+    good, torn = [], []
+    for path in _part_files(folder):
+        try:
+            pq.read_metadata(path)
+            good.append(path)
+        except Exception:  # noqa: BLE001 - pyarrow's ArrowInvalid (an OSError subclass or not) for a torn file
+            torn.append(path)
+    return good, torn
+
+
+def _published(table):
+    """A part file's rows as the local engine writes them: its Parquet columns, null where a figure does not
+    apply (the parts hold NaN and "" there, so that every block has one type)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for name in PARQUET_COLUMNS:
+        col = table.column(name)
+        if name == "probability":
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)
+        elif name in _NULLABLE_STR_KEYS:
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=parquet_schema())
+
+
+class RayParquetFolder:
+    """The output of ``--engine ray --out DEST``: a folder of Parquet files written by Ray Data.
+
+    Ray writes every journal column into ``DEST.parts/`` (one file per block, a settings file beside them);
+    ``--resume`` keeps the rows of its complete files (and of a local run's ``DEST.partial`` journal) whose file
+    is unchanged, in one ``kept-*.parquet`` file, and Ray scores the rest. ``finish`` rewrites the parts, with
+    the local engine's columns, into a hidden sibling folder that is renamed to DEST."""
+
+    def __init__(self, destination: str | Path, settings: dict, files: list, *, csv_path: str | Path | None = None,
+                 resume: bool = False):
+        self.destination = Path(destination)
+        self.parts = parts_path(destination)
+        self.journal = journal_path(destination)  # a local run's journal: resumed from as well
+        self.settings = settings
+        self.files = files
+        self.csv_path = Path(csv_path) if csv_path else None
+        self.resume = resume
+        self.kept: list[dict] = []
+        self.todo = list(files)
+        self.resumed = False
+        self.kept_file: Path | None = None
+
+    def open(self) -> RayParquetFolder:
+        """Read (with --resume) or refuse earlier partial results, leave ``DEST.parts/`` holding the settings
+        and the kept rows only. Nothing scored yet."""
+        have_parts, have_journal = self.parts.exists(), self.journal.exists()
+        if (have_parts or have_journal) and not self.resume:
+            where = self.parts if have_parts else self.journal
+            raise PneumoscanError(f"{where}: partial results of an interrupted run are there: add --resume to "
+                                  "continue it, or remove it to start again")
+        rows: list[dict] = []
+        old: list[Path] = []
+        if have_parts:
+            found = self._read_settings()
+            check_resumable(self.parts, found, self.settings)
+            good, torn = _readable_parts(self.parts)
+            rows += [r for path in good for r in _part_rows(path)]
+            old = good + torn
+        if have_journal:
+            found, journal_rows = read_journal(self.journal)
+            if found is not None:
+                check_resumable(self.journal, found, self.settings)
+                rows += journal_rows
+        self.resumed = have_parts or have_journal
+        if self.resumed:
+            self.kept, self.todo = plan_resume(rows, self.files)
+        try:
+            if not have_parts:
+                self._create_parts()
+            if self.kept:  # one file of kept rows, in place atomically; then the files it replaces go
+                self.kept_file = self.parts / f"{KEPT_PREFIX}{uuid.uuid4().hex}.parquet"
+                _write_part(self.kept, self.kept_file, self.settings["model_sha256"])
+            for path in old:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.parts)
+            self.journal.unlink(missing_ok=True)  # its kept rows are in the kept file now
+        except OSError as exc:
+            raise PneumoscanError(f"{self.parts}: cannot write there ({exc.strerror or exc})") from None
+        return self
+
+    def _read_settings(self) -> dict:
+        try:
+            found = json.loads((self.parts / PARTS_SETTINGS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None
+        if not isinstance(found, dict) or found.get("format") != PARTS_FORMAT:
+            raise PneumoscanError(f"{self.parts}: not the partial results of a pneumoscan Ray run; remove it or "
+                                  "choose another --out")
+        return found
+
+    def _create_parts(self) -> None:
+        """``DEST.parts/`` with its settings file, created whole (a hidden folder renamed into place)."""
+        self.parts.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.parts.with_name(f".{self.parts.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / PARTS_SETTINGS, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"format": PARTS_FORMAT, **self.settings}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, self.parts)
+        fsync_dir(self.parts.parent)
+
+    def rows_kept(self) -> int:
+        """Rows in the complete part files now: the finished work an interruption leaves."""
+        import pyarrow.parquet as pq
+
+        if not self.parts.is_dir():
+            return 0
+        return sum(pq.read_metadata(p).num_rows for p in _readable_parts(self.parts)[0])
+
+    def write(self, dataset) -> None:
+        """Run ``dataset`` (``predictions_dataset``) to its end, its blocks written as part files by Ray."""
+        dataset.write_parquet(str(self.parts))
+
+    def new_rows(self) -> Iterator[dict]:
+        """The journal rows this run scored, read back file by file (never all at once)."""
+        for path in _readable_parts(self.parts)[0]:
+            if path != self.kept_file:
+                yield from _part_rows(path)
+
+    def finish(self) -> None:
+        """The CSV (when asked) and the folder at DEST, both complete or absent; then the parts go.
+
+        Each part file is rewritten with the local engine's columns, batch by batch (pyarrow; a result row is
+        about 100 bytes, so this is seconds for a million rows and never holds them all), into a hidden sibling
+        folder that is renamed to DEST. (Ray's read_parquet is not used here: its threaded path listing trips over
+        an fsspec without aiohttp, see ``_settle_fsspec_http``.)"""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parent = self.destination.parent
+        tmp = parent / f".{self.destination.name}.{os.getpid()}.writing"
+        old = parent / f".{self.destination.name}.{os.getpid()}.old"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            good, torn = _readable_parts(self.parts)  # torn: a writer killed mid-file; Ray's retry rewrote its
+            for path in torn:  # block under the same name, or (a crashed run) resume scored it again
+                path.unlink(missing_ok=True)
+            for i, part in enumerate(good):
+                target = tmp / f"part-{i:05d}.parquet"
+                with pq.ParquetWriter(target, parquet_schema()) as out:
+                    for batch in pq.ParquetFile(part).iter_batches(columns=RAY_COLUMNS):
+                        out.write_table(_published(pa.Table.from_batches([batch])))
+                with open(target, "rb") as f:  # on the disk before the folder is renamed into place
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if self.csv_path is not None:
+                write_csv(ordered(pq.read_table(tmp, columns=CSV_COLUMNS).to_pylist(), self.files), self.csv_path)
+            if self.destination.exists():
+                os.rename(self.destination, old)  # a folder cannot replace another in one rename
+            os.rename(tmp, self.destination)
+            fsync_dir(parent)
+        except (OSError, pa.ArrowException) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not self.destination.exists():
+                os.rename(old, self.destination)
+            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+            raise PneumoscanError(f"{self.destination}: cannot write it ({why}); the rows are kept in "
+                                  f"{self.parts}: rerun with --resume") from None
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _part_rows(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(columns=RAY_COLUMNS):
+        for item in batch.to_pylist():
+            yield ray_row(item)
+
+
+def _write_part(rows: list[dict], path: Path, model_sha256: str) -> None:
+    """Journal rows as one part file (the parts' types), complete at its name or absent."""
+    import pyarrow.parquet as pq
+
+    columns = {k: [r[k] for r in rows] for k in ROW_KEYS}
+    columns["model_sha256"] = [model_sha256] * len(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(_typed(columns), tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def predict_ray_folder(model, files: list, destination: str | Path, *, emit: Callable[[object], None],
+                       csv_path=None, resume: bool = False, threshold="screening", tta: bool = False,
+                       batch_size: int, num_cpus: float = 1, num_gpus: float = 0, concurrency: int = 1,
+                       backend: str = "torch", precision: str = "auto", address: str | None = None,
+                       quiet: bool = False, on_open: Callable[[RayParquetFolder], None] | None = None
+                       ) -> list[dict]:
+    """``pneumoscan predict --engine ray --out DEST``: the Parquet folder written by Ray (``RayParquetFolder``);
+    ``emit(prediction)`` for each newly scored row once they are all written. Returns the kept rows (resume).
+    Interrupted, it says where the finished rows are and how to continue."""
+    import sys
+
+    from .predict import Prediction
+
+    folder = RayParquetFolder(destination, run_settings(model, threshold, tta), files, csv_path=csv_path,
+                              resume=resume)
+    created = not folder.parts.exists()
+    folder.open()
+    if on_open is not None:
+        on_open(folder)
+    try:
+        with ray_session(address, quiet):
+            if folder.todo:
+                folder.write(predictions_dataset(
+                    folder.todo, model, backend=backend, precision=precision, threshold=threshold, tta=tta,
+                    batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus, concurrency=concurrency))
+            for row in folder.new_rows():
+                emit(Prediction(row["path"], row["probability"], row["decision"], row["operating_point"],
+                                row["threshold"], row["status"], row["message"], row["guard_score"]))
+            folder.finish()
+    except BaseException:
+        with suppress(Exception):
+            n = folder.rows_kept()
+            if n == 0 and created:  # e.g. no cluster there: nothing to keep, leave nothing behind
+                shutil.rmtree(folder.parts, ignore_errors=True)
+            elif n:
+                print(f"pneumoscan: {n} finished row(s) kept in {folder.parts}: rerun the same command with "
+                      "--resume to continue", file=sys.stderr)
+        raise
+    return folder.kept
