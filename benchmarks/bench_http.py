@@ -340,12 +340,13 @@ class Server:
 
 
 def network_only(model_path: Path, backend: str, images: list[bytes], seconds: float,
-                 batches: tuple[int, ...] = (1, 4, 16), trial: float = 1.0) -> dict[int, float]:
+                 batches: tuple[int, ...] = (1, 4, 16), trial: float = 1.0,
+                 precision: str = "auto") -> dict[int, float]:
     """images/s of ``Model.score`` alone (decoding done beforehand) per batch size: the best of ~1 s trials, the
     batch sizes taking turns, ``seconds`` per size; the best trial is the least disturbed by other load."""
     from pneumoscan import load_model
 
-    model = load_model(model_path, backend=backend)
+    model = load_model(model_path, backend=backend, precision=precision)
     inputs = [model.prepare(model.decode(data, "x.jpeg"))[0] for data in images]
     stacks = {b: np.stack([inputs[i % len(inputs)] for i in range(b)]) for b in batches}
     best = {b: 0.0 for b in batches}
@@ -398,14 +399,16 @@ def run_compare(args, images: list[bytes], folder: Path) -> int:
         if models[backend] is None:
             print(f"bench_http: skipping {backend}: pass --onnx-model FILE.onnx", file=sys.stderr)
             continue
-        net = network_only(models[backend], backend, images, args.network_seconds)
+        precision = args.precision if backend == "torch" else "auto"
+        net = network_only(models[backend], backend, images, args.network_seconds, precision=precision)
         best = max(net.values())
         print(f"{backend}: network only, best of 1 s trials: "
               + ", ".join(f"batch {b} {v:.1f} images/s" for b, v in net.items()), flush=True)
         servers = {}
         try:
             for label, extra in configs:
-                servers[label] = Server(models[backend], backend, [*extra, *args.server_args], folder,
+                servers[label] = Server(models[backend], backend,
+                                        [*extra, "--precision", precision, *args.server_args], folder,
                                         f"{backend}-{label}")
             expected = {label: references(s.base, s.key, images) for label, s in servers.items()}
             for label in servers:
@@ -506,6 +509,9 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", choices=["torch", "onnx"], default=["torch", "onnx"],
                         help="compare mode: the backends to run")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="load mode: the backend")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="compare mode, torch backend: the network's arithmetic, for the network-only trials "
+                             "and both servers alike (default: the model's own, float32 for the bundled one)")
     parser.add_argument("--images", type=int, default=8, help="distinct test X-rays posted in turn")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per server")
