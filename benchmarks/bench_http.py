@@ -24,7 +24,9 @@ tests/test_serve_load.py runs ``mixed_load`` for a few seconds against an in-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import socket
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -95,6 +98,45 @@ def _multipart(data: bytes, name: str = "xray.jpeg", boundary: str = "bench-boun
     head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class _Poster:
+    """One client's keep-alive connection posting pre-encoded multipart bodies with the standard library.
+
+    The clients share the server's cores, so their own CPU time is taken from it: httpx built each request anew
+    (multipart encoding, headers, its transport layers) for ~4-5 ms of CPU per request on 2 loaded cores, about a
+    quarter of what the server spends on an int8 request. The bodies here are built once per image; the server
+    gets the same bytes as from httpx (``_multipart``: one ``file`` field, filename ``xray.jpeg``).
+    """
+
+    def __init__(self, base: str, key: str, timeout: float = 120.0):
+        scheme, rest = base.split("://")
+        host, port = rest.split(":")
+        self._make = partial(http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection,
+                             host, int(port), timeout=timeout)
+        self._auth = f"Bearer {key}"
+        self._conn = None
+
+    def post(self, body: bytes, ctype: str) -> tuple[int, bytes]:
+        """(status, response body); a broken connection is dropped and the error raised (reconnect next time)."""
+        if self._conn is None:
+            self._conn = self._make()
+        try:
+            self._conn.request("POST", "/v1/predict", body=body,
+                               headers={"Authorization": self._auth, "Content-Type": ctype})
+            response = self._conn.getresponse()
+            data = response.read()
+        except Exception:
+            self.close()
+            raise
+        if response.getheader("connection", "").lower() == "close":
+            self.close()
+        return response.status, data
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _raw_request(base: str, body_head: bytes, length: int, ctype: str, key: str) -> socket.socket:
@@ -199,9 +241,12 @@ def mixed_load(base: str, key: str, good: list[tuple[bytes, float | None]], *, c
     def count(code) -> None:
         result.statuses[code] = result.statuses.get(code, 0) + 1
 
+    bodies = [_multipart(data) for data, _ in good]
+
     def client() -> None:
         nonlocal counter
-        with httpx.Client(timeout=120) as http:
+        poster = _Poster(base, key)
+        with httpx.Client(timeout=120) as session, contextlib.closing(poster):
             while time.monotonic() < deadline:
                 with lock:
                     if counter >= max_requests:
@@ -212,7 +257,8 @@ def mixed_load(base: str, key: str, good: list[tuple[bytes, float | None]], *, c
                 if bad_every and i % bad_every == bad_every - 1:
                     kind = BAD_KINDS[(i // bad_every) % len(BAD_KINDS)]
                     try:
-                        outcome = send_bad(http, base, kind, key, good[i % len(good)][0], max_upload, slow_seconds)
+                        outcome = send_bad(session, base, kind, key, good[i % len(good)][0], max_upload,
+                                           slow_seconds)
                     except httpx.HTTPError as exc:
                         outcome = type(exc).__name__
                     with lock:
@@ -221,15 +267,12 @@ def mixed_load(base: str, key: str, good: list[tuple[bytes, float | None]], *, c
                         if outcome is not None:
                             count(outcome)
                     continue
-                data, expected = good[i % len(good)]
+                expected = good[i % len(good)][1]
                 start = time.perf_counter()
                 try:
-                    response = http.post(f"{base}/v1/predict", files={"file": ("xray.jpeg", data)},
-                                         headers={"Authorization": f"Bearer {key}"})
-                    code, failure = response.status_code, None
-                    if code != 200:
-                        failure = f"HTTP {code}"
-                except httpx.HTTPError as exc:
+                    code, answer = poster.post(*bodies[i % len(good)])
+                    failure = None if code == 200 else f"HTTP {code}"
+                except (OSError, http.client.HTTPException) as exc:
                     code, failure = type(exc).__name__, type(exc).__name__
                 elapsed = time.perf_counter() - start
                 with lock:
@@ -238,7 +281,7 @@ def mixed_load(base: str, key: str, good: list[tuple[bytes, float | None]], *, c
                         result.errors[failure] = result.errors.get(failure, 0) + 1
                         continue
                     result.latencies.append(elapsed)
-                    p = response.json()["probability"]
+                    p = json.loads(answer)["probability"]
                     if expected is not None and (p is None or abs(p - expected) > TOLERANCE):
                         result.wrong += 1
 
@@ -501,6 +544,10 @@ def run_load(args, images: list[bytes], folder: Path) -> int:
 
 
 def main() -> int:
+    # The network-only trials run in this process with the OpenMP wait policy of the servers (`pneumoscan serve`
+    # sets PASSIVE; torch is not loaded yet): spinning threads measured the network at a fraction of its speed
+    # whenever anything else ran on the cores. OMP_WAIT_POLICY=ACTIVE on the command line measures spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["compare", "load"], default="compare")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None,
@@ -536,7 +583,8 @@ def main() -> int:
     print(f"images       {len(images)} test X-rays, {min(map(len, images)) / 1024:.0f} to "
           f"{max(map(len, images)) / 1024:.0f} KiB ({', '.join(hashlib.sha256(d).hexdigest()[:8] for d in images)})")
     print(f"machine      {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}", flush=True)
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_http-") as tmp:
         code = run_compare(args, images, Path(tmp)) if args.mode == "compare" else run_load(args, images, Path(tmp))
     print(f"machine      load average {os.getloadavg()[0]:.1f} at the end")
