@@ -90,6 +90,11 @@ def test_command_line_overrides_win_over_the_file(tmp_path):
     ("augment:\n  scale: [0.9, 0.5]", "augment.scale must be a pair [low, high] of numbers in (0, 1], low <= high"),
     ("augment:\n  gamma: 1.2", "augment.gamma must be a pair [low, high] of numbers > 0, low <= high, got 1.2"),
     ("augment: [1, 2]", "augment must be a mapping, got list"),
+    ("low_res_size: 224\nlow_res_epochs: 2", "low_res_size must be below the image size (224), got 224"),
+    ("low_res_size: 160\nlow_res_epochs: 5", "low_res_epochs must be in [1, epochs=4] when low_res_size is set"),
+    ("low_res_size: 160", "low_res_epochs must be in [1, epochs=4] when low_res_size is set, got 0"),
+    ("low_res_epochs: 2", "low_res_epochs is 2 but low_res_size is not set"),
+    ("low_res_size: 160\nlow_res_epochs: 2\naugment:\n  enabled: false", "low_res_size needs augment.enabled"),
     ("- epochs: 1", "expected a mapping of config keys, got list"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_and_the_file(tmp_path, text, message):

@@ -377,3 +377,49 @@ def test_calibrate_reads_an_old_run_from_another_directory(trained_run, tiny_dat
     assert training["data"] == str((repo / "data").resolve())
     assert (run / "split.csv").read_text().startswith("path,label")  # the record is read, never rewritten
     capsys.readouterr()
+
+
+def test_batches_made_at_one_thread_are_bit_identical_to_those_made_at_the_training_count():
+    """train.one_thread and ColorJitter's mean at the training count: the same augmented batches as before."""
+    from pneumoscan.augment import build_augment
+    from pneumoscan.config import AugmentConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (12, 224, 224), dtype=np.uint8)
+        labels = np.array([0, 1] * 6)
+
+        def batches(augment, wrap):
+            dataset = train_mod.CachedImages(images, labels, augment)
+            torch.manual_seed(7)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=list(range(12)))
+            return [x for x, _ in (wrap(loader) if wrap else loader)]
+
+        before = batches(build_augment(AugmentConfig(), 224), None)
+        now = batches(build_augment(AugmentConfig(), 224, reduction_threads=2), train_mod.one_thread)
+        assert torch.get_num_threads() == 2
+        assert all(torch.equal(a, b) for a, b in zip(before, now, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_progressive_resizing_trains_the_first_epochs_at_the_low_size_and_predicts_at_the_full_size(
+        tiny_dataset, tmp_path, monkeypatch):
+    from pneumoscan import load_model
+
+    cfg = fast_config(epochs=3, low_res_size=48, low_res_epochs=2)
+    assert [train_mod.train_size(cfg, e) for e in range(3)] == [48, 48, 64]
+    assert sorted(train_mod.training_augments(cfg)) == [48, 64]
+    seen = []
+    real = train_mod.train_one_epoch
+
+    def spy(model, criterion, optimizer, scaler, loader, *args, **kwargs):
+        seen.append(tuple(next(iter(loader))[0].shape[-2:]))
+        return real(model, criterion, optimizer, scaler, loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    fit(cfg, tiny_dataset, tmp_path / "run", progress=False)
+    assert seen == [(48, 48), (48, 48), (64, 64)]
+    assert load_model(tmp_path / "run" / "model.safetensors").preprocessing.size == 64

@@ -20,8 +20,35 @@ class RandomGamma(torch.nn.Module):
         return image.clamp(0, 1).pow(gamma)
 
 
-def build_augment(cfg: AugmentConfig, size: int) -> v2.Compose | None:
-    """uint8 (1, H, W) -> float (1, size, size) in [0, 1]; None when disabled."""
+class AtThreads(torch.nn.Module):
+    """Runs ``transform`` with torch at ``threads`` intra-op threads (then back to the caller's count).
+
+    Training produces its batches at one thread (``train.one_thread``): the per-image ops are too small for a
+    fork/join over the cores to pay. A reduction's result depends on how many threads split it, though, so the one
+    reduction of the augmentation, ColorJitter's contrast (the image mean), runs at the count training had always
+    used; that keeps every augmented image bit-identical to earlier runs.
+    """
+
+    def __init__(self, transform: torch.nn.Module, threads: int):
+        super().__init__()
+        self.transform, self.threads = transform, threads
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        before = torch.get_num_threads()
+        if before == self.threads:
+            return self.transform(image)
+        torch.set_num_threads(self.threads)
+        try:
+            return self.transform(image)
+        finally:
+            torch.set_num_threads(before)
+
+
+def build_augment(cfg: AugmentConfig, size: int, *, reduction_threads: int | None = None) -> v2.Compose | None:
+    """uint8 (1, H, W) -> float (1, size, size) in [0, 1]; None when disabled.
+
+    ``reduction_threads``: the thread count ColorJitter's contrast mean is computed at (``AtThreads``); None: the
+    caller's count at the time."""
     if not cfg.enabled:
         return None
     # zoom_out 1 keeps older recipes' random stream and nearest interpolation exactly as they were; a zoom-out
@@ -39,7 +66,8 @@ def build_augment(cfg: AugmentConfig, size: int) -> v2.Compose | None:
         steps.append(v2.RandomApply([v2.JPEG((40, 95))], p=cfg.jpeg_p))
     steps += [
         v2.ToDtype(torch.float32, scale=True),
-        v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
+        AtThreads(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast), reduction_threads)
+        if reduction_threads else v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
         RandomGamma(*cfg.gamma),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=cfg.blur_p),
         v2.RandomAdjustSharpness(2.0, p=cfg.sharpen_p),

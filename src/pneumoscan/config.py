@@ -92,6 +92,10 @@ class TrainConfig:
     image_size: Annotated[int, Range(32)] | None = None  # None: 224
     standardize: bool = True  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     epochs: Positive = 4
+    # progressive resizing (off by default): the first low_res_epochs train at low_res_size px (the random crop
+    # resized to it), the rest at the full size; validation, calibration and prediction stay at the full size
+    low_res_size: Annotated[int, Range(32)] | None = None
+    low_res_epochs: NonNegative = 0
     batch_size: Positive = 32
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-4
@@ -268,6 +272,17 @@ def _checked(data: dict, where: str) -> TrainConfig:
     stages = len(ARCHS[cfg.arch].stages)
     if cfg.freeze_stages is not None and cfg.freeze_stages > stages:
         raise ConfigError(f"{where}: freeze_stages must be at most {stages} for {cfg.arch}, got {cfg.freeze_stages}")
+    if cfg.low_res_size is not None:
+        full = cfg.image_size or 224
+        if cfg.low_res_size >= full:
+            raise ConfigError(f"{where}: low_res_size must be below the image size ({full}), got {cfg.low_res_size}")
+        if not 1 <= cfg.low_res_epochs <= cfg.epochs:
+            raise ConfigError(f"{where}: low_res_epochs must be in [1, epochs={cfg.epochs}] when low_res_size is set, "
+                              f"got {cfg.low_res_epochs}")
+        if not cfg.augment.enabled:
+            raise ConfigError(f"{where}: low_res_size needs augment.enabled (the random crop does the resizing)")
+    elif cfg.low_res_epochs:
+        raise ConfigError(f"{where}: low_res_epochs is {cfg.low_res_epochs} but low_res_size is not set")
     try:
         check_fold(cfg.val_fraction, cfg.fold)
     except ValueError as exc:

@@ -108,6 +108,27 @@ class CachedImages(torch.utils.data.Dataset):
         return image, self.labels[i]
 
 
+def one_thread(batches):
+    """Iterate ``batches`` (a DataLoader working in this process) with torch at one intra-op thread while each batch
+    is produced, and at the training count in between.
+
+    Augmentation is per image, tiny ops on one 224 x 224 plane; splitting each over the cores costs more in
+    fork/join than it saves, many times more when another process holds a core. What each op computes does not
+    depend on the count, except ColorJitter's contrast mean, which ``build_augment(reduction_threads=...)`` runs
+    at the training count, so the batches stay bit-identical (tests/test_train.py)."""
+    threads = torch.get_num_threads()
+    iterator = iter(batches)
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(iterator, None)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is None:
+            return
+        yield batch
+
+
 def epoch_indices(labels: np.ndarray, sampler: str, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """This rank's sample order for one epoch; the same on every run with the same seed (so resume is exact).
 
@@ -279,6 +300,19 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_size(cfg: TrainConfig, epoch: int) -> int:
+    """The input size of training epoch ``epoch`` (0-based): low_res_size for the first low_res_epochs."""
+    if cfg.low_res_size is not None and epoch < cfg.low_res_epochs:
+        return cfg.low_res_size
+    return cfg.image_size or 224
+
+
+def training_augments(cfg: TrainConfig) -> dict:
+    """{input size: augmentation} for every size the epochs train at (``train_size``)."""
+    sizes = {train_size(cfg, epoch) for epoch in range(cfg.epochs)}
+    return {size: build_augment(cfg.augment, size, reduction_threads=torch.get_num_threads()) for size in sizes}
+
+
 def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: int) -> torch.utils.data.DataLoader:
     """This rank's batches of one epoch; sampling and augmentation are seeded per epoch, so resume is exact."""
     torch.manual_seed(cfg.seed * 1000 + epoch * rt.world + rt.rank)  # the augmentation stream
@@ -291,13 +325,18 @@ def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: in
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loader, prep: Preprocessing, rt: Runtime, *,
                     frozen: list[nn.Module], schedule, channels_last: bool, desc: str,
-                    progress: bool) -> tuple[float, float]:
-    """One pass over ``loader``; (mean training loss, last learning rate). ``schedule(step)``: the learning rate."""
+                    progress: bool, on_step=None) -> tuple[float, float]:
+    """One pass over ``loader``; (mean training loss, last learning rate). ``schedule(step)``: the learning rate.
+
+    ``on_step(batch_size)``, if given, runs after every optimizer step; the epoch ends early when it returns True
+    (benchmarks/bench_train.py measures time to a validation AUC with it)."""
     model.train()
     for module in frozen:  # frozen stages keep their ImageNet BatchNorm statistics
         module.eval()
     total, count, lr = 0.0, 0, 0.0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    in_process = getattr(loader, "num_workers", 1) == 0
+    bar = tqdm(one_thread(loader) if in_process else loader, desc=desc, disable=not progress, leave=False,
+               total=len(loader))
     for step, (x, y) in enumerate(bar):
         lr = schedule(step)
         for group in optimizer.param_groups:
@@ -315,14 +354,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         total += float(loss.detach()) * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
+        if on_step is not None and on_step(len(y)):
+            break
     return total / max(1, count), lr
 
 
-def validate(net: nn.Module, prep: Preprocessing, val: ImageCache) -> tuple[float, float]:
-    """(loss, ROC AUC) on the validation cache, scored as prediction scores (float32, the one scoring function)."""
-    logits, _ = score_images(net, prep, val.images)
+def validate(net: nn.Module, prep: Preprocessing, val: ImageCache) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
+    """(loss, ROC AUC, (logits, features)) on the validation cache, scored as prediction scores (float32, the one
+    scoring function). The scores are kept for ``finalize`` when this epoch is the best: the same weights through
+    the same function give the same numbers, so scoring them again would only cost time."""
+    logits, feats = score_images(net, prep, val.images)
     loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.labels)))
-    return loss, roc_auc(val.labels, softmax_pneumonia(logits))
+    return loss, roc_auc(val.labels, softmax_pneumonia(logits)), (logits, feats)
 
 
 def keep_if_best(state: dict, net: nn.Module, run: RunFolder, epoch: int, val_loss: float, val_auc: float) -> None:
@@ -393,22 +436,27 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         if rt.main:
             print(f"resuming after epoch {state['epoch']} (best AUC {state['best_auc']:.4f})", file=sys.stderr)
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
-    dataset = CachedImages(data.train.images, data.train.labels, build_augment(cfg.augment, prep.size))
+    augments = training_augments(cfg)
+    dataset = CachedImages(data.train.images, data.train.labels, None)
     steps_per_epoch = max(1, len(dataset) // rt.world // cfg.batch_size)
     total_steps, warmup = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
     log = EpochLog(run, resume) if rt.main else None
 
+    best_scores = None  # validation (logits, features) of the best epoch of this process (none after a resume)
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
+        dataset.augment = augments[train_size(cfg, epoch)]
         train_loss, lr = train_one_epoch(
             model, criterion, optimizer, scaler, epoch_loader(cfg, dataset, rt, epoch), prep, rt, frozen=frozen,
             schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr),
             channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress and rt.main)
         stop = torch.zeros(1)
         if rt.main:
-            val_loss, val_auc = validate(net, prep, data.val)
+            val_loss, val_auc, scores = validate(net, prep, data.val)
             log.write(epoch + 1, cfg.epochs, train_loss, val_loss, val_auc, lr, time.time() - t0)
             keep_if_best(state, net, run, epoch + 1, val_loss, val_auc)
+            if state["best_epoch"] == epoch + 1:
+                best_scores = scores
             _save_checkpoint(run.checkpoint_path, net, optimizer, state)
             if state["bad_epochs"] >= cfg.patience:
                 print(f"early stopping: no better validation AUC for {cfg.patience} epochs", file=sys.stderr)
@@ -419,7 +467,8 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
             break
     if rt.main:
         log.close()
-        finalize(cfg, net, prep, rt, run, source, data, state, wall_seconds=None, started=started)
+        finalize(cfg, net, prep, rt, run, source, data, state, wall_seconds=None, started=started,
+                 val_scores=best_scores)
     if rt.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -452,16 +501,17 @@ def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path
 
 def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime, run: RunFolder,
              source: DataSource, data: TrainData, state: dict, *, wall_seconds: float | None,
-             started: float | None = None) -> str:
+             started: float | None = None, val_scores: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """Best weights -> calibration, thresholds and guard fitted on validation -> model.safetensors; its sha256.
 
     Everything is scored through the one scoring function in ``SCORING_PRECISION``, which the file records.
     ``wall_seconds``: the training time to record (None: measured from ``started`` to the end of this call).
+    ``val_scores``: the validation (logits, features) ``validate`` computed with the best weights, if at hand.
     """
     net.load_state_dict(load_file(str(run.best_path)))
     net = net.to(memory_format=torch.contiguous_format)
     val_y = data.val.labels
-    val_logits, val_feats = score_images(net, prep, data.val.images)
+    val_logits, val_feats = val_scores if val_scores is not None else score_images(net, prep, data.val.images)
     rng = np.random.default_rng(cfg.seed)
     subset = np.sort(rng.choice(len(data.train.images), size=min(len(data.train.images), 2000), replace=False))
     _, train_feats = score_images(net, prep, data.train.images[subset])
