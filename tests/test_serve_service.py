@@ -12,6 +12,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -558,20 +559,26 @@ def test_serve_command_with_keys_tls_audit_and_batching_options(tiny_model_path,
         server.wait(timeout=30)
 
 
-def test_the_serving_process_threads_sleep_when_idle_and_an_operator_setting_wins(monkeypatch):
-    """Spinning OpenMP threads took the CPU from the decoding threads under load; ``pneumoscan serve`` asks them to
-    sleep (set before torch loads in the real server), and uses --threads network threads."""
+def test_the_serving_process_threads_sleep_when_idle_and_serve_threads_sets_the_network_threads():
+    """Spinning OpenMP threads took the CPU from the decoding threads under load: `pneumoscan serve` runs with
+    OMP_WAIT_POLICY=PASSIVE (unless the operator set it), set before torch loads, and --threads network threads."""
     import torch
 
     from pneumoscan.serve.cli import network_threads
 
+    code = ("import os, sys; import pneumoscan.serve.cli as c; from pneumoscan.cli import main\n"
+            "def stop(threads):\n"
+            "    print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules, flush=True); os._exit(0)\n"
+            "c.network_threads = stop; main(['serve', '--port', '1'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["PASSIVE", "False"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["ACTIVE", "False"], out.stderr
     before = torch.get_num_threads()
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     try:
         assert network_threads(1) == 1 and torch.get_num_threads() == 1
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
         assert network_threads(None) == len(os.sched_getaffinity(0))
-        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     finally:
         torch.set_num_threads(before)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
@@ -149,14 +148,13 @@ def check_tls(certfile: str | None, keyfile: str | None) -> None:
 
 
 def network_threads(threads: int | None) -> int:
-    """Set up this process's threads for serving, before torch is imported; returns the network's thread count.
+    """The network's thread count for serving (--threads, default all cores), set for torch; onnxruntime gets it
+    through ``load_model(threads=)``.
 
-    The network's OpenMP threads (torch's, also used for the input normalisation on the onnx backend) by default
-    spin for a while after each operator, waiting for the next one. In a server that is CPU time taken from the
-    decoding threads and the event loop on the same cores: under load on 2 cores it cost several times the
-    throughput. PASSIVE makes them sleep at once; an operator's own environment setting wins.
+    The threads sleep between operators rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set by ``cli.main`` for
+    screening commands before torch loads; onnxruntime's pool without spinning): spinning took the CPU the decoding
+    threads and the event loop need on the same cores, several times the throughput under load on 2 cores.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from ..backends.onnx import cpu_threads
