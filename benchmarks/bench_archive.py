@@ -1,16 +1,16 @@
 """Screening an archive: the same files through the local engine and the Ray Data engine on this machine.
 
 Builds a folder of N symlinks under /tmp cycling over the Kermany test originals (624 files; nothing is copied),
-then scores it
+then scores it as ``pneumoscan predict --out results.parquet`` does on each engine:
   1. local: ``Model.predict_files`` through ``archive.predict_local`` (threaded decode overlapping the network),
-     the path of ``pneumoscan predict --csv``, journal included (rows appended to a .partial file, fsynced);
+     rows appended to the fsynced journal, then one Parquet file written and renamed into place;
   2. ray: ``archive.predictions_dataset`` on a local Ray instance (``ray.init(num_cpus=--ray-cpus)``): decoding
-     in Ray tasks, scoring in ``--concurrency`` actors of ``--num-cpus`` CPUs each, rows streamed to the driver
-     into the same journal.
+     in Ray tasks, scoring in ``--concurrency`` actors of ``--num-cpus`` CPUs each, the rows written by Ray Data
+     (``write_parquet``) into the run's parts folder, then published as the Parquet folder (``RayParquetFolder``).
 Prints images/s for both, the Ray overhead as local/ray throughput, the start-up times (model load; Ray
-``init`` and the first row), and the largest |probability difference| between the engines' rows.
+``init`` and the first part file on disk), and the largest |probability difference| between the two outputs.
 
-Usage: nice -n 19 python benchmarks/bench_archive.py [--files 2000] [--model MODEL] [--data ../shared/data/chest_xray]
+Usage: nice -n 10 python benchmarks/bench_archive.py [--files 2000] [--model MODEL] [--data ../shared/data/chest_xray]
        python benchmarks/bench_archive.py --quick     (48 files: a smoke run)
 """
 
@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,17 +43,23 @@ def archive_folder(data: Path, n: int) -> tuple[Path, list[Path]]:
     return folder, files
 
 
-def journal_run(rows_iter, out: Path, model, files) -> int:
-    """Rows into a journal as the CLI does (then the final Parquet-free CSV): the I/O cost both engines pay."""
-    from pneumoscan.archive import ArchiveWriter, run_settings
+def local_run(model, files, out: Path, batch_size: int) -> None:
+    """The local engine as the CLI runs it with --out x.parquet: journal rows, then the Parquet file."""
+    from pneumoscan.archive import ArchiveWriter, predict_local, run_settings
 
-    writer = ArchiveWriter([(out, "csv")], model, run_settings(model, "screening", False), files).open()
-    n = 0
-    for _, row in rows_iter:
+    writer = ArchiveWriter([(out, "parquet")], model, run_settings(model, "screening", False), files).open()
+    for _, row in predict_local(model, files, batch_size=batch_size):
         writer.add(row)
-        n += 1
     writer.finish()
-    return n
+
+
+def first_file(folder: Path, found: list, stop: threading.Event) -> None:
+    """When the first part file appears in ``folder`` (Ray writes it once its first block is scored)."""
+    while not stop.is_set():
+        if folder.is_dir() and any(p.suffix == ".parquet" for p in folder.iterdir()):
+            found.append(time.perf_counter())
+            return
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -76,7 +83,6 @@ def main() -> int:
 
     if args.local_threads:
         torch.set_num_threads(args.local_threads)
-    from pneumoscan.archive import predict_local
     from pneumoscan.predict import load_model
 
     folder, files = archive_folder(Path(args.data), n)
@@ -88,42 +94,31 @@ def main() -> int:
         start = time.perf_counter()
         model = load_model(args.model, precision="float32")
         load_s = time.perf_counter() - start
-        local, remote, timing = {}, {}, {}
+        timing = {}
 
         def run_local():
-            def keep(rows):
-                for pred, row in rows:
-                    local[row["path"]] = row
-                    yield pred, row
-
             start = time.perf_counter()
-            journal_run(keep(predict_local(model, files, batch_size=args.batch_size)), out_dir / "local.csv",
-                        model, files)
+            local_run(model, files, out_dir / "local.parquet", args.batch_size)
             timing["local"] = time.perf_counter() - start
 
         def run_ray():
             import ray
 
-            from pneumoscan.archive import predictions_dataset, ray_row
+            from pneumoscan.archive import RayParquetFolder, predictions_dataset, run_settings
 
             start = time.perf_counter()
             ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             timing["init"] = time.perf_counter() - start
-            first = []
-
-            def ray_rows():
-                ds = predictions_dataset(files, model, batch_size=args.batch_size, concurrency=args.concurrency,
-                                         num_cpus=args.num_cpus)
-                for item in ds.iter_rows():
-                    if not first:
-                        first.append(time.perf_counter())
-                    row = ray_row(item)
-                    remote[row["path"]] = row
-                    yield None, row
-
+            first, stop = [], threading.Event()
             start = time.perf_counter()
-            journal_run(ray_rows(), out_dir / "ray.csv", model, files)
+            folder = RayParquetFolder(out_dir / "ray.parquet", run_settings(model, "screening", False), files).open()
+            watcher = threading.Thread(target=first_file, args=(folder.parts, first, stop), daemon=True)
+            watcher.start()
+            folder.write(predictions_dataset(files, model, batch_size=args.batch_size, concurrency=args.concurrency,
+                                             num_cpus=args.num_cpus))
+            stop.set()
+            folder.finish()
             timing["ray"] = time.perf_counter() - start
             timing["first"] = first[0] - start if first else float("nan")
             ray.shutdown()
@@ -133,17 +128,21 @@ def main() -> int:
             print(f"  ({run.__name__} done, load average {os.getloadavg()[0]:.1f})", flush=True)
         local_s, ray_s, init_s = timing["local"], timing["ray"], timing["init"]
         print(f"local: model load {load_s:.1f} s; {n} images in {local_s:.1f} s = {n / local_s:.1f} images/s")
-        print(f"ray: init {init_s:.1f} s, first row after {timing['first']:.1f} s; {n} images in {ray_s:.1f} s = "
+        print(f"ray: init {init_s:.1f} s, first part file after {timing['first']:.1f} s; {n} images in {ray_s:.1f} s = "
               f"{n / ray_s:.1f} images/s ({args.concurrency} actor(s) x {args.num_cpus:g} CPU, decoding in tasks, "
               f"{args.ray_cpus} CPUs in the instance); with init {n / (ray_s + init_s):.1f} images/s")
         print(f"ray overhead: local/ray throughput {ray_s / local_s:.2f}x (with init "
               f"{(ray_s + init_s) / local_s:.2f}x)")
-        assert set(remote) == set(local), "the engines scored different files"
-        diffs = [abs(remote[p]["probability"] - local[p]["probability"]) for p in local
-                 if local[p]["probability"] is not None]
-        same_status = sum(remote[p]["status"] == local[p]["status"] for p in local)
+        import pyarrow.parquet as pq
+
+        local = pq.read_table(out_dir / "local.parquet").to_pylist()
+        remote = {r["path"]: r for r in pq.read_table(out_dir / "ray.parquet").to_pylist()}
+        assert len(remote) == len(local) == n and set(remote) == {r["path"] for r in local}, "different files"
+        diffs = [abs(remote[r["path"]]["probability"] - r["probability"]) for r in local
+                 if r["probability"] is not None]
+        same_status = sum(remote[r["path"]]["status"] == r["status"] for r in local)
         print(f"rows: {len(local)} each, same status {same_status}/{len(local)}, max |probability difference| "
-              f"{max(diffs, default=0.0):.2e}")
+              f"{max(diffs, default=0.0):.2e}; load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)

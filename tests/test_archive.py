@@ -338,17 +338,22 @@ def test_out_in_a_missing_folder_is_created(tmp_path, small, tiny_model_path):
     assert len(parquet_rows(out)) == 3 and os.listdir(out.parent) == ["r.parquet"]
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])  # ray: the folder form, checked before Ray starts
 def test_out_in_a_read_only_folder_is_one_line_before_any_work(tmp_path, small, tiny_model_path, capsys,
-                                                              monkeypatch):
+                                                              monkeypatch, engine):
     import errno
     import tempfile
+
+    if engine == "ray":
+        pytest.importorskip("ray")
 
     def read_only(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     target = tmp_path / "mnt" / "r.parquet"
-    code = main(["predict", str(small), "--model", str(tmp_path / "gone.safetensors"), "--out", str(target)])
+    code = main(["predict", str(small), "--model", str(tmp_path / "gone.safetensors"), "--out", str(target),
+                 "--engine", engine])
     assert code == 2  # the destination fails before the (missing) model is even looked at
     assert _one_error_line(capsys) == (f"pneumoscan: error: {target}: cannot write --out in {tmp_path} "
                                        "(Read-only file system)")
@@ -421,6 +426,10 @@ def test_engine_ray_with_no_cluster_at_the_address_is_one_line(tmp_path, small, 
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray instance is running in this process")
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():  # "auto" joins any Ray instance running on this machine (another user's, a benchmark)
+        pytest.skip("a Ray instance is running on this machine")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))  # no cluster of this machine's other users found
     out = tmp_path / "r.parquet"
@@ -430,3 +439,37 @@ def test_engine_ray_with_no_cluster_at_the_address_is_one_line(tmp_path, small, 
     line = _one_error_line(capsys)
     assert line.startswith("pneumoscan: error: cannot start or join the Ray cluster at --address auto (")
     assert not out.exists() and not journal_path(out).exists()
+
+
+def test_engine_ray_out_folder_holding_other_things_is_one_line(tmp_path, small, tiny_model_path, capsys):
+    pytest.importorskip("ray")
+    target = tmp_path / "r.parquet"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--engine", "ray", "--out", str(target)])
+    assert code == 2
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {target}: --out names a folder that holds other "
+                                       "things than Parquet files (notes.txt); give a new name")
+    assert os.listdir(target) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["in", "r.parquet"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "192.0.2.1:6379"])
+def test_engine_ray_with_an_unreachable_address_fails_fast_in_one_line(tmp_path, small, tiny_model_path, capsys,
+                                                                       monkeypatch, address):
+    """Nothing listening (refused at once) or nothing answering (TEST-NET-1: no route, or the connect timeout):
+    ray.init alone would retry such a GCS address forever."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is running in this process")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "r.parquet"
+    start = time.monotonic()
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--engine", "ray", "--address", address,
+                 "--out", str(out), "--quiet"])
+    took = time.monotonic() - start
+    assert code == 2 and took < 20, took
+    line = _one_error_line(capsys)
+    host = address.removeprefix("ray://")
+    assert line.startswith(f"pneumoscan: error: cannot reach the Ray cluster at --address {address}: {host} did "
+                           "not accept a connection within 5 s ("), line
+    assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no parts folder, nothing half-written

@@ -856,8 +856,17 @@ class RayParquetFolder:
         return sum(pq.read_metadata(p).num_rows for p in _readable_parts(self.parts)[0])
 
     def write(self, dataset) -> None:
-        """Run ``dataset`` (``predictions_dataset``) to its end, its blocks written as part files by Ray."""
-        dataset.write_parquet(str(self.parts))
+        """Run ``dataset`` (``predictions_dataset``) to its end, its blocks written as part files by Ray. A
+        failure inside Ray (a worker's full disk, a lost node) is one line; the complete part files stay."""
+        import ray
+
+        try:
+            dataset.write_parquet(str(self.parts))
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            why = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1][:200]
+            raise PneumoscanError(f"{self.parts}: the Ray run failed ({type(cause).__name__}: {why}); "
+                                  "its finished rows are kept there: rerun with --resume") from None
 
     def new_rows(self) -> Iterator[dict]:
         """The journal rows this run scored, read back file by file (never all at once)."""
@@ -879,7 +888,8 @@ class RayParquetFolder:
         tmp = parent / f".{self.destination.name}.{os.getpid()}.writing"
         old = parent / f".{self.destination.name}.{os.getpid()}.old"
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for left in parent.glob(f".{self.destination.name}.*.writing"):  # a crash while publishing
+                shutil.rmtree(left, ignore_errors=True)
             tmp.mkdir()
             good, torn = _readable_parts(self.parts)  # torn: a writer killed mid-file; Ray's retry rewrote its
             for path in torn:  # block under the same name, or (a crashed run) resume scored it again
