@@ -4,9 +4,11 @@ Both arms run in this one process on the same data: the Kermany train split, div
 pneumoscan's ``layout.patient_split`` (the split seed and val_fraction of the config), the same architecture
 (efficientnet_lite0 from ``pneumoscan.models.create_model`` with ImageNet weights) and batch size.
 
-(a) pneumoscan: configs/default.yaml built from fit()'s own pieces (decode once into a uint8 cache, balanced
-    sampler, frozen early stages, channels_last, bf16 autocast where the CPU has it, AdamW with warmup + cosine
-    over the config's epochs). The one-off decode is counted in its wall time.
+(a) pneumoscan: configs/default.yaml (or --config, or any CONFIG.yaml given in --arms) through fit()'s own
+    training loop, ``train.train_one_epoch`` (decode once into a uint8 cache, balanced sampler, batches augmented
+    at one thread, frozen early stages, channels_last, bf16 autocast where the CPU has it, AdamW with warmup +
+    cosine over the config's epochs, progressive resizing when the config asks for it). The one-off decode is
+    counted in its wall time.
 (b) baseline, as the published notebooks do it: torchvision ``ImageFolder`` decoding every JPEG at every step,
     Resize(224) + RandomHorizontalFlip + RandomRotation(10) + ToTensor + Normalize, float32, every layer trained,
     Adam at a constant learning rate, a plain shuffled DataLoader.
@@ -42,11 +44,16 @@ from pneumoscan.metrics import roc_auc
 from pneumoscan.models import arch_spec, create_model, freeze_stages
 from pneumoscan.train import (
     CachedImages,
-    epoch_indices,
+    build_criterion,
+    build_optimizer,
+    epoch_loader,
     lr_at,
     preprocessing_for,
     score_images,
     setup_runtime,
+    train_one_epoch,
+    train_size,
+    training_augments,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,9 +122,13 @@ class Budget:
         return self.clock.seconds() >= self.args.max_minutes * 60
 
 
-def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> ArmResult:
-    """(a) The default recipe, step for step as fit() runs it (pieces imported from pneumoscan.train)."""
-    result = ArmResult("pneumoscan")
+def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args, name: str = "pneumoscan",
+                   before: bool = False) -> ArmResult:
+    """(a) The recipe of ``cfg`` through fit()'s own training loop (``train_one_epoch`` and the pieces around it).
+
+    ``before``: batches made at the training thread count, as fit() did before ``train.one_thread`` (the same
+    batches and losses, bit for bit; only the speed differs)."""
+    result = ArmResult(name)
     torch.manual_seed(cfg.seed)
     rt = setup_runtime(cfg.amp)
     prep = preprocessing_for(cfg)
@@ -131,49 +142,45 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args) -> Arm
     frozen = freeze_stages(net, cfg.arch, cfg.freeze_stages)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    dataset = CachedImages(train_x, train_y, build_augment(cfg.augment, prep.size))
+    opt = build_optimizer(cfg, net)
+    criterion = build_criterion(cfg, train_y, rt.device)
+    scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
+    augments = ({size: build_augment(cfg.augment, size) for size in training_augments(cfg)} if before
+                else training_augments(cfg))
+    dataset = CachedImages(train_x, train_y, None)
     steps_per_epoch = max(1, len(train_y) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     result.setup_seconds = clock.seconds()
-    print(f"  pneumoscan: decoded {len(train_y)} images and built the model in {result.setup_seconds:.1f} s "
+    print(f"  {name}: decoded {len(train_y)} images and built the model in {result.setup_seconds:.1f} s "
           f"(amp {rt.amp_dtype}, {torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
-
-    def set_train_mode() -> None:
-        net.train()
-        for module in frozen:
-            module.eval()
 
     def evaluate() -> float:
         logits, _ = score_images(net, prep, val_x)  # as fit() validates: the one scoring function, float32
-        set_train_mode()
+        net.train()  # what train_one_epoch set at the start of the epoch: frozen stages in eval mode
+        for module in frozen:
+            module.eval()
         return roc_auc(val_y, softmax_pneumonia(logits))
 
     budget = Budget(result, clock, args, evaluate)
+    state = {"t": 0.0, "stop": False}
+
+    def on_step(batch: int) -> bool:
+        state["stop"] = budget.after_step(batch, time.perf_counter() - state["t"])
+        state["t"] = time.perf_counter()  # after the evaluation: it is not training time
+        return state["stop"]
+
     for epoch in range(10_000):  # the budget ends the loop; epochs beyond cfg.epochs run at the final lr
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        indices = epoch_indices(train_y, cfg.sampler, cfg.seed, epoch, 0, 1)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, drop_last=True)
-        set_train_mode()
-        t = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
-            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = prep.normalize(x)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-                loss = loss_fn(net(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if budget.after_step(len(y), time.perf_counter() - t):
-                return result
-            t = time.perf_counter()
+        dataset.augment = augments[train_size(cfg, min(epoch, cfg.epochs - 1))]
+        loader = epoch_loader(cfg, dataset, rt, epoch)
+        state["t"] = time.perf_counter()
+        train_one_epoch(net, criterion, opt, scaler, loader, prep, rt, frozen=frozen,
+                        schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps,
+                                                                 warmup, cfg.lr),
+                        channels_last=cfg.channels_last, desc="", progress=False, on_step=on_step,
+                        batches_at_one_thread=not before)
+        if state["stop"]:
+            return result
     return result
 
 
@@ -254,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--arms", default="pneumoscan,baseline", help="comma-separated: pneumoscan, baseline")
+    parser.add_argument("--arms", default="pneumoscan,baseline",
+                        help="comma-separated: pneumoscan (the --config recipe), pneumoscan-before (the same, batches "
+                             "made at the training thread count as before train.one_thread), baseline, or CONFIG.yaml "
+                             "(that recipe, e.g. configs/experiments/progressive.yaml)")
     parser.add_argument("--max-minutes", type=float, default=10.0, help="per arm, wall time including set-up")
     parser.add_argument("--target-auc", type=float, default=0.99)
     parser.add_argument("--eval-every", type=int, default=25, help="steps between validation AUC checks")
@@ -275,25 +285,28 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {cfg.batch_size}; {torch.get_num_threads()} threads; target AUC {args.target_auc}",
           file=sys.stderr, flush=True)
 
-    runners = {"pneumoscan": run_pneumoscan, "baseline": run_baseline}
     results = []
-    for name in args.arms.split(","):
+    for name in (n.strip() for n in args.arms.split(",")):
         print(f"arm {name}: up to {args.max_minutes} min", file=sys.stderr, flush=True)
-        results.append(runners[name.strip()](cfg, train_s, val_s, args))
+        if name == "baseline":
+            results.append(run_baseline(cfg, train_s, val_s, args))
+        elif name in ("pneumoscan", "pneumoscan-before"):
+            results.append(run_pneumoscan(cfg, train_s, val_s, args, name=name, before=name.endswith("before")))
+        else:
+            results.append(run_pneumoscan(load_config(name), train_s, val_s, args, name=Path(name).stem))
 
-    print(f"\n{'arm':<12}{'img/s':>8}{'steps':>7}{'set-up s':>10}{'best AUC':>10}   time to AUC {args.target_auc}")
+    print(f"\n{'arm':<20}{'img/s':>8}{'steps':>7}{'set-up s':>10}{'best AUC':>10}   time to AUC {args.target_auc}")
     for r in results:
-        print(f"{r.name:<12}{r.images_per_second:8.1f}{r.steps:7d}{r.setup_seconds:10.1f}{r.best_auc:10.4f}   "
+        print(f"{r.name:<20}{r.images_per_second:8.1f}{r.steps:7d}{r.setup_seconds:10.1f}{r.best_auc:10.4f}   "
               f"{_fmt_time(r)}")
-    by_name = {r.name: r for r in results}
-    if len(by_name) == 2:
-        fast, slow = by_name["pneumoscan"], by_name["baseline"]
+    slow = next((r for r in results if r.name == "baseline"), None)
+    for fast in (r for r in results if slow is not None and r is not slow):
         if slow.images_per_second:
-            print(f"throughput ratio (pneumoscan / baseline): {fast.images_per_second / slow.images_per_second:.2f}x")
+            print(f"throughput ratio ({fast.name} / baseline): {fast.images_per_second / slow.images_per_second:.2f}x")
         if fast.time_to_target and slow.time_to_target:
-            print(f"time-to-target ratio (baseline / pneumoscan): {slow.time_to_target / fast.time_to_target:.2f}x")
+            print(f"time-to-target ratio (baseline / {fast.name}): {slow.time_to_target / fast.time_to_target:.2f}x")
         elif fast.time_to_target and slow.curve:
-            print(f"time-to-target ratio (baseline / pneumoscan): > {slow.curve[-1][0] / fast.time_to_target:.2f}x "
+            print(f"time-to-target ratio (baseline / {fast.name}): > {slow.curve[-1][0] / fast.time_to_target:.2f}x "
                   "(baseline did not reach the target)")
     if args.json:
         payload = {"args": vars(args), "train_images": len(train_s), "val_images": len(val_s),

@@ -325,16 +325,17 @@ def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: in
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loader, prep: Preprocessing, rt: Runtime, *,
                     frozen: list[nn.Module], schedule, channels_last: bool, desc: str,
-                    progress: bool, on_step=None) -> tuple[float, float]:
+                    progress: bool, on_step=None, batches_at_one_thread: bool = True) -> tuple[float, float]:
     """One pass over ``loader``; (mean training loss, last learning rate). ``schedule(step)``: the learning rate.
 
     ``on_step(batch_size)``, if given, runs after every optimizer step; the epoch ends early when it returns True
-    (benchmarks/bench_train.py measures time to a validation AUC with it)."""
+    (benchmarks/bench_train.py measures time to a validation AUC with it). ``batches_at_one_thread=False``: the
+    batches are made at the training thread count, as before ``one_thread`` (for the benchmark's before arm)."""
     model.train()
     for module in frozen:  # frozen stages keep their ImageNet BatchNorm statistics
         module.eval()
     total, count, lr = 0.0, 0, 0.0
-    in_process = getattr(loader, "num_workers", 1) == 0
+    in_process = batches_at_one_thread and getattr(loader, "num_workers", 1) == 0
     bar = tqdm(one_thread(loader) if in_process else loader, desc=desc, disable=not progress, leave=False,
                total=len(loader))
     for step, (x, y) in enumerate(bar):
