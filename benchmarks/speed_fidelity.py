@@ -1,16 +1,21 @@
-"""What resizing in 8 bits changed: the bundled model's answers with the float resize it replaced, side by side.
+"""What issue 19's speed changes did to the answers: the bundled model's scores before and after, side by side.
 
-Until issue 19 every image was copied to float32 and resized with Pillow's float resampler, then rounded to the
-uint8 network input. Now 8-bit images stay uint8 and are resized by Pillow's 8-bit resampler (deeper ones are
-rounded to 8 bits first). This script scores the same files both ways with the bundled model (torch, its recorded
-precision) and prints, per set: the largest probability change, the number of pixels of the network input that
-differ, how many decisions flip at the screening and balanced operating points, and the ROC AUC both ways.
+Two changes compute slightly different numbers:
+- the 8-bit resize: until issue 19 every image was copied to float32, resized by Pillow's float resampler and
+  rounded to the uint8 network input; now 8-bit images stay uint8 and go through Pillow's 8-bit resampler (deeper
+  ones are rounded to 8 bits first);
+- BatchNorm folded into the convolutions (``backends.torch.fold_batchnorm``): the same affine maps, other float
+  rounding.
+This scores the same files three ways with the bundled model (torch, its recorded precision): before (float
+resize, network as trained), 8-bit resize only, and both (what every route computes now), and prints per set
+and step: the largest and mean probability change, the network-input pixels that differ, decision flips at the
+screening and balanced operating points, the ROC AUC, and the CPU time of the float and the 8-bit resize.
 
-Sets: the patient-grouped validation split the thresholds were fitted on (224 px train copies: no resize happens,
-so nothing may change), the 16 official val originals, and the test split's originals (a speed change is reported
-on test, nothing is chosen on it).
+Sets: the patient-grouped validation split the thresholds were fitted on (224 px train copies: no resize happens),
+the 16 official val originals, and the test split's originals (a speed change is reported on test; nothing is
+chosen on it).
 
-    nice -n 19 python benchmarks/resize_fidelity.py [--data ../shared/data/chest_xray] [--limit N]
+    nice -n 19 python benchmarks/speed_fidelity.py [--data ../shared/data/chest_xray] [--limit N]
 """
 
 from __future__ import annotations
@@ -42,9 +47,19 @@ def float_resize(prep, pixels: np.ndarray) -> np.ndarray:
     return np.round(pixels * 255.0).astype(np.uint8)
 
 
+def scores(model, images: list[np.ndarray], folded: bool) -> np.ndarray:
+    backend = model.backend
+    network = backend.inference_network() if folded else backend.network
+    saved, backend._inference, backend._folded_from = backend._inference, network, backend._state_version()
+    try:
+        return model.probability(model.score(np.stack(images)).logits).numpy()
+    finally:
+        backend._inference = saved
+
+
 def compare(model, paths: list[Path], labels: list[int], batch: int = 32) -> dict:
     prep = model.preprocessing
-    probs = {"before": [], "after": []}
+    probs = {"before": [], "8-bit resize": [], "after": []}
     pixels_changed = 0
     cpu = {"decode": 0.0, "before": 0.0, "after": 0.0}  # CPU seconds (this thread), robust to a busy machine
     for start in range(0, len(paths), batch):
@@ -61,15 +76,21 @@ def compare(model, paths: list[Path], labels: list[int], batch: int = 32) -> dic
             cpu["after"] += t2 - t1
             cpu["before"] += t3 - t2
             pixels_changed += int((old[-1] != new[-1]).sum())
-        for key, images in (("before", old), ("after", new)):
-            probs[key].append(model.probability(model.score(np.stack(images)).logits).numpy())
-    before, after = np.concatenate(probs["before"]), np.concatenate(probs["after"])
-    flips = {op: int(((before >= t) != (after >= t)).sum()) for op, t in model.thresholds.items()}
-    auc = ((roc_auc_score(labels, before), roc_auc_score(labels, after)) if len(set(labels)) == 2
-           else (float("nan"), float("nan")))
-    return {"images": len(paths), "auc": auc, "cpu_ms": {k: v / len(paths) * 1e3 for k, v in cpu.items()}, "max_change": float(np.abs(before - after).max()),
-            "mean_change": float(np.abs(before - after).mean()),
-            "pixels_changed_per_image": pixels_changed / len(paths), "flips": flips}
+        probs["before"].append(scores(model, old, folded=False))
+        probs["8-bit resize"].append(scores(model, new, folded=False))
+        probs["after"].append(scores(model, new, folded=True))
+    probs = {k: np.concatenate(v) for k, v in probs.items()}
+    steps = {}
+    for label, a, b in (("8-bit resize", "before", "8-bit resize"), ("BatchNorm folded", "8-bit resize", "after"),
+                        ("both (now)", "before", "after")):
+        before, after = probs[a], probs[b]
+        auc = ((roc_auc_score(labels, before), roc_auc_score(labels, after)) if len(set(labels)) == 2
+               else (float("nan"), float("nan")))
+        steps[label] = {"auc": auc, "max_change": float(np.abs(before - after).max()),
+                        "mean_change": float(np.abs(before - after).mean()),
+                        "flips": {op: int(((before >= t) != (after >= t)).sum()) for op, t in model.thresholds.items()}}
+    return {"images": len(paths), "steps": steps, "cpu_ms": {k: v / len(paths) * 1e3 for k, v in cpu.items()},
+            "pixels_changed_per_image": pixels_changed / len(paths)}
 
 
 def main() -> None:
@@ -84,17 +105,23 @@ def main() -> None:
             "official val originals": list_split(args.data, "val"),
             "test originals (reported, nothing chosen)": list_split(args.data, "test")}
     print(f"model {model.name} ({model.runtime}), thresholds {model.thresholds}\n")
-    print("| set | images | max prob. change | mean change | input pixels changed / image | decision flips "
-          "| ROC AUC float resize -> 8-bit | CPU ms/image: decode (8-bit), float copy + resize -> 8-bit resize |")
-    print("|---|---:|---:|---:|---:|---|---|---|")
+    print("| set | images | change | max prob. change | mean change | decision flips | ROC AUC before -> after |")
+    print("|---|---:|---|---:|---:|---|---|")
+    timing = []
     for label, samples in sets.items():
         samples = samples[: args.limit or None]
         r = compare(model, [Path(s.path) for s in samples], [s.label for s in samples])
-        flips = ", ".join(f"{op} {n}" for op, n in r["flips"].items())
-        print(f"| {label} | {r['images']} | {r['max_change']:.4f} | {r['mean_change']:.5f} | "
-              f"{r['pixels_changed_per_image']:.1f} of {model.preprocessing.size ** 2} | {flips} | "
-              f"{r['auc'][0]:.4f} -> {r['auc'][1]:.4f} | {r['cpu_ms']['decode']:.2f}, "
-              f"{r['cpu_ms']['before']:.2f} -> {r['cpu_ms']['after']:.2f} |")
+        for step, v in r["steps"].items():
+            flips = ", ".join(f"{op} {n}" for op, n in v["flips"].items())
+            print(f"| {label} | {r['images']} | {step} | {v['max_change']:.2g} | {v['mean_change']:.2g} | {flips} | "
+                  f"{v['auc'][0]:.4f} -> {v['auc'][1]:.4f} |")
+        timing.append((label, r))
+    print("\n| set | network-input pixels changed by the 8-bit resize, per image | CPU ms per image: decode, "
+          "float copy + float resize -> 8-bit resize |")
+    print("|---|---:|---|")
+    for label, r in timing:
+        print(f"| {label} | {r['pixels_changed_per_image']:.1f} of {model.preprocessing.size ** 2} | "
+              f"{r['cpu_ms']['decode']:.2f}, {r['cpu_ms']['before']:.2f} -> {r['cpu_ms']['after']:.2f} |")
 
 
 if __name__ == "__main__":

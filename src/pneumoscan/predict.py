@@ -176,8 +176,6 @@ class Model:
     def score(self, images: torch.Tensor | np.ndarray, *, tta: bool = False) -> Scores:
         """The one scoring function: uint8 network inputs (N, S, S) -> logits, calibrated log-odds, features and
         guard scores. Every route ends here."""
-        if isinstance(images, np.ndarray) and not images.flags.writeable:
-            images = images.copy()  # a decoded image's pixels can be read-only; torch wants to own what it wraps
         images = torch.as_tensor(images)
         logits, feats = self.backend.forward(images, tta=tta)
         guard = self.guard.score(feats) if self.guard is not None else torch.zeros(len(logits))

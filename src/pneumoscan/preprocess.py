@@ -64,10 +64,10 @@ class Preprocessing:
             scaled += 0.5  # round half up: one pass fewer than np.round, the same on every value but exact halves
             image = scaled.astype(np.uint8)
         if image.shape == (self.size, self.size):
-            return image
+            return image if image.flags.writeable else image.copy()  # decoded pixels can be read-only
         resized = Image.fromarray(np.ascontiguousarray(image), mode="L").resize(
             (self.size, self.size), _PIL_FILTERS[self.interpolation])
-        return np.asarray(resized, dtype=np.uint8)
+        return np.array(resized, dtype=np.uint8)  # a writable copy: torch.from_numpy wants to own what it wraps
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, size, size) or (N, 1, size, size), uint8 or float in [0, 1] -> (N, channels, size, size) float32."""
