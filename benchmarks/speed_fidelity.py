@@ -93,11 +93,11 @@ def compare(model, paths: list[Path], labels: list[int], batch: int = 32) -> dic
             "pixels_changed_per_image": pixels_changed / len(paths)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=0, help="at most this many files per set (0: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = load_model()
     cfg = TrainConfig()
     _, val = patient_split(list_split(args.data, "train"), cfg.val_fraction, cfg.validation_seed)

@@ -102,3 +102,12 @@ def test_bundle_default_runs(tmp_path, capsys):
     assert (tmp_path / "default.sha256").read_text() == f"{sha}  default.safetensors\n"
     _, meta = read_model_file(written)
     assert meta["name"] == DEFAULT_NAME and meta["storage"] == "float16"
+
+
+def test_speed_fidelity_runs(kermany, capsys):
+    bench = _load("benchmarks/speed_fidelity.py")
+    bench.main(["--data", str(kermany), "--limit", "3"])
+    out = capsys.readouterr().out
+    # validation images are 224 px copies: no resize happens, and folding BatchNorm changes nothing at 2 digits
+    assert "| validation (224 px, thresholds fitted here) | 3 | 8-bit resize | 0 | 0 | balanced 0, screening 0 |" in out
+    assert out.count("both (now)") == 3
