@@ -644,7 +644,9 @@ def _plain(value):
 
 def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail in one line, within ``timeout`` seconds, when nothing accepts a TCP connection at the cluster address:
-    ``ray.init`` would wait for that GCS forever. ``None``/"local" start a local instance (nothing to check);
+    ``ray.init`` would wait for that GCS forever. (Something that accepts the connection but is not a GCS, e.g. a
+    proxy, is left to ``ray.init``, which gives up after its ``py_gcs_connect_timeout_s``, 20 s, logging a
+    warning per retry.) ``None``/"local" start a local instance (nothing to check);
     "auto" is checked at the address of the instance ``ray start`` recorded on this machine, when there is one."""
     given = address
     address = address or os.environ.get("RAY_ADDRESS") or None
