@@ -285,3 +285,29 @@ def test_a_dataset_of_only_unreadable_files_gives_error_rows(ray_instance, tiny_
     assert rows["gone.png"]["message"] == f"{tmp_path / 'gone.png'}: file not found"
     assert rows["gone.png"]["size"] is None and rows["empty.jpeg"]["size"] == 0
     assert all(r["probability"] is None and r["decision"] is None for r in rows.values())
+
+
+def test_a_ray_run_stopped_by_an_exception_keeps_its_parts_and_says_how_to_resume(ray_instance, tiny_model_path,
+                                                                                  files, tmp_path, monkeypatch):
+    from pneumoscan.archive import RayParquetFolder
+
+    listed = [str(f) for f in files if f.parent.name in ("dicom", "odd")] + [str(f) for f in files
+                                                                             if "gen" in f.parts][:8]
+    dest = tmp_path / "r.parquet"
+    args = ["predict", *listed, "--model", str(tiny_model_path), "--precision", "float32", "--engine", "ray",
+            "--out", str(dest), "--quiet", "--batch-size", "4"]
+
+    def interrupted(self):  # Ctrl-C once Ray has written every part, before anything is published
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(RayParquetFolder, "new_rows", interrupted)
+    code, _, err = _main(args)
+    assert code == 130
+    assert (f"pneumoscan: {len(listed)} finished row(s) kept in {parts_path(dest)}: rerun the same command with "
+            "--resume to continue") in err
+    assert not dest.exists()
+    monkeypatch.undo()
+    code, stdout, err = _main([*args, "--resume"])
+    assert code == 1 and stdout == ""  # nothing left to score, nothing newly printed; the two unreadable files
+    assert sorted(r["path"] for r in parquet_rows(dest)) == sorted(listed) and not parts_path(dest).exists()
