@@ -26,7 +26,8 @@ the page and its files stay open, and the page asks for the key. Without keys th
 loopback address unless --allow-open says an open service is intended.
 
 Load: uploads are decoded by --concurrency threads; the network runs in one batcher thread that scores the images
-arriving within --batch-window-ms of each other as one call of at most --max-batch images. At most --max-pending
+arriving within --batch-window-ms of each other as one call of at most --max-batch images, on --threads threads
+that sleep between operators instead of spinning (they share the cores with the decoding). At most --max-pending
 screening requests are in progress (uploading, decoding or queued); beyond that the answer is 503 with
 Retry-After: 1.
 
