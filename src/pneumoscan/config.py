@@ -93,7 +93,8 @@ class TrainConfig:
     standardize: bool = True  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     epochs: Positive = 4
     # progressive resizing (off by default): the first low_res_epochs train at low_res_size px (the random crop
-    # resized to it), the rest at the full size; validation, calibration and prediction stay at the full size
+    # resized to it), the rest at the full size; validation, calibration and prediction stay at the full size.
+    # Experiment 15 of docs/experiments.md; not yet validated (its run could not finish), so no shipped config uses it
     low_res_size: Annotated[int, Range(32)] | None = None
     low_res_epochs: NonNegative = 0
     batch_size: Positive = 32

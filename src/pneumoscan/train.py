@@ -2,8 +2,9 @@
 
 The loop is plain PyTorch in the style of torchvision's references/classification: ``fit`` runs ``prepare_run``,
 ``load_data``, ``build_optimizer``, then ``train_one_epoch`` and ``validate`` per epoch, and ``finalize``. What makes
-it fast on a CPU: every image is decoded once into a uint8 cache, the early high-resolution stages stay frozen (no
-backward through them), channels_last and bf16 autocast for the training steps where the CPU supports it. Under
+it fast on a CPU: every image is decoded once into a uint8 cache, batches are augmented at one intra-op thread
+(``one_thread``), the early high-resolution stages stay frozen (no backward through them), channels_last and bf16
+autocast for the training steps where the CPU supports it. Under
 torchrun it runs DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 evaluates, logs and writes files.
 
 Validation is scored through the one scoring function, ``TorchBackend(...).forward``, in float32: the epoch is
