@@ -18,8 +18,9 @@ AMX units), and the share of that peak each backend's best network-only rate rea
 and preprocessing one file takes on one core, which bounds end to end on these cores: every image costs its
 decode plus its share of the network, on the same cores.
 
-Like ``pneumoscan predict``, this sets OMP_WAIT_POLICY=PASSIVE before torch loads (``cli.SCREENING_COMMANDS``);
-onnxruntime sessions are opened without spinning (``backends.onnx.open_session``).
+PyTorch's OpenMP threads keep their default wait policy, as under ``pneumoscan predict`` (only the services set
+OMP_WAIT_POLICY=PASSIVE, ``cli.SERVICE_COMMANDS``); onnxruntime sessions are opened without spinning
+(``backends.onnx.open_session``).
 
 Reading test images here is fine: only speed and guard agreement are measured, nothing is chosen on them. The int8
 model is made as ``pneumoscan export --int8 --data DATA`` makes it (``export.int8_inputs``): calibrated on
@@ -37,10 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI's screening commands; before torch loads OpenMP
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 from pneumoscan.predict import DEFAULT_MODEL
 

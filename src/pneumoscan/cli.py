@@ -588,16 +588,18 @@ def _quiet_decoder_warnings() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
-# Commands that decode images in threads while the network runs on the same cores. OpenMP's default is to spin
-# for a while after each parallel region, which takes the cores the decoding threads need (and, in a service, the
-# request handling); sleeping at once costs the network a few microseconds per layer. Must be set before torch
-# loads OpenMP, hence here, before any command imports torch. Training keeps the default: nothing else runs there.
-SCREENING_COMMANDS = frozenset({"predict", "evaluate", "serve", "dicom", "adapt", "calibrate"})
+# The services: request handling and decoding run in other threads on the cores the network uses, all the time.
+# OpenMP's default is to spin a while after each parallel region, which takes those cores: on a quiet 2-core
+# machine, 16 clients got 47.6 requests/s from `serve` (torch, batched) with threads that sleep at once and 13.8
+# with spinning ones (benchmarks/bench_http.py, OMP_WAIT_POLICY=PASSIVE vs ACTIVE). Batch jobs (predict, evaluate)
+# keep the default: there it was faster (47.5 vs 43.1 images/s end to end, 19 vs 45 ms at batch 1). Must be set
+# before torch loads OpenMP, hence here, before any command imports torch.
+SERVICE_COMMANDS = frozenset({"serve", "dicom"})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in SCREENING_COMMANDS and "torch" not in sys.modules:
+    if args.command in SERVICE_COMMANDS and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_decoder_warnings()
     try:

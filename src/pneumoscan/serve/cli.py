@@ -153,7 +153,7 @@ def network_threads(threads: int | None) -> int:
     through ``load_model(threads=)``.
 
     The threads sleep between operators rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set by ``cli.main`` for
-    screening commands before torch loads; onnxruntime's pool without spinning): spinning took the CPU the decoding
+    the services before torch loads; onnxruntime's pool without spinning): spinning took the CPU the decoding
     threads and the event loop need on the same cores, several times the throughput under load on 2 cores.
     """
     import torch
