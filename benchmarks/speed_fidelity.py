@@ -15,7 +15,10 @@ Sets: the patient-grouped validation split the thresholds were fitted on (224 px
 the 16 official val originals, and the test split's originals (a speed change is reported on test; nothing is
 chosen on it).
 
-    nice -n 19 python benchmarks/speed_fidelity.py [--data ../shared/data/chest_xray] [--limit N]
+    nice -n 19 python benchmarks/speed_fidelity.py [--data ../shared/data/chest_xray] [--limit N] [--bf16]
+
+--bf16 adds the choice made for bfloat16, on validation only: screening and balanced decisions that differ from
+float32's, with the network folded and as trained (``TorchBackend`` runs bfloat16 unfolded).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from pneumoscan.backends.torch import fold_batchnorm
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.images import decode
 from pneumoscan.data.layout import list_split, patient_split
@@ -47,14 +52,18 @@ def float_resize(prep, pixels: np.ndarray) -> np.ndarray:
     return np.round(pixels * 255.0).astype(np.uint8)
 
 
-def scores(model, images: list[np.ndarray], folded: bool) -> np.ndarray:
+def scores(model, images: list[np.ndarray], folded: bool, batch: int = 64) -> np.ndarray:
+    """Probabilities from the network folded or as trained, at the backend's precision."""
     backend = model.backend
-    network = backend.inference_network() if folded else backend.network
-    saved, backend._inference, backend._folded_from = backend._inference, network, backend._state_version()
+    if folded and getattr(backend, "_folded_for_bench", None) is None:
+        backend._folded_for_bench = fold_batchnorm(backend.network).to(memory_format=torch.channels_last)
+    network = backend._folded_for_bench if folded else backend.network
+    backend.inference_network = lambda: network  # this instance only: forward runs the chosen network
     try:
-        return model.probability(model.score(np.stack(images)).logits).numpy()
+        return np.concatenate([model.probability(model.score(np.stack(images[i:i + batch])).logits).numpy()
+                               for i in range(0, len(images), batch)])
     finally:
-        backend._inference = saved
+        del backend.inference_network
 
 
 def compare(model, paths: list[Path], labels: list[int], batch: int = 32) -> dict:
@@ -93,10 +102,27 @@ def compare(model, paths: list[Path], labels: list[int], batch: int = 32) -> dic
             "pixels_changed_per_image": pixels_changed / len(paths)}
 
 
+def bf16_choice(model, samples) -> None:
+    """Decisions of the bfloat16 network, folded and as trained, that differ from float32's, on validation."""
+    images = [model.preprocessing.to_uint8(decode(s.path).data) for s in samples]
+    reference = scores(model, images, folded=True)
+    model.backend.precision = "bfloat16"
+    try:
+        rows = {"folded": scores(model, images, folded=True), "as trained": scores(model, images, folded=False)}
+    finally:
+        model.backend.precision = "float32"
+    print(f"\nbfloat16 on validation ({len(images)} images), decisions that differ from float32:")
+    for label, probs in rows.items():
+        flips = ", ".join(f"{op} {int(((reference >= t) != (probs >= t)).sum())}" for op, t in model.thresholds.items())
+        print(f"- network {label}: {flips}; max probability change {np.abs(probs - reference).max():.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=0, help="at most this many files per set (0: all)")
+    parser.add_argument("--bf16", action="store_true", help="also bfloat16 folded vs as trained, on validation")
+    parser.add_argument("--sets", default="validation,val,test", help="which sets (default all three)")
     args = parser.parse_args(argv)
     model = load_model()
     cfg = TrainConfig()
@@ -108,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| set | images | change | max prob. change | mean change | decision flips | ROC AUC before -> after |")
     print("|---|---:|---|---:|---:|---|---|")
     timing = []
-    for label, samples in sets.items():
+    wanted = {k.strip() for k in args.sets.split(",")}
+    for (label, samples), key in zip(sets.items(), ("validation", "val", "test"), strict=True):
+        if key not in wanted:
+            continue
         samples = samples[: args.limit or None]
         r = compare(model, [Path(s.path) for s in samples], [s.label for s in samples])
         for step, v in r["steps"].items():
@@ -116,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {label} | {r['images']} | {step} | {v['max_change']:.2g} | {v['mean_change']:.2g} | {flips} | "
                   f"{v['auc'][0]:.4f} -> {v['auc'][1]:.4f} |")
         timing.append((label, r))
+    if args.bf16:
+        bf16_choice(model, val[: args.limit or None])
     print("\n| set | network-input pixels changed by the 8-bit resize, per image | CPU ms per image: decode, "
           "float copy + float resize -> 8-bit resize |")
     print("|---|---:|---|")

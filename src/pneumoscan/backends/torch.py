@@ -4,10 +4,13 @@
 (``TorchBackend(net, prep, precision).forward``), and the model file records that precision, so prediction
 computes exactly the numbers the thresholds were chosen on.
 
-``forward`` runs an inference copy of the network with every BatchNorm folded into the convolution before it
-(``fold_batchnorm``): in eval mode a BatchNorm is a fixed per-channel affine map, so folding it changes nothing
-but float rounding (logits within ~1e-5), and it was a third of the CPU time of a batch. ``network`` stays the
-module as trained, for Grad-CAM, AdaBN and training.
+In float32, ``forward`` runs an inference copy of the network with every BatchNorm folded into the convolution
+before it (``fold_batchnorm``): in eval mode a BatchNorm is a fixed per-channel affine map, so folding it changes
+nothing but float rounding (logits within ~1e-5), and it was a third of the CPU time of a batch. Under bfloat16
+the network runs as trained: folded weights rounded to bf16 change decisions on validation (5 of 1043 differ from
+float32's, against 7 as trained, but not the same ones; `benchmarks/speed_fidelity.py --bf16`), so folding there
+would not be a pure speed change. ``network`` stays the module as trained, for Grad-CAM, AdaBN
+and training.
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ class TorchBackend:
         return tuple(t._version for t in self._tensors)
 
     def inference_network(self) -> nn.Module:
-        """The BatchNorm-folded copy ``forward`` runs, made again whenever the network's weights or statistics
-        changed (a training epoch, AdaBN)."""
+        """What ``forward`` runs: in float32 the BatchNorm-folded copy, made again whenever the network's weights
+        or statistics changed (a training epoch, AdaBN); under bfloat16 the network itself."""
+        if self.precision == "bfloat16":
+            return self.network
         version = self._state_version()
         if self._inference is None or version != self._folded_from:
             self._folded_from = version
