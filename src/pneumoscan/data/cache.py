@@ -21,7 +21,7 @@ from .layout import Sample
 def decode_file(path: str | Path, prep: Preprocessing) -> np.ndarray:
     """One image file as the uint8 (size, size) network input every cache and check holds, decoded as prediction
     decodes it; raises ImageReadError."""
-    return prep.to_uint8(decode(path).pixels)
+    return prep.to_uint8(decode(path).data)  # as Model.prepare: no float copy of an 8-bit image
 
 
 def _decode(sample: Sample, prep: Preprocessing) -> np.ndarray | str:

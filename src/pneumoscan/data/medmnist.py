@@ -69,5 +69,5 @@ def load_split(path: str | Path, split: str, prep: Preprocessing) -> tuple[np.nd
     images, labels = read_split(path, split)
     resized = np.empty((len(images), prep.size, prep.size), np.uint8)
     for i, image in enumerate(images):
-        resized[i] = prep.to_uint8(image.astype(np.float32) / 255.0)
+        resized[i] = prep.to_uint8(image)  # uint8 in, resized in 8 bits like any 8-bit file
     return resized, labels

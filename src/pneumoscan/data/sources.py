@@ -115,7 +115,7 @@ class MedMNISTSource(DataSource):
         images = np.empty((len(samples), prep.size, prep.size), np.uint8)
         for i, sample in enumerate(samples):
             split, index = self._member(sample)
-            images[i] = prep.to_uint8(self._split(split)[0][index].astype(np.float32) / 255.0)
+            images[i] = prep.to_uint8(self._split(split)[0][index])  # uint8, resized as any 8-bit file
         return ImageCache(images, np.array([s.label for s in samples], dtype=np.int64), list(samples), [])
 
     def _member(self, sample: Sample) -> tuple[str, int]:
