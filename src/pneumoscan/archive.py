@@ -475,6 +475,9 @@ class _Scorer:
 
     def __init__(self, model_path, backend, precision, prevalence, max_pixels, threshold, tta, threads, device,
                  pid_dir=None):
+        from . import allocator
+
+        allocator.tune()  # a worker process of its own: the command line's settings (huge pages if torch is not loaded yet)
         import torch
 
         from .predict import load_model

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import allocator
 from .constants import ARCH_NAMES, BATCH_SIZE, PRECISIONS
 from .errors import PneumoscanError
 
@@ -599,6 +600,7 @@ SERVICE_COMMANDS = frozenset({"serve", "dicom"})
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    allocator.tune()  # before any command imports torch: PyTorch reads THP_MEM_ALLOC_ENABLE once
     if args.command in SERVICE_COMMANDS and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_decoder_warnings()
