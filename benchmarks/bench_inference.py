@@ -38,10 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from pneumoscan import allocator
 
-from pneumoscan.predict import DEFAULT_MODEL
+allocator.tune()  # as the command line does, before torch loads (PNEUMOSCAN_ALLOCATOR=default: off)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pneumoscan.predict import DEFAULT_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "chest_xray"
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(files)} images from {args.images}")
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}, native bf16 {'yes' if cpu_has_bf16() else 'no'}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; allocator {allocator.tune()}")
     if int8_how:
         print(f"int8 file: {int8_how}")
     print()

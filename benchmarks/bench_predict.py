@@ -29,11 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from pneumoscan import allocator
 
-from pneumoscan.constants import BATCH_SIZE
-from pneumoscan.predict import DEFAULT_MODEL
+allocator.tune()  # as the command line does, before torch loads (PNEUMOSCAN_ALLOCATOR=default: off)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pneumoscan.constants import BATCH_SIZE  # noqa: E402
+from pneumoscan.predict import DEFAULT_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"network on {model.runtime}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, native bf16 "
           f"{'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"load avg {os.getloadavg()[0]:.1f}\n")
+          f"load avg {os.getloadavg()[0]:.1f}; allocator {allocator.tune()}\n")
 
     median, p90 = latency(model, files, args.latency_images)
     print(f"batch 1   Model.predict(path): median {median:.1f} ms, p90 {p90:.1f} ms per image "

@@ -13,6 +13,10 @@ pneumoscan's ``layout.patient_split`` (the split seed and val_fraction of the co
     Resize(224) + RandomHorizontalFlip + RandomRotation(10) + ToTensor + Normalize, float32, every layer trained,
     Adam at a constant learning rate, a plain shuffled DataLoader.
 
+Each arm runs in a process of its own, so that neither inherits the other's memory or threads: the pneumoscan
+arms with the allocator settings ``pneumoscan train`` applies (``pneumoscan.allocator``), the baseline with glibc's
+and PyTorch's defaults, as a notebook runs (``--baseline-allocator tuned`` gives it the same settings).
+
 Every ``--eval-every`` steps each arm scores a fixed, seeded subset of the validation patients; the clock is
 paused while it does, because how often a benchmark looks is not part of training. Printed per arm: training
 images/second, the wall time to the first validation AUC >= ``--target-auc`` and the ratio between arms.
@@ -31,18 +35,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+from pneumoscan import allocator
 
-from pneumoscan.augment import build_augment
-from pneumoscan.calibrate import softmax_pneumonia
-from pneumoscan.config import load_config
-from pneumoscan.data.cache import decode_cache
-from pneumoscan.data.layout import CLASSES, Sample, list_split, patient_split
-from pneumoscan.metrics import roc_auc
-from pneumoscan.models import arch_spec, create_model, freeze_stages
-from pneumoscan.train import (
+_AT_START = dict(os.environ)
+allocator.tune()  # as `pneumoscan train` does, before torch loads; each arm's process is told by main()
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pneumoscan.augment import build_augment  # noqa: E402
+from pneumoscan.calibrate import softmax_pneumonia  # noqa: E402
+from pneumoscan.config import load_config  # noqa: E402
+from pneumoscan.data.cache import decode_cache  # noqa: E402
+from pneumoscan.data.layout import CLASSES, Sample, list_split, patient_split  # noqa: E402
+from pneumoscan.metrics import roc_auc  # noqa: E402
+from pneumoscan.models import arch_spec, create_model, freeze_stages  # noqa: E402
+from pneumoscan.train import (  # noqa: E402
     CachedImages,
     build_criterion,
     build_optimizer,
@@ -273,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-lr", type=float, default=1e-4, help="Adam, constant (the notebooks' value)")
     parser.add_argument("--baseline-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--json", help="write both arms' figures and AUC curves here")
+    parser.add_argument("--baseline-allocator", choices=("default", "tuned"), default="default",
+                        help="the baseline's malloc: glibc's and PyTorch's defaults as in a notebook (default), or "
+                             "pneumoscan.allocator's settings")
+    parser.add_argument("--in-process", action="store_true", help="run the arms in this process, one after another")
     args = parser.parse_args(argv)
+    arms = [n.strip() for n in args.arms.split(",")]
+    if not args.in_process:
+        return _run_arms_apart(arms, argv if argv is not None else sys.argv[1:], args)
 
     cfg = load_config(args.config)
     samples = list_split(args.data, "train")
@@ -285,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {cfg.batch_size}; {torch.get_num_threads()} threads; target AUC {args.target_auc}",
           file=sys.stderr, flush=True)
 
+    print(f"allocator: {allocator.tune()}", file=sys.stderr, flush=True)
     results = []
-    for name in (n.strip() for n in args.arms.split(",")):
+    for name in arms:
         print(f"arm {name}: up to {args.max_minutes} min", file=sys.stderr, flush=True)
         if name == "baseline":
             results.append(run_baseline(cfg, train_s, val_s, args))
@@ -295,6 +311,59 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append(run_pneumoscan(load_config(name), train_s, val_s, args, name=Path(name).stem))
 
+    _report(results, args)
+    if args.json:
+        payload = {"args": vars(args), "train_images": len(train_s), "val_images": len(val_s),
+                   "threads": torch.get_num_threads(), "allocator": allocator.tune(),
+                   "arms": [{**r.__dict__, "images_per_second": r.images_per_second, "best_auc": r.best_auc}
+                            for r in results]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _run_arms_apart(arms: list[str], argv: list[str], args) -> int:
+    """Each arm in a fresh interpreter (``--in-process --arms NAME``), its figures read back from JSON."""
+    import subprocess
+    import tempfile
+
+    rest, skip = [], False
+    for item in argv:  # the same options, minus the ones set per arm here
+        if skip:
+            skip = False
+        elif item in ("--arms", "--json"):
+            skip = True
+        elif not item.startswith(("--arms=", "--json=")):
+            rest.append(item)
+    results, payloads = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(arms):
+            env = dict(os.environ)
+            if name == "baseline" and args.baseline_allocator == "default":
+                env["PNEUMOSCAN_ALLOCATOR"] = "default"
+                if _AT_START.get("THP_MEM_ALLOC_ENABLE") is None:
+                    env.pop("THP_MEM_ALLOC_ENABLE", None)  # set by this process's own allocator.tune()
+            out = Path(tmp, f"{i}.json")
+            code = subprocess.run([sys.executable, __file__, *rest, "--in-process", "--arms", name, "--json",
+                                   str(out)], env=env).returncode
+            if code:
+                return code
+            payload = json.loads(out.read_text())
+            payloads.append(payload)
+            for arm in payload["arms"]:
+                fields = {k: arm[k] for k in ArmResult.__dataclass_fields__}
+                fields["curve"] = [tuple(point) for point in fields["curve"]]
+                results.append(ArmResult(**fields))
+    _report(results, args)
+    if args.json:
+        payload = {**payloads[0], "args": vars(args),
+                   "arms": [arm | {"allocator": p["allocator"]} for p in payloads for arm in p["arms"]]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _report(results: list[ArmResult], args) -> None:
     print(f"\n{'arm':<20}{'img/s':>8}{'steps':>7}{'set-up s':>10}{'best AUC':>10}   time to AUC {args.target_auc}")
     for r in results:
         print(f"{r.name:<20}{r.images_per_second:8.1f}{r.steps:7d}{r.setup_seconds:10.1f}{r.best_auc:10.4f}   "
@@ -308,14 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         elif fast.time_to_target and slow.curve:
             print(f"time-to-target ratio (baseline / {fast.name}): > {slow.curve[-1][0] / fast.time_to_target:.2f}x "
                   "(baseline did not reach the target)")
-    if args.json:
-        payload = {"args": vars(args), "train_images": len(train_s), "val_images": len(val_s),
-                   "threads": torch.get_num_threads(),
-                   "arms": [{**r.__dict__, "images_per_second": r.images_per_second, "best_auc": r.best_auc}
-                            for r in results]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

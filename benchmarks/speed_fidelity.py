@@ -27,16 +27,19 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from sklearn.metrics import roc_auc_score
+from pneumoscan import allocator
 
-from pneumoscan.backends.torch import fold_batchnorm
-from pneumoscan.config import TrainConfig
-from pneumoscan.data.images import decode
-from pneumoscan.data.layout import list_split, patient_split
-from pneumoscan.predict import load_model
+allocator.tune()  # as the command line does, before torch loads (PNEUMOSCAN_ALLOCATOR=default: off)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from pneumoscan.backends.torch import fold_batchnorm  # noqa: E402
+from pneumoscan.config import TrainConfig  # noqa: E402
+from pneumoscan.data.images import decode  # noqa: E402
+from pneumoscan.data.layout import list_split, patient_split  # noqa: E402
+from pneumoscan.predict import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "chest_xray"

@@ -56,6 +56,7 @@ def test_tuned_process_reuses_large_tensor_memory_without_page_faults():
 def test_users_own_malloc_settings_are_left_alone():
     result = _probe(MALLOC_MMAP_MAX_="65536", THP_MEM_ALLOC_ENABLE="0")
     assert result["applied"] == {"huge_pages": False, "heap_reuse": False}
+    assert result["faults"] > 5 * 10_000
 
 
 def test_huge_pages_are_not_claimed_once_torch_is_loaded():

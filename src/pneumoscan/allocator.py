@@ -43,7 +43,7 @@ _applied: dict[str, bool] | None = None
 def tune() -> dict[str, bool]:
     """Apply both settings where they apply (idempotent); says which did: ``{"huge_pages": .., "heap_reuse": ..}``.
 
-    ``huge_pages`` is False when torch was imported already or the user set THP_MEM_ALLOC_ENABLE themselves;
+    ``huge_pages`` is False when torch was imported already or THP_MEM_ALLOC_ENABLE is set to another value;
     ``heap_reuse`` is False off glibc (macOS, Windows, musl) or when the user set one of glibc's MALLOC_* variables;
     both are False under ``PNEUMOSCAN_ALLOCATOR=default``.
     """
@@ -53,9 +53,8 @@ def tune() -> dict[str, bool]:
     if os.environ.get("PNEUMOSCAN_ALLOCATOR", "tuned") == "default":
         _applied = {"huge_pages": False, "heap_reuse": False}
         return _applied
-    huge_pages = "THP_MEM_ALLOC_ENABLE" not in os.environ and "torch" not in sys.modules
-    if huge_pages:
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    # in effect when torch loads after this; a value the user (or a parent process) set is kept
+    huge_pages = "torch" not in sys.modules and os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") == "1"
     heap_reuse = False
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not any(
             name in os.environ for name in _GLIBC_ENV):
