@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -204,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             models["onnxruntime fp32"] = load_onnx_model(fp32_path, threads=args.threads)
             models["onnxruntime int8"] = load_onnx_model(int8_path, threads=args.threads)
 
-        rows = []
+        rows, faults = [], {}
         for name, m in models.items():
             for batch_size, count in ((1, args.single), (args.batch, args.batches)):
-                seconds = time_calls(m.backend.forward, batches_of(images, batch_size, count))
+                batches = batches_of(images, batch_size, count)
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                seconds = time_calls(m.backend.forward, batches)
+                # page faults: new memory the kernel mapped in (pneumoscan.allocator is about these)
+                faults[name, batch_size] = ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+                                            / (batch_size * (count + 2)))  # time_calls' 2 warm-up calls included
                 rows.append((name, batch_size, batch_size / seconds.mean(), *np.percentile(seconds * 1e3, [50, 95])))
 
         statuses: dict[str, list[str]] = {}
@@ -230,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     if int8_how:
         print(f"int8 file: {int8_how}")
     print()
-    print("| backend | batch | images/s | p50 ms/batch | p95 ms/batch | of network-only |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| backend | batch | images/s | p50 ms/batch | p95 ms/batch | of network-only | page faults/image |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, batch, rate, p50, p95 in rows:
         lat = "| - | - |" if np.isnan(p50) else f"| {p50:.1f} | {p95:.1f} |"
         share = f"{rate / best[name[len('end to end, '):]]:.0%}" if name.startswith("end to end, ") else "-"
-        print(f"| {name} | {batch} | {rate:.1f} {lat} {share} |")
+        fault = f"{faults[name, batch]:.0f}" if (name, batch) in faults else "-"
+        print(f"| {name} | {batch} | {rate:.1f} {lat} {share} | {fault} |")
 
     ghz, peaks, how = cpu_peak()
     cores = args.threads

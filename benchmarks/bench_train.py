@@ -1,6 +1,6 @@
 """Training throughput and time-to-accuracy: pneumoscan's default recipe against a naive notebook baseline.
 
-Both arms run in this one process on the same data: the Kermany train split, divided by patient with
+Both arms train on the same data: the Kermany train split, divided by patient with
 pneumoscan's ``layout.patient_split`` (the split seed and val_fraction of the config), the same architecture
 (efficientnet_lite0 from ``pneumoscan.models.create_model`` with ImageNet weights) and batch size.
 

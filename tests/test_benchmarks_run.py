@@ -111,3 +111,19 @@ def test_speed_fidelity_runs(kermany, capsys):
     # validation images are 224 px copies: no resize happens, and folding BatchNorm changes nothing at 2 digits
     assert "| validation (224 px, thresholds fitted here) | 3 | 8-bit resize | 0 | 0 | balanced 0, screening 0 |" in out
     assert out.count("both (now)") == 3
+
+
+@pytest.mark.slow
+def test_bench_train_runs_each_arm_in_its_own_process(kermany, tmp_path, capsys):
+    bench = _load("benchmarks/bench_train.py")
+    figures = tmp_path / "train.json"
+    code = bench.main(["--data", str(kermany), "--train-images", "32", "--val-images", "16", "--max-minutes", "0.05",
+                       "--eval-every", "1", "--json", str(figures)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "throughput ratio (pneumoscan / baseline)" in out
+    arms = {arm["name"]: arm for arm in json.loads(figures.read_text())["arms"]}
+    assert set(arms) == {"pneumoscan", "baseline"} and all(arm["steps"] >= 1 for arm in arms.values())
+    # ours with the command line's allocator settings, the notebook baseline with glibc's and PyTorch's defaults
+    assert arms["pneumoscan"]["allocator"]["heap_reuse"] is (sys.platform == "linux")
+    assert arms["baseline"]["allocator"] == {"huge_pages": False, "heap_reuse": False}

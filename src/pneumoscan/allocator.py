@@ -4,8 +4,9 @@ PyTorch's CPU allocator hands every tensor to malloc and back: unlike its CUDA a
 serves a block over its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, so each
 such tensor has the kernel zero and map its memory again, one 4 KiB page fault at a time. A batch of 32 images has
 activations of 154 MB (EfficientNet-Lite0's first blocks: 32 x 96 x 112 x 112 floats), made and freed at every
-layer: copying one took 94 ms here where a 29 MB one took 2.9 ms, and the network ran 1.6-1.75x slower at batch 32
-than with the settings below (`python benchmarks/bench_inference.py --allocator both`, docs/benchmarks.md).
+layer. On the project's AVX2 machine the float32 network ran 1.6-1.8x faster at batch 32 with the settings below
+(`PNEUMOSCAN_ALLOCATOR=default python benchmarks/bench_inference.py` against the same without it; the page faults
+per image are in its network-only rows; docs/benchmarks.md).
 
 Two settings fix it, and neither changes a single computed number:
 - glibc's ``mallopt``: no mmap for large blocks (``M_MMAP_MAX`` 0) and no returning the heap's free top to the
