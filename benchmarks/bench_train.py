@@ -7,7 +7,7 @@ pneumoscan's ``layout.patient_split`` (the split seed and val_fraction of the co
 (a) pneumoscan: configs/default.yaml (or --config, or any CONFIG.yaml given in --arms) through fit()'s own
     training loop, ``train.train_one_epoch`` (decode once into a uint8 cache, balanced sampler, batches augmented
     at one thread, frozen early stages, channels_last, bf16 autocast where the CPU has it, AdamW with warmup +
-    cosine over the config's epochs, progressive resizing when the config asks for it). The one-off decode is
+    cosine over the config's epochs). The one-off decode is
     counted in its wall time.
 (b) baseline, as the published notebooks do it: torchvision ``ImageFolder`` decoding every JPEG at every step,
     Resize(224) + RandomHorizontalFlip + RandomRotation(10) + ToTensor + Normalize, float32, every layer trained,
@@ -60,8 +60,7 @@ from pneumoscan.train import (  # noqa: E402
     score_images,
     setup_runtime,
     train_one_epoch,
-    train_size,
-    training_augments,
+    training_augment,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,9 +152,8 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args, name: 
     opt = build_optimizer(cfg, net)
     criterion = build_criterion(cfg, train_y, rt.device)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
-    augments = ({size: build_augment(cfg.augment, size) for size in training_augments(cfg)} if before
-                else training_augments(cfg))
-    dataset = CachedImages(train_x, train_y, None)
+    augment = build_augment(cfg.augment, cfg.image_size or 224) if before else training_augment(cfg)
+    dataset = CachedImages(train_x, train_y, augment)
     steps_per_epoch = max(1, len(train_y) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -179,7 +177,6 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args, name: 
         return state["stop"]
 
     for epoch in range(10_000):  # the budget ends the loop; epochs beyond cfg.epochs run at the final lr
-        dataset.augment = augments[train_size(cfg, min(epoch, cfg.epochs - 1))]
         loader = epoch_loader(cfg, dataset, rt, epoch)
         state["t"] = time.perf_counter()
         train_one_epoch(net, criterion, opt, scaler, loader, prep, rt, frozen=frozen,
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default="pneumoscan,baseline",
                         help="comma-separated: pneumoscan (the --config recipe), pneumoscan-before (the same, batches "
                              "made at the training thread count as before train.one_thread), baseline, or CONFIG.yaml "
-                             "(that recipe, e.g. configs/experiments/progressive.yaml)")
+                             "(that recipe, e.g. configs/experiments/standardize.yaml)")
     parser.add_argument("--max-minutes", type=float, default=10.0, help="per arm, wall time including set-up")
     parser.add_argument("--target-auc", type=float, default=0.99)
     parser.add_argument("--eval-every", type=int, default=25, help="steps between validation AUC checks")

@@ -403,23 +403,3 @@ def test_batches_made_at_one_thread_are_bit_identical_to_those_made_at_the_train
         assert all(torch.equal(a, b) for a, b in zip(before, now, strict=True))
     finally:
         torch.set_num_threads(threads)
-
-
-def test_progressive_resizing_trains_the_first_epochs_at_the_low_size_and_predicts_at_the_full_size(
-        tiny_dataset, tmp_path, monkeypatch):
-    from pneumoscan import load_model
-
-    cfg = fast_config(epochs=3, low_res_size=48, low_res_epochs=2)
-    assert [train_mod.train_size(cfg, e) for e in range(3)] == [48, 48, 64]
-    assert sorted(train_mod.training_augments(cfg)) == [48, 64]
-    seen = []
-    real = train_mod.train_one_epoch
-
-    def spy(model, criterion, optimizer, scaler, loader, *args, **kwargs):
-        seen.append(tuple(next(iter(loader))[0].shape[-2:]))
-        return real(model, criterion, optimizer, scaler, loader, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
-    fit(cfg, tiny_dataset, tmp_path / "run", progress=False)
-    assert seen == [(48, 48), (48, 48), (64, 64)]
-    assert load_model(tmp_path / "run" / "model.safetensors").preprocessing.size == 64

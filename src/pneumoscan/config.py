@@ -92,11 +92,6 @@ class TrainConfig:
     image_size: Annotated[int, Range(32)] | None = None  # None: 224
     standardize: bool = True  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     epochs: Positive = 4
-    # progressive resizing (off by default): the first low_res_epochs train at low_res_size px (the random crop
-    # resized to it), the rest at the full size; validation, calibration and prediction stay at the full size.
-    # Experiment 15 of docs/experiments.md; not yet validated (its run could not finish), so no shipped config uses it
-    low_res_size: Annotated[int, Range(32)] | None = None
-    low_res_epochs: NonNegative = 0
     batch_size: Positive = 32
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-4
@@ -133,7 +128,8 @@ class TrainConfig:
 # Options that lost on validation and were removed from the code. Old configs and model files that record them at
 # their neutral value still load; any other value is refused, naming where the option still exists.
 LAST_COMMIT_WITH_REMOVED = "184cb07"
-REMOVED: dict[str, tuple[object, str]] = {  # key: (neutral value, experiment of docs/experiments.md)
+REMOVED: dict[str, tuple[object, str] | tuple[object, str, str]] = {
+    # key: (neutral value, experiment of docs/experiments.md[, last commit with it: LAST_COMMIT_WITH_REMOVED])
     "label_smoothing": (0.0, "experiment 3"),
     "mixup": (0.0, "experiment 5"),
     "ema": (0.0, "experiment 6"),
@@ -141,6 +137,8 @@ REMOVED: dict[str, tuple[object, str]] = {  # key: (neutral value, experiment of
     "standardize_region": (1.0, "experiment 10"),
     "cutmix": (0.0, "experiment 12"),
     "linear_probe": (False, "experiment 13"),
+    "low_res_size": (None, "experiment 15", "cfaac34"),  # progressive resizing
+    "low_res_epochs": (0, "experiment 15", "cfaac34"),
 }
 
 
@@ -148,11 +146,11 @@ def removed_option(key: str, value: object) -> str | None:
     """Why ``key: value`` cannot be used (None: the key is not a removed option, or it is at its neutral value)."""
     if key not in REMOVED:
         return None
-    neutral, experiment = REMOVED[key]
+    neutral, experiment, *commit = REMOVED[key]
     if isinstance(value, bool) == isinstance(neutral, bool) and value == neutral:  # 0 and 0.0 alike, not false
         return None
     return (f"{key} was removed after it lost on validation ({experiment} in docs/experiments.md); "
-            f"git checkout {LAST_COMMIT_WITH_REMOVED} to rerun it")
+            f"git checkout {commit[0] if commit else LAST_COMMIT_WITH_REMOVED} to rerun it")
 
 
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
@@ -273,17 +271,6 @@ def _checked(data: dict, where: str) -> TrainConfig:
     stages = len(ARCHS[cfg.arch].stages)
     if cfg.freeze_stages is not None and cfg.freeze_stages > stages:
         raise ConfigError(f"{where}: freeze_stages must be at most {stages} for {cfg.arch}, got {cfg.freeze_stages}")
-    if cfg.low_res_size is not None:
-        full = cfg.image_size or 224
-        if cfg.low_res_size >= full:
-            raise ConfigError(f"{where}: low_res_size must be below the image size ({full}), got {cfg.low_res_size}")
-        if not 1 <= cfg.low_res_epochs <= cfg.epochs:
-            raise ConfigError(f"{where}: low_res_epochs must be in [1, epochs={cfg.epochs}] when low_res_size is set, "
-                              f"got {cfg.low_res_epochs}")
-        if not cfg.augment.enabled:
-            raise ConfigError(f"{where}: low_res_size needs augment.enabled (the random crop does the resizing)")
-    elif cfg.low_res_epochs:
-        raise ConfigError(f"{where}: low_res_epochs is {cfg.low_res_epochs} but low_res_size is not set")
     try:
         check_fold(cfg.val_fraction, cfg.fold)
     except ValueError as exc:

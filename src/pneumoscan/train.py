@@ -301,17 +301,9 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_size(cfg: TrainConfig, epoch: int) -> int:
-    """The input size of training epoch ``epoch`` (0-based): low_res_size for the first low_res_epochs."""
-    if cfg.low_res_size is not None and epoch < cfg.low_res_epochs:
-        return cfg.low_res_size
-    return cfg.image_size or 224
-
-
-def training_augments(cfg: TrainConfig) -> dict:
-    """{input size: augmentation} for every size the epochs train at (``train_size``)."""
-    sizes = {train_size(cfg, epoch) for epoch in range(cfg.epochs)}
-    return {size: build_augment(cfg.augment, size, reduction_threads=torch.get_num_threads()) for size in sizes}
+def training_augment(cfg: TrainConfig):
+    """The training augmentation at the network's input size; its reductions run at the training thread count."""
+    return build_augment(cfg.augment, cfg.image_size or 224, reduction_threads=torch.get_num_threads())
 
 
 def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: int) -> torch.utils.data.DataLoader:
@@ -438,8 +430,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         if rt.main:
             print(f"resuming after epoch {state['epoch']} (best AUC {state['best_auc']:.4f})", file=sys.stderr)
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
-    augments = training_augments(cfg)
-    dataset = CachedImages(data.train.images, data.train.labels, None)
+    dataset = CachedImages(data.train.images, data.train.labels, training_augment(cfg))
     steps_per_epoch = max(1, len(dataset) // rt.world // cfg.batch_size)
     total_steps, warmup = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
     log = EpochLog(run, resume) if rt.main else None
@@ -447,7 +438,6 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     best_scores = None  # validation (logits, features) of the best epoch of this process (none after a resume)
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
-        dataset.augment = augments[train_size(cfg, epoch)]
         train_loss, lr = train_one_epoch(
             model, criterion, optimizer, scaler, epoch_loader(cfg, dataset, rt, epoch), prep, rt, frozen=frozen,
             schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr),
