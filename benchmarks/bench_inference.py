@@ -64,7 +64,10 @@ def image_files(folder: Path, n: int) -> list[Path]:
     return [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
 
 
-def time_calls(fn, batches: list, warmup: int = 2) -> np.ndarray:
+WARMUP = 2  # calls of time_calls before it starts the clock
+
+
+def time_calls(fn, batches: list, warmup: int = WARMUP) -> np.ndarray:
     """Seconds per call of fn(batch), after warm-up calls."""
     for batch in batches[:warmup]:
         fn(batch)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time_calls(m.backend.forward, batches)
                 # page faults: new memory the kernel mapped in (pneumoscan.allocator is about these)
                 faults[name, batch_size] = ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-                                            / (batch_size * (count + 2)))  # time_calls' 2 warm-up calls included
+                                            / (batch_size * (count + WARMUP)))  # warm-up calls included
                 rows.append((name, batch_size, batch_size / seconds.mean(), *np.percentile(seconds * 1e3, [50, 95])))
 
         statuses: dict[str, list[str]] = {}

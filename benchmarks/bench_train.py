@@ -37,7 +37,6 @@ from pathlib import Path
 
 from pneumoscan import allocator
 
-_AT_START = dict(os.environ)
 allocator.tune()  # as `pneumoscan train` does, before torch loads; each arm's process is told by main()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -310,13 +309,17 @@ def main(argv: list[str] | None = None) -> int:
 
     _report(results, args)
     if args.json:
-        payload = {"args": vars(args), "train_images": len(train_s), "val_images": len(val_s),
-                   "threads": torch.get_num_threads(), "allocator": allocator.tune(),
-                   "arms": [{**r.__dict__, "images_per_second": r.images_per_second, "best_auc": r.best_auc}
-                            for r in results]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        _write_json(args.json, {
+            "args": vars(args), "train_images": len(train_s), "val_images": len(val_s),
+            "threads": torch.get_num_threads(), "allocator": allocator.tune(),
+            "arms": [{**r.__dict__, "images_per_second": r.images_per_second, "best_auc": r.best_auc}
+                     for r in results]})
     return 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _run_arms_apart(arms: list[str], argv: list[str], args) -> int:
@@ -335,11 +338,8 @@ def _run_arms_apart(arms: list[str], argv: list[str], args) -> int:
     results, payloads = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(arms):
-            env = dict(os.environ)
-            if name == "baseline" and args.baseline_allocator == "default":
-                env["PNEUMOSCAN_ALLOCATOR"] = "default"
-                if _AT_START.get("THP_MEM_ALLOC_ENABLE") is None:
-                    env.pop("THP_MEM_ALLOC_ENABLE", None)  # set by this process's own allocator.tune()
+            untuned = name == "baseline" and args.baseline_allocator == "default"
+            env = allocator.untuned_environ() if untuned else None
             out = Path(tmp, f"{i}.json")
             code = subprocess.run([sys.executable, __file__, *rest, "--in-process", "--arms", name, "--json",
                                    str(out)], env=env).returncode
@@ -353,10 +353,8 @@ def _run_arms_apart(arms: list[str], argv: list[str], args) -> int:
                 results.append(ArmResult(**fields))
     _report(results, args)
     if args.json:
-        payload = {**payloads[0], "args": vars(args),
-                   "arms": [arm | {"allocator": p["allocator"]} for p in payloads for arm in p["arms"]]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        _write_json(args.json, {**payloads[0], "args": vars(args),
+                                "arms": [arm | {"allocator": p["allocator"]} for p in payloads for arm in p["arms"]]})
     return 0
 
 

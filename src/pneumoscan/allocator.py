@@ -39,6 +39,7 @@ TRIM_THRESHOLD = 1 << 30
 _GLIBC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 _applied: dict[str, bool] | None = None
+_set_huge_pages = False  # whether tune() itself put THP_MEM_ALLOC_ENABLE into this process's environment
 
 
 def tune() -> dict[str, bool]:
@@ -48,13 +49,14 @@ def tune() -> dict[str, bool]:
     ``heap_reuse`` is False off glibc (macOS, Windows, musl) or when the user set one of glibc's MALLOC_* variables;
     both are False under ``PNEUMOSCAN_ALLOCATOR=default``.
     """
-    global _applied
+    global _applied, _set_huge_pages
     if _applied is not None:
         return _applied
     if os.environ.get("PNEUMOSCAN_ALLOCATOR", "tuned") == "default":
         _applied = {"huge_pages": False, "heap_reuse": False}
         return _applied
     # in effect when torch loads after this; a value the user (or a parent process) set is kept
+    _set_huge_pages = "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ
     huge_pages = "torch" not in sys.modules and os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") == "1"
     heap_reuse = False
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not any(
@@ -63,6 +65,15 @@ def tune() -> dict[str, bool]:
             libc = ctypes.CDLL(None)  # the process's own C library
             heap_reuse = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (OSError, AttributeError):
-            heap_reuse = False
+            pass
     _applied = {"huge_pages": huge_pages, "heap_reuse": heap_reuse}
     return _applied
+
+
+def untuned_environ() -> dict[str, str]:
+    """This process's environment for a child that should run with glibc's and PyTorch's defaults: the switch set
+    to ``default``, and the huge-page variable dropped when ``tune()`` put it there (a user's own is kept)."""
+    environ = dict(os.environ, PNEUMOSCAN_ALLOCATOR="default")
+    if _set_huge_pages:
+        environ.pop("THP_MEM_ALLOC_ENABLE", None)
+    return environ

@@ -127,16 +127,15 @@ class TrainConfig:
 
 # Options that lost on validation and were removed from the code. Old configs and model files that record them at
 # their neutral value still load; any other value is refused, naming where the option still exists.
-LAST_COMMIT_WITH_REMOVED = "184cb07"
-REMOVED: dict[str, tuple[object, str] | tuple[object, str, str]] = {
-    # key: (neutral value, experiment of docs/experiments.md[, last commit with it: LAST_COMMIT_WITH_REMOVED])
-    "label_smoothing": (0.0, "experiment 3"),
-    "mixup": (0.0, "experiment 5"),
-    "ema": (0.0, "experiment 6"),
-    "equalize": (False, "experiment 9"),
-    "standardize_region": (1.0, "experiment 10"),
-    "cutmix": (0.0, "experiment 12"),
-    "linear_probe": (False, "experiment 13"),
+REMOVED: dict[str, tuple[object, str, str]] = {
+    # key: (neutral value, experiment of docs/experiments.md, last commit with the option)
+    "label_smoothing": (0.0, "experiment 3", "184cb07"),
+    "mixup": (0.0, "experiment 5", "184cb07"),
+    "ema": (0.0, "experiment 6", "184cb07"),
+    "equalize": (False, "experiment 9", "184cb07"),
+    "standardize_region": (1.0, "experiment 10", "184cb07"),
+    "cutmix": (0.0, "experiment 12", "184cb07"),
+    "linear_probe": (False, "experiment 13", "184cb07"),
     "low_res_size": (None, "experiment 15", "cfaac34"),  # progressive resizing
     "low_res_epochs": (0, "experiment 15", "cfaac34"),
 }
@@ -146,11 +145,11 @@ def removed_option(key: str, value: object) -> str | None:
     """Why ``key: value`` cannot be used (None: the key is not a removed option, or it is at its neutral value)."""
     if key not in REMOVED:
         return None
-    neutral, experiment, *commit = REMOVED[key]
+    neutral, experiment, commit = REMOVED[key]
     if isinstance(value, bool) == isinstance(neutral, bool) and value == neutral:  # 0 and 0.0 alike, not false
         return None
     return (f"{key} was removed after it lost on validation ({experiment} in docs/experiments.md); "
-            f"git checkout {commit[0] if commit else LAST_COMMIT_WITH_REMOVED} to rerun it")
+            f"git checkout {commit} to rerun it")
 
 
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
