@@ -239,7 +239,7 @@ def test_jpeg_cut_inside_its_header(tmp_path):
 def test_text_file_named_png(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("these are not pixels\n")
-    assert _error(path) == f"{path}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)"
+    assert _error(path) == f"{path}: not a readable image (expected JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM)"
 
 
 def test_empty_file(tmp_path):

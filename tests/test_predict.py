@@ -155,7 +155,7 @@ def test_unreadable_file_raises_from_predict_but_is_a_row_from_predict_files(tin
         tiny_model.predict(bad)
     (row,) = tiny_model.predict_files([bad])
     assert row.status == "error" and row.probability is None and row.decision is None
-    assert row.message == f"{bad}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)"
+    assert row.message == f"{bad}: not a readable image (expected JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM)"
 
 
 def test_predict_files_keeps_input_order_across_batches(tiny_model, tmp_path):
@@ -297,7 +297,7 @@ def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_pat
                                  "threshold": "0.300000", "status": "not_xray",
                                  "message": f"{NOT_XRAY}: image is blank or nearly uniform; no probability reported"}
     assert rows["broken.png"]["status"] == "error"
-    assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)"
+    assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM)"
     assert rows["empty.jpeg"]["message"] == f"{folder / 'empty.jpeg'}: empty file"
     assert rows["gone.jpeg"]["message"] == f"{missing}: file not found"
     for name in ("broken.png", "empty.jpeg", "gone.jpeg"):

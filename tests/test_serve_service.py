@@ -196,7 +196,7 @@ def test_serve_refuses_an_open_non_loopback_address_in_one_line(host, capsys):
 
 
 def test_loopback_addresses_are_recognised():
-    from pneumoscan.serve.cli import is_loopback
+    from pneumoscan.cli.serve import is_loopback
 
     assert all(map(is_loopback, ["127.0.0.1", "127.5.0.1", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "::", "example.org"]))
@@ -564,9 +564,9 @@ def test_the_serving_process_threads_sleep_when_idle_and_serve_threads_sets_the_
     OMP_WAIT_POLICY=PASSIVE (unless the operator set it), set before torch loads, and --threads network threads."""
     import torch
 
-    from pneumoscan.serve.cli import network_threads
+    from pneumoscan.cli.serve import network_threads
 
-    code = ("import os, sys; import pneumoscan.serve.cli as c; from pneumoscan.cli import main\n"
+    code = ("import os, sys; import pneumoscan.cli.serve as c; from pneumoscan.cli import main\n"
             "def stop(threads):\n"
             "    print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules, flush=True); os._exit(0)\n"
             "c.network_threads = stop; main(['serve', '--port', '1'])")

@@ -156,11 +156,11 @@ def predict_local(model, paths: list, *, threshold="screening", batch_size: int,
             keys[str(path)].append(file_key(path))
             yield path
 
-    def seen(path: str, decoded) -> None:
-        headers[path].append(decoded.dicom)
+    def seen(item) -> None:
+        headers[item.name].append(item.decoded.dicom if item.decoded is not None else None)
 
     for pred in model.predict_files(listed(), threshold=threshold, batch_size=batch_size, tta=tta,
-                                    on_decoded=seen):
+                                    on_prepared=seen):
         size, mtime = _first(keys, pred.path) or file_key(pred.path)
         yield pred, make_row(pred, size, mtime, _first(headers, pred.path))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import pipeline
 from .data.layout import list_split, patient_id
 from .data.sources import FolderSource, MedMNISTSource, open_source
 from .errors import PneumoscanError
@@ -119,14 +120,15 @@ def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool
     samples = _validation_samples(model) if split == VALIDATION else list_split(data_dir, split)
     label_of = {str(s.path): s.label for s in samples}
     labels, logits, scores, errors, groups = [], [], [], [], []
-    for item in model.score_files(label_of, batch_size=batch_size, tta=tta):
-        if item.error is not None:
-            errors.append(item.error)
+    for item in pipeline.screen(model, label_of, batch_size=batch_size, tta=tta):
+        path = item.prediction.path
+        if item.logits is None:
+            errors.append(item.prediction.message)
             continue
-        labels.append(label_of[item.path])
+        labels.append(label_of[path])
         logits.append(item.logits)
-        scores.append(item.guard_score)
-        groups.append(patient_id(Path(item.path).name))
+        scores.append(item.prediction.guard_score)
+        groups.append(patient_id(Path(path).name))
     return labels, logits, scores, errors, groups
 
 

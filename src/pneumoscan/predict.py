@@ -1,35 +1,27 @@
-"""Screening with a trained model: the Python API behind ``pneumoscan predict``, the server and the DICOM node.
+"""Screening with a trained model: ``Model`` (load, score, decide) and the Python API behind every route.
 
-One path for every input and every route::
-
-    file | bytes | array -> decode -> DecodedImage (pixels + what the file said)
-        -> Preprocessing.to_uint8 -> image checks (header, colour, size, content)
-        -> backend.forward (uint8 batch -> logits, features) -> calibrated log-odds -> probability
-        -> feature guard -> threshold -> decision
-
-``predict_files`` streams any number of files through a bounded queue of decoded images, so memory does not grow
-with the folder, and decoding overlaps inference. Training fits its thresholds through the same
-``backend.forward`` at the precision recorded in the model file.
+How an image becomes a decision lives in one place, ``pneumoscan.pipeline`` (decode -> checks -> uint8 input ->
+``Model.score`` -> calibrated probability -> guard -> threshold); ``Model.predict`` and ``Model.predict_files``
+wrap it for one image and for any number of files.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from . import pipeline
 from .backends import Backend
 from .constants import BATCH_SIZE, PRECISIONS
 from .data.images import MAX_PIXELS, DecodedImage, ImageReadError, Source, decode
 from .errors import PneumoscanError
 from .guard import NOT_XRAY, OUTSIDE_POPULATION, Guard, guard_reason, image_check
 from .modelfile import GUARD_PREFIX, read_model_file, resolve_model_path, sha256_file
+from .pipeline import STATUSES, Prediction  # noqa: F401 (the API names them here too)
 from .record import ModelRecord
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
@@ -37,26 +29,6 @@ DEFAULT_NAME = "pneumoscan-default"
 # The bundled model file's sha256, known to the code itself: an edited copy (a threshold changed in its JSON
 # header, say) still parses, and would otherwise load under the bundled model's name.
 BUNDLED_SHA256 = "15a183a60113de2bebb96d8bc7cc9f307248bed6cc56f7de9370a7da9d4d570f"
-STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One screened image. ``status``: ok | not_xray (the checks say it is no frontal chest X-ray) |
-    out_of_distribution (the feature guard says it is unlike the training X-rays) | error (unreadable);
-    probability and decision are None unless ok."""
-
-    path: str
-    probability: float | None
-    decision: str | None
-    operating_point: str
-    threshold: float
-    status: str
-    message: str = ""
-    guard_score: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Scores(NamedTuple):
@@ -66,14 +38,6 @@ class Scores(NamedTuple):
     log_odds: torch.Tensor
     features: torch.Tensor
     guard: torch.Tensor
-
-
-class Scored(NamedTuple):
-    path: str
-    logits: torch.Tensor | None
-    guard_score: float | None
-    error: str | None
-    image_check: str | None = None  # why the checks say it is no frontal chest X-ray (guard.image_check)
 
 
 class Model:
@@ -212,82 +176,19 @@ class Model:
         A file that cannot be read raises ``ImageReadError``; ``predict_files`` turns that into a row instead.
         """
         op = self.resolve_threshold(threshold)
-        decoded = self.decode(source, name)
-        small, reason = self.prepare(decoded)
-        scores = self.score(small[None], tta=tta)
-        return self.result(decoded.name, scores.logits[0], float(scores.guard[0]), op, reason)
-
-    def score_files(self, paths: Iterable[str | Path], *, batch_size: int = BATCH_SIZE, tta: bool = False,
-                    workers: int | None = None, on_decoded=None) -> Iterator[Scored]:
-        """(path, logits or None, guard score or None, error message or None, check reason) per file, in order.
-
-        Files are decoded ahead in threads (PIL releases the GIL), at most two batches in flight, so memory is
-        bounded whatever the number of files and decoding overlaps the network. ``on_decoded(path, decoded)``, if
-        given, sees each decoded image (from a decoding thread), for callers that record what the file said.
-        """
-        if batch_size < 1:
-            raise PneumoscanError(f"batch size must be a positive integer, got {batch_size}")
-
-        def load(path: str) -> tuple[np.ndarray, str | None] | str:
-            try:
-                decoded = self.decode(path)
-                if on_decoded is not None:
-                    on_decoded(path, decoded)
-                return self.prepare(decoded)
-            except ImageReadError as exc:
-                return str(exc)
-            except (KeyboardInterrupt, SystemExit, GeneratorExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - whatever a malformed file makes a library raise is its row
-                return f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
-
-        pending: list[tuple[str, tuple | str]] = []
-        with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-            for item in _bounded_map(pool, load, (str(p) for p in paths), ahead=2 * batch_size):
-                pending.append(item)
-                if len(pending) == batch_size:
-                    yield from self._score_batch(pending, tta)
-                    pending = []
-            yield from self._score_batch(pending, tta)
-
-    def _score_batch(self, pending: list[tuple[str, tuple | str]], tta: bool) -> Iterator[Scored]:
-        images = [d[0] for _, d in pending if not isinstance(d, str)]
-        if images:
-            scores = self.score(np.stack(images), tta=tta)
-        i = 0
-        for path, decoded in pending:
-            if isinstance(decoded, str):
-                yield Scored(path, None, None, decoded)
-            else:
-                yield Scored(path, scores.logits[i], float(scores.guard[i]), None, decoded[1])
-                i += 1
+        item = pipeline.prepare(self, source, name)
+        if item.error is not None:
+            raise ImageReadError(item.error)
+        return pipeline.decide(self, [item], op, tta=tta)[0].prediction
 
     def predict_files(self, paths: Iterable[str | Path], *, threshold: str | float = "screening",
                       batch_size: int = BATCH_SIZE, tta: bool = False, workers: int | None = None,
-                      on_decoded=None) -> Iterator[Prediction]:
-        """Screen many files; unreadable ones come back with status "error" and the reason. ``on_decoded``: as
-        for ``score_files``."""
-        op = self.resolve_threshold(threshold)
-        for item in self.score_files(paths, batch_size=batch_size, tta=tta, workers=workers, on_decoded=on_decoded):
-            if item.error is not None:
-                yield Prediction(item.path, None, None, op[0], op[1], "error", item.error)
-            else:
-                yield self.result(item.path, item.logits, item.guard_score, op, item.image_check)
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable[str], ahead: int):
-    """Like pool.map, in order, but never more than ``ahead`` results in flight (pool.map reads all input first)."""
-    from collections import deque
-
-    queue: deque = deque()
-    for item in items:
-        queue.append((item, pool.submit(fn, item)))
-        if len(queue) >= ahead:
-            path, future = queue.popleft()
-            yield path, future.result()
-    while queue:
-        path, future = queue.popleft()
-        yield path, future.result()
+                      on_prepared=None) -> Iterator[Prediction]:
+        """Screen many files through the pipeline stage (``pipeline.screen``), one Prediction each, in order;
+        unreadable ones come back with status "error" and the reason."""
+        for screened in pipeline.screen(self, (str(p) for p in paths), threshold=threshold,
+                                        batch_size=batch_size, tta=tta, workers=workers, on_prepared=on_prepared):
+            yield screened.prediction
 
 
 def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch",

@@ -1,4 +1,4 @@
-"""Decode JPEG / PNG / TIFF / BMP / DICOM into the one value the rest of pneumoscan understands.
+"""Decode JPEG / PNG / TIFF / BMP / GIF / WebP / PNM / DICOM into the one value the rest of pneumoscan understands.
 
 Contract: ``decode(source) -> DecodedImage``: the gray image, 0 = black (air on a frontal X-ray), whatever the
 file's bit depth, colour mode or photometric interpretation, together with what the file said that the gray array
@@ -120,6 +120,39 @@ def is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
+# The one list of file formats every route accepts: ``decode`` opens no other (Pillow is told these plug-ins
+# only), the HTTP service checks uploads with ``sniff``, folders are walked for ``SUFFIXES``, and the help texts
+# and pages print ``FORMAT_NAMES``. Pillow's name -> ours; MPO is how Pillow opens many cameras' JPEGs.
+_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "GIF": "gif",
+            "WEBP": "webp", "PPM": "pnm"}
+_PIL_OPENERS = ["JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM"]  # the JPEG opener also opens MPO files
+FORMAT_NAMES = "JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM"
+SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".pnm",
+                      ".pbm", ".dcm"})
+
+
+def sniff(data: bytes) -> str | None:
+    """The accepted format a file's first bytes announce ('jpeg', 'png', ..., 'dicom'), or None: a cheap check
+    before any decoding, agreeing with what ``decode`` opens."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
+        return "pnm"
+    if is_dicom(data):
+        return "dicom"
+    return None
+
+
 def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = None,
            max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """The one decoding entry point: a path, the file's bytes, a float (H, W) array in [0, 1] (no header), or an
@@ -186,14 +219,11 @@ def _check_size(width: int, height: int, name: str, max_pixels: int = MAX_PIXELS
         )
 
 
-_FORMATS = {"JPEG": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "DCX": "dcx", "MPO": "jpeg"}
-
-
 def _read_pil(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_PIL_OPENERS)
             _check_size(*image.size, name, max_pixels)
             stored_size = image.size
             factor = reduce_factor(*stored_size)
@@ -214,12 +244,12 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> DecodedImage:
             "(refused as a possible decompression bomb; see --max-megapixels)"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not a readable image (expected JPEG, PNG, TIFF, BMP or DICOM)") from None
+        raise ImageReadError(f"{name}: not a readable image (expected {FORMAT_NAMES})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:200]})") from None
     if getattr(image, "n_frames", 1) > 1:
         raise ImageReadError(f"{name}: image has {image.n_frames} frames; expected a single image")
-    image_format = image.format or Image.open(io.BytesIO(data)).format
+    image_format = image.format or Image.open(io.BytesIO(data), formats=_PIL_OPENERS).format
     if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose would copy even when upright
         image = ImageOps.exif_transpose(image)
     pixels = _pil_to_gray(image, name, image_format)

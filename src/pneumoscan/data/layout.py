@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PneumoscanError
+from .images import SUFFIXES
 
 CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".dcm"})
+IMAGE_SUFFIXES = SUFFIXES  # the accepted formats' file names (data.images, the one list)
 
 # person1000_bacteria_2931.jpeg -> person1000 ; IM-0115-0001.jpeg -> IM-0115 ;
 # NORMAL2-IM-0123-0001.jpeg -> NORMAL2-IM-0123

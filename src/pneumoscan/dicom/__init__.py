@@ -7,7 +7,7 @@ Operators with one job each (in the spirit of MONAI Deploy):
 - ``screen``: decode -> prepare -> ``Model.score`` (batched) -> ``Model.result`` -> results, through the core API;
 - ``node``: the pynetdicom Storage SCP (``pneumoscan dicom listen``), a screening worker and a forwarding worker;
 - ``pull``: DICOMweb (QIDO-RS / WADO-RS, STOW-RS back) for ``pneumoscan dicom pull``;
-- ``cli``: the argparse setup of ``pneumoscan dicom``.
+- the command line, ``pneumoscan dicom``, is in ``pneumoscan.cli.dicom``.
 
 Nothing here decodes pixels or judges an image itself: ``pneumoscan.data.images.decode`` and ``Model`` do.
 """

@@ -1,7 +1,7 @@
 """The HTTP service (``pneumoscan serve``): a FastAPI app around one loaded model, plus its static web page.
 
 FastAPI is an optional dependency (``pip install pneumoscan[serve]``), so nothing outside this package imports it,
-and this package imports it only when ``create_app`` or ``serve_in_thread`` is used: ``pneumoscan.serve.cli``
+and this package imports it only when ``create_app`` or ``serve_in_thread`` is used: ``pneumoscan.cli.serve``
 (the command-line options) stays light.
 """
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PneumoscanError
-from .limits import DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_MS
+from ..serve.limits import DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_MS
 
 MAX_BATCH_LIMIT = 256
 OPEN_REFUSED = ("refusing to serve {host} without API keys: anyone who can reach the port could screen images; "
@@ -38,7 +38,7 @@ DICOM patient fields; it rotates at --audit-max-mb, keeping --audit-backups old 
 
 def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     """The ``serve`` subcommand, with the model options every answering command shares."""
-    from ..cli import number_type, port_number, positive_float, positive_int
+    from . import number_type, port_number, positive_float, positive_int
 
     def count(low: int, high: int):
         return number_type(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
@@ -102,7 +102,7 @@ def add_keys_command(sub) -> argparse.ArgumentParser:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from . import auth
+    from ..serve import auth
 
     if args.keys_command == "add":
         key = auth.add_key(args.file, args.name)
@@ -173,11 +173,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from ..serve.app import create_app
     except ImportError as exc:
         raise PneumoscanError(f"serving needs the [serve] extra (pip install 'pneumoscan[serve]'): {exc}") from None
-    from .audit import AuditLog
-    from .auth import KeyStore
+    from ..serve.audit import AuditLog
+    from ..serve.auth import KeyStore
 
     threads = network_threads(args.threads)
     keys = KeyStore(args.api_keys) if args.api_keys else None

@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import allocator
-from .constants import ARCH_NAMES, BATCH_SIZE, PRECISIONS
-from .errors import PneumoscanError
+from .. import allocator
+from ..constants import ARCH_NAMES, BATCH_SIZE, PRECISIONS
+from ..errors import PneumoscanError
 
 
 def number_type(parse, ok, expected: str):
@@ -35,14 +35,14 @@ port_number = number_type(int, lambda v: 1 <= v <= 65535, "a TCP port from 1 to 
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
-    from .data.summary import format_summary, summarize
+    from ..data.summary import format_summary, summarize
 
     print(format_summary(summarize(args.data_dir)))
     return 0
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
-    from .data.download import DATASET, download
+    from ..data.download import DATASET, download
 
     counts = download(args.dest)
     print(f"{args.dest}: Kaggle {DATASET}, " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
@@ -50,8 +50,8 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import fit
+    from ..config import load_config
+    from ..train import fit
 
     cfg = load_config(args.config, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained,
                       weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size,
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .train import recalibrate
+    from ..train import recalibrate
 
     print(recalibrate(args.run, args.data))
     return 0
@@ -110,7 +110,7 @@ def _format_evaluation(result, model) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .report import check_output_dir, check_output_file
+    from ..report import check_output_dir, check_output_file
 
     if args.shifts and (args.tta or args.report):
         given = " and ".join(option for option, on in (("--tta", args.tta), ("--report", args.report)) if on)
@@ -119,8 +119,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")  # a bad destination fails now, not after minutes of scoring
     check_output_dir(args.report, "--report")
 
-    from .evaluate import evaluate
-    from .predict import load_model
+    from ..evaluate import evaluate
+    from ..predict import load_model
 
     model = load_model(args.model, precision=args.precision, prevalence=args.prevalence,
                        max_pixels=round(args.max_megapixels * 1e6))
@@ -131,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, result.to_dict())
     if args.report:
-        from .report import write_report
+        from ..report import write_report
 
         for path in write_report(result, model, args.report, run_dir=Path(args.model) if args.model else None):
             print(f"wrote {path}", file=sys.stderr)
@@ -139,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, document: dict) -> None:
-    from .modelfile import atomic_write
+    from ..modelfile import atomic_write
 
     text = json.dumps(document, indent=2)
     try:
@@ -152,8 +152,8 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
     """The validation images scored as they are and under fixed acquisition shifts: a recipe-selection aid."""
     import numpy as np
 
-    from .data.sources import MedMNISTSource, open_source
-    from .evaluate import VALIDATION, evaluate_shifts, validation_images
+    from ..data.sources import MedMNISTSource, open_source
+    from ..evaluate import VALIDATION, evaluate_shifts, validation_images
 
     if args.split != ("val" if isinstance(open_source(args.data), MedMNISTSource) else VALIDATION):
         raise PneumoscanError("--shifts scores the validation split only (--split validation, or val for a .npz): "
@@ -207,7 +207,7 @@ class Inputs:
     def __init__(self, items: list[str]):
         from collections import Counter
 
-        from .data.layout import IMAGE_SUFFIXES
+        from ..data.layout import IMAGE_SUFFIXES
 
         self.files: list[Path] = []
         self.skipped: Counter[str] = Counter()  # suffix (or "hidden") -> files left out
@@ -240,7 +240,7 @@ class Inputs:
 
 
 def _supported() -> str:
-    from .data.layout import IMAGE_SUFFIXES
+    from ..data.layout import IMAGE_SUFFIXES
 
     return ", ".join(sorted(IMAGE_SUFFIXES)) + " or no suffix (DICOM)"
 
@@ -257,8 +257,8 @@ def _row(pred) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .archive import output_kind, require_pyarrow, require_ray
-    from .report import check_output_dir, check_output_file
+    from ..archive import output_kind, require_pyarrow, require_ray
+    from ..report import check_output_dir, check_output_file
 
     if args.heatmaps and args.backend != "torch":
         raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
@@ -273,7 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out_kind in ("parquet", "dataset"):
         require_pyarrow()
     if out_kind == "dataset":  # --engine ray: a folder of Parquet files written by Ray
-        from .archive import check_output_folder
+        from ..archive import check_output_folder
 
         check_output_folder(args.out, "--out")
     else:
@@ -286,13 +286,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .predict import load_model
-    from .report import PredictionWriter
+    from ..predict import load_model
+    from ..report import PredictionWriter
 
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
                        max_pixels=round(args.max_megapixels * 1e6))
     model.resolve_threshold(args.threshold)
-    from .dicom.cli import dicom_out
+    from .dicom import dicom_out
 
     write_dicom = dicom_out(args.dicom_out, model)  # SR + SC per DICOM input; None without --dicom-out
     if not inputs.files:
@@ -320,7 +320,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.engine == "ray":
             results = _ray_results(model, writer.todo, args)
         elif args.csv or args.out:
-            from .archive import predict_local
+            from ..archive import predict_local
 
             results = predict_local(model, writer.todo, threshold=args.threshold, batch_size=args.batch_size,
                                     tta=args.tta)
@@ -347,7 +347,7 @@ def _failed_summary(failed: int, total: int) -> int:
 
 def _ray_results(model, files: list, args: argparse.Namespace):
     """(Prediction, row) per file from the Ray engine, on the cluster at --address or a local instance."""
-    from .archive import predict_ray, ray_session
+    from ..archive import predict_ray, ray_session
 
     with ray_session(args.address, args.quiet):
         yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
@@ -357,7 +357,7 @@ def _ray_results(model, files: list, args: argparse.Namespace):
 
 def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_dicom, table: bool) -> int:
     """--engine ray --out DEST(.parquet): Ray writes the Parquet folder; the rows are printed once written."""
-    from .archive import predict_ray_folder
+    from ..archive import predict_ray_folder
 
     failed = [0]
 
@@ -382,8 +382,8 @@ def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_d
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_images, export_onnx, int8_inputs, quantize_int8
-    from .predict import load_model
+    from ..export import check_images, export_onnx, int8_inputs, quantize_int8
+    from ..predict import load_model
 
     if not args.onnx.lower().endswith(".onnx"):
         raise PneumoscanError(f"--onnx must name an .onnx file, got {args.onnx!r}")
@@ -422,7 +422,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Pneumonia screening on chest X-rays.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=positive_int, default=1, metavar="K",
                    help="Ray actors scoring at once, each with its own copy of the model (default 1)")
     p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
-    from .dicom.cli import add_dicom_out_option  # --dicom-out DIR
+    from .dicom import add_dicom_out_option  # --dicom-out DIR
 
     add_dicom_out_option(p)
     p.add_argument("--json", action="store_true",
@@ -531,11 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=positive_float, default=1e-3, help="largest allowed |logit| difference")
     p.set_defaults(func=cmd_export)
 
-    from .serve.cli import add_keys_command, add_serve_command  # torch-free; `pneumoscan serve`, `keys`
+    from .serve import add_keys_command, add_serve_command  # torch-free; `pneumoscan serve`, `keys`
 
     add_serve_command(sub, _add_model_options)
     add_keys_command(sub)
-    from .dicom.cli import add_dicom_command  # torch-free; `pneumoscan dicom listen | pull`
+    from .dicom import add_dicom_command  # torch-free; `pneumoscan dicom listen | pull`
 
     add_dicom_command(sub)
     _add_adapt_command(sub)
@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import cmd_adapt as run
+    from ..adapt import cmd_adapt as run
 
     return run(args)
 
@@ -616,6 +616,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,7 @@ def _logging(verbose: bool) -> None:
 def cmd_listen(args: argparse.Namespace) -> int:
     import signal
 
-    from .node import Destination
+    from ..dicom.node import Destination
 
     forward = Destination.parse(args.forward) if args.forward else None
     if forward is None and args.out is None:
@@ -39,8 +39,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         import pynetdicom  # noqa: F401
     except ImportError as exc:
         raise PneumoscanError(f"the DICOM node needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
+    from ..dicom.node import Node
     from ..predict import load_model
-    from .node import Node
 
     _logging(args.verbose)
     model = load_model(args.model, precision=args.precision)
@@ -60,9 +60,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from ..cli import _row
+    from ..dicom.pull import pull
     from ..predict import load_model
-    from .pull import pull
+    from . import _row
 
     _logging(False)
     model = load_model(args.model, precision=args.precision)
@@ -81,7 +81,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def add_dicom_command(sub) -> None:
     """Add ``dicom listen`` and ``dicom pull`` to the main parser's subparsers."""
-    from ..cli import number_type
+    from . import number_type
 
     positive_int = number_type(int, lambda v: v > 0, "a number above 0")
     positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")
@@ -146,11 +146,11 @@ def dicom_out(folder: str | None, model):
     try:
         import highdicom  # noqa: F401 - fails early without the dicom extra
 
-        from .screen import Screener
+        from ..dicom.screen import Screener
     except ImportError as exc:
         raise PneumoscanError(f"--dicom-out needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
     from pathlib import Path
 
-    from .predict_out import DicomOut
+    from ..dicom.predict_out import DicomOut
 
     return DicomOut(Path(folder), Screener(model))

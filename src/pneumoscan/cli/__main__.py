@@ -1,0 +1,7 @@
+"""``python -m pneumoscan.cli``: the same as the ``pneumoscan`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
