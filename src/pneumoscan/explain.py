@@ -49,6 +49,21 @@ def _explainer(model) -> _Explainer:
         return explainer
 
 
+HEATMAP_RULES = ("positive", "all")  # which screened images get a heatmap; "positive" is the default everywhere
+
+
+def wants_heatmap(prediction, rule: str = "positive") -> bool:
+    """The one rule every route (CLI --heatmaps, the HTTP service and page, the DICOM node) applies: a map only
+    for an image the model judged, and by default only when it decided PNEUMONIA. On a NORMAL image the map
+    still lights up somewhere (the neck, the mediastinum), which invites a reader to see a finding the model
+    did not make."""
+    if rule not in HEATMAP_RULES:
+        raise ValueError(f"heatmap rule must be one of {', '.join(HEATMAP_RULES)}, got {rule!r}")
+    if prediction.status != "ok":
+        return False
+    return rule == "all" or prediction.decision == "PNEUMONIA"
+
+
 def display_copy(pixels: np.ndarray, max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
     """The image at most ``max_side`` a side (antialiased): what people look at, at a bounded cost."""
     height, width = pixels.shape
