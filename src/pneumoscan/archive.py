@@ -89,7 +89,7 @@ def check_output_folder(path: str | Path, option: str = "--out") -> None:
     """Fail now, in one line, when the Parquet folder of a Ray run could not be put at ``path``: something there
     that is neither a file nor a folder of Parquet files (replaced at the end, as a file is), or an unwritable
     place. Creates nothing."""
-    from .report import _check_writable
+    from .durable import check_writable as _check_writable
 
     target = Path(path)
     if target.is_dir():

@@ -3,55 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 from .archive import CSV_COLUMNS  # noqa: F401 (the CSV's columns, imported from here by older code)
+from .durable import check_output_dir, check_output_file  # noqa: F401 (callers import them from here)
+from .durable import check_writable as _check_writable  # noqa: F401
 from .errors import PneumoscanError
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable(folder: Path, target: Path, option: str) -> None:
-    """Create (and remove) a probe file in the nearest existing folder: the only test that tells a read-only
-    mount, a permission problem or a pseudo file system from a writable place, for root too."""
-    existing = _nearest_existing(folder)
-    if not existing.is_dir():
-        raise PneumoscanError(f"{target}: cannot write {option} there: {existing} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".pneumoscan-probe-")
-    except OSError as exc:
-        raise PneumoscanError(f"{target}: cannot write {option} in {existing} ({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-def check_output_file(path: str | Path | None, option: str) -> None:
-    """Fail now, in one line, when ``path`` could not receive the file this run writes at its end (a folder or a
-    device there, an unwritable location), instead of losing the finished work. Creates nothing."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise PneumoscanError(f"{target}: {option} names a folder; give a file name, e.g. {target / 'results.csv'}")
-    if target.exists() and not target.is_file():  # a device, a FIFO: the final rename would replace it
-        raise PneumoscanError(f"{target}: {option} names something that is not a regular file")
-    _check_writable(target.parent, target, option)
-
-
-def check_output_dir(path: str | Path | None, option: str) -> None:
-    """The same for a folder the run fills (heatmaps, plots): it must be a folder, or creatable. Creates nothing."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise PneumoscanError(f"{target}: {option} names a file; give a folder")
-    _check_writable(target, target, option)
 
 
 class PredictionWriter:
