@@ -47,6 +47,31 @@ def test_card_is_package_data_and_linked_from_readme():
     assert "(docs/model_card.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+def test_card_output_line_matches_the_model_file():
+    """The calibration and thresholds the card quotes are the bundled file's own, read from its record."""
+    from pneumoscan.predict import load_model
+
+    record = load_model().record
+    card = PACKAGED.read_text(encoding="utf-8")
+    output = re.search(r"^- \*\*Output:\*\*(.+?)(?=^- \*\*)", card, flags=re.M | re.S).group(1)
+    assert f"temperature {record.temperature:.3f}" in output
+    assert f"bias {record.bias:+.3f}" in output
+    assert f"**screening** {record.thresholds['screening']:.4f}" in output
+    assert f"**balanced** {record.thresholds['balanced']:.4f}" in output
+    table = re.search(r"screening threshold ([0-9.]+) \| balanced threshold ([0-9.]+)", card)
+    assert table.groups() == (f"{record.thresholds['screening']:.4f}", f"{record.thresholds['balanced']:.4f}")
+
+
+def test_card_test_specificity_agrees_with_the_reported_result():
+    """The limitation's test specificity is the screening specificity in docs/results/default_test.json."""
+    import json
+
+    result = json.loads((ROOT / "docs" / "results" / "default_test.json").read_text())
+    card = PACKAGED.read_text(encoding="utf-8")
+    quoted = re.search(r"specificity fell from [0-9.]+ \(validation\) to ([0-9.]+)", card).group(1)
+    assert quoted == f"{result['screening']['specificity']:.3f}"
+
+
 @pytest.fixture(scope="module")
 def default_server():
     from pneumoscan import load_model
