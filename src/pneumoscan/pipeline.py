@@ -36,14 +36,15 @@ from .errors import PneumoscanError
 if TYPE_CHECKING:
     import torch
 
-STATUSES = ("ok", "not_xray", "out_of_distribution", "error")
+# ok | not_xray (the checks say it is no frontal chest X-ray) | outside_population (the DICOM header says the
+# patient is outside the model's intended population) | out_of_distribution (the feature guard) | error
+STATUSES = ("ok", "not_xray", "outside_population", "out_of_distribution", "error")
+OUTSIDE_INTENDED = "outside the model's intended population"
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One screened image. ``status``: ok | not_xray (the checks say it is no frontal chest X-ray) |
-    out_of_distribution (the feature guard says it is unlike the training X-rays) | error (unreadable);
-    probability and decision are None unless ok. ``heatmap``: the file a route wrote the image's Grad-CAM
+    """One screened image. ``status``: one of ``STATUSES``; probability and decision are None unless ok. ``heatmap``: the file a route wrote the image's Grad-CAM
     overlay to, when it wrote one."""
 
     path: str
@@ -65,13 +66,15 @@ class Prediction:
 
 @dataclass
 class Prepared:
-    """A source ready for the network, or the reason it is not: exactly one of ``image`` and ``error`` is set."""
+    """A source ready for the network, or the reason it is not: ``image`` is set exactly when neither ``error``
+    (it cannot be read) nor ``refused`` (its header puts it outside the intended population) is."""
 
     name: str
     decoded: DecodedImage | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 (S, S) network input
     reason: str | None = None  # why the image checks say it is no frontal chest X-ray
     error: str | None = None  # why it cannot be read: the row's message
+    refused: str | None = None  # why it is outside the model's intended population: the row's message
 
     @property
     def readable(self) -> bool:
@@ -111,7 +114,12 @@ def prepare(model, source: Source | DecodedImage | np.ndarray, name: str | None 
     except BaseException as exc:  # noqa: BLE001 - whatever a malformed file makes a library raise is its row
         where = label or (source.name if isinstance(source, DecodedImage) else "<bytes>")
         return Prepared(where, error=unreadable(where, exc))
-    return Prepared(decoded.name if label is None else label, decoded, image, reason)
+    label = decoded.name if label is None else label
+    population = model.record.population
+    why = population.check(decoded.dicom.age_years) if population and decoded.dicom and reason is None else None
+    if why is not None:  # answered without a network call
+        return Prepared(label, decoded, refused=f"{OUTSIDE_INTENDED}: {why}; no probability reported")
+    return Prepared(label, decoded, image, reason)
 
 
 def from_array(name: str, image: np.ndarray, reason: str | None = None) -> Prepared:
@@ -126,7 +134,7 @@ def decide(model, items: Sequence[Prepared], op: tuple[str, float] | Sequence[tu
     ops = list(op) if op and isinstance(op[0], tuple) else [op] * len(items)
     if len(ops) != len(items):
         raise ValueError(f"{len(items)} items but {len(ops)} operating points")
-    ready = [item.image for item in items if item.error is None]
+    ready = [item.image for item in items if item.image is not None]
     if ready:
         scores = model.score(np.stack(ready), tta=tta)
     out: list[Screened] = []
@@ -134,6 +142,10 @@ def decide(model, items: Sequence[Prepared], op: tuple[str, float] | Sequence[tu
     for item, (name, value) in zip(items, ops, strict=True):
         if item.error is not None:
             out.append(Screened(Prediction(item.name, None, None, name, value, "error", item.error)))
+            continue
+        if item.image is None:
+            refused = Prediction(item.name, None, None, name, value, "outside_population", item.refused or "")
+            out.append(Screened(refused, item.decoded))
             continue
         logits = scores.logits[row]
         prediction = model.result(item.name, logits, float(scores.guard[row]), (name, value), item.reason)

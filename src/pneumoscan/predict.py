@@ -22,13 +22,18 @@ from .errors import PneumoscanError
 from .guard import NOT_XRAY, OUTSIDE_POPULATION, Guard, guard_reason, image_check
 from .modelfile import GUARD_PREFIX, read_model_file, resolve_model_path, sha256_file
 from .pipeline import STATUSES, Prediction  # noqa: F401 (the API names them here too)
-from .record import ModelRecord
+from .record import ModelRecord, Population
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 DEFAULT_NAME = "pneumoscan-default"
 # The bundled model file's sha256, known to the code itself: an edited copy (a threshold changed in its JSON
 # header, say) still parses, and would otherwise load under the bundled model's name.
 BUNDLED_SHA256 = "15a183a60113de2bebb96d8bc7cc9f307248bed6cc56f7de9370a7da9d4d570f"
+# The bundled model's intended population, from its model card: trained and tested on children aged 1 to 5, with
+# adults, neonates and older children out of scope. Its file predates the record's population field, and
+# rewriting it would change the sha256 every published result names, so the code supplies it, keyed on that sha256
+# (an ONNX export of it records the population itself).
+BUNDLED_POPULATION = Population(1.0, 6.0, "the ages 1 to 5 years the model was trained and tested on")
 
 
 class Scores(NamedTuple):
@@ -215,6 +220,8 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
         if record.name == DEFAULT_NAME and record.source_sha256 != BUNDLED_SHA256:
             raise PneumoscanError(f"{path}: claims to be the bundled model {DEFAULT_NAME} but was not exported "
                                   "from it (its source sha256 differs): refusing a modified copy")
+        if record.source_sha256 == BUNDLED_SHA256 and record.population is None:
+            record = record.with_(population=BUNDLED_POPULATION)
         model = Model(record, net_backend, guard, path, sha256_file(path), max_pixels=max_pixels)
     elif backend == "torch":
         model = _load_torch(path, device=device, precision=precision, max_pixels=max_pixels)
@@ -254,4 +261,6 @@ def _load_torch(path: str | Path | None, *, device: str, precision: str, max_pix
         guard = Guard.from_tensors(guard_tensors, record.guard.threshold)
     network = network.to(device, memory_format=torch.channels_last).eval()
     backend = TorchBackend(network, record.preprocessing, record.precision if precision == "auto" else precision)
+    if sha256 == BUNDLED_SHA256 and record.population is None:
+        record = record.with_(population=BUNDLED_POPULATION)
     return Model(record, backend, guard, path, sha256, max_pixels=max_pixels)
