@@ -1,84 +1,16 @@
-"""Outputs people read: the per-file CSV and heatmaps of ``predict``, and the plots of ``evaluate``."""
+"""The plots of ``evaluate``: confusion matrices, ROC and PR curves, reliability diagrams, training curves.
+
+A domain module: it returns the paths it wrote and prints nothing (``pneumoscan evaluate --report`` says them).
+What ``predict`` writes (CSV, JSON, heatmaps) lives in ``pneumoscan.cli.output``.
+"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from .archive import CSV_COLUMNS  # noqa: F401 (the CSV's columns, imported from here by older code)
-from .durable import check_output_dir, check_output_file  # noqa: F401 (callers import them from here)
-from .durable import check_writable as _check_writable  # noqa: F401
-from .errors import PneumoscanError
-
-
-class PredictionWriter:
-    """The outputs of a predict run. Rows go to a journal beside the first destination (``DEST.partial``,
-    appended, flushed per row and fsynced at short intervals: a killed run keeps its finished rows, and
-    ``resume`` continues it); the CSV (``--csv``, or ``--out x.csv``) and Parquet (``--out x.parquet``) files are
-    written from it, in input order, and renamed into place only when the run completes, so a file at the final
-    name is always complete. Heatmaps are written before their row, so a row never lacks its heatmap."""
-
-    def __init__(self, csv_path: str | None, heatmap_dir: str | None, model, *, out_path: str | None = None,
-                 files: list | None = None, threshold="screening", tta: bool = False, resume: bool = False):
-        from .archive import ArchiveWriter, output_kind, run_settings
-
-        self.csv_path = Path(csv_path) if csv_path else None
-        self.heatmap_dir = Path(heatmap_dir) if heatmap_dir else None
-        self.model = model
-        destinations = [(Path(out_path), output_kind(out_path))] if out_path else []
-        if self.csv_path:
-            destinations.append((self.csv_path, "csv"))
-        self.files = list(files or [])
-        self.archive = ArchiveWriter(destinations, model, run_settings(model, threshold, tta), self.files,
-                                     resume=resume)
-
-    @property
-    def todo(self) -> list:
-        """The files still to score (all of them, unless a resumed journal holds some)."""
-        return self.archive.todo
-
-    @property
-    def kept(self) -> list[dict]:
-        return self.archive.kept
-
-    def __enter__(self) -> PredictionWriter:
-        check_output_file(self.csv_path, "--csv")
-        check_output_dir(self.heatmap_dir, "--heatmaps")
-        try:
-            self.archive.open()
-            if self.heatmap_dir:
-                self.heatmap_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self.archive.abort()
-            where = exc.filename or self.csv_path or self.heatmap_dir
-            raise PneumoscanError(f"{where}: cannot write there ({exc.strerror or exc})") from None
-        return self
-
-    def add(self, pred, row: dict | None = None) -> None:
-        if self.heatmap_dir and pred.status == "ok":
-            from .explain import save_heatmap
-
-            try:
-                save_heatmap(self.model, pred.path, self.heatmap_dir)
-            except OSError as exc:  # e.g. the disk filled up: one line, and no CSV that looks complete
-                raise PneumoscanError(f"{self.heatmap_dir}: cannot write the heatmap of {pred.path} "
-                                      f"({exc.strerror or exc})") from None
-        if row is None:
-            from .archive import file_key, make_row
-
-            row = make_row(pred, *file_key(pred.path))
-        self.archive.add(row)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.archive.finish()
-            return
-        line = self.archive.abort()
-        if line:
-            import sys
-
-            print(f"pneumoscan: {line}", file=sys.stderr)
-
+# adapt.py still imports the output check from here; its home is durable (remove once adapt imports it there)
+from .durable import check_output_dir, check_output_file  # noqa: F401
 
 # ---- evaluation plots -------------------------------------------------------------------------------------
 # matplotlib's object API (Figure, no pyplot): no global state, no display needed, safe in servers and tests.

@@ -62,7 +62,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from ..dicom.pull import pull
     from ..predict import load_model
-    from . import _row
+    from .output import row as _row
 
     _logging(False)
     model = load_model(args.model, precision=args.precision)
@@ -81,7 +81,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def add_dicom_command(sub) -> None:
     """Add ``dicom listen`` and ``dicom pull`` to the main parser's subparsers."""
-    from . import number_type
+    from .args import number_type
 
     positive_int = number_type(int, lambda v: v > 0, "a number above 0")
     positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")

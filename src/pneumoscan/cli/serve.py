@@ -38,7 +38,7 @@ DICOM patient fields; it rotates at --audit-max-mb, keeping --audit-backups old 
 
 def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     """The ``serve`` subcommand, with the model options every answering command shares."""
-    from . import number_type, port_number, positive_float, positive_int
+    from .args import number_type, port_number, positive_float, positive_int
 
     def count(low: int, high: int):
         return number_type(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")

@@ -1,0 +1,30 @@
+"""``pneumoscan data summary | download``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_data_summary(args: argparse.Namespace) -> int:
+    from ..data.summary import format_summary, summarize
+
+    print(format_summary(summarize(args.data_dir)))
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from ..data.download import DATASET, download
+
+    counts = download(args.dest)
+    print(f"{args.dest}: Kaggle {DATASET}, " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
+    return 0
+
+
+def add_data_command(sub) -> None:
+    data = sub.add_parser("data", help="inspect or fetch a dataset").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("summary", help="images, patients, sizes and class balance per split")
+    p.add_argument("data_dir")
+    p.set_defaults(func=cmd_data_summary)
+    p = data.add_parser("download", help="fetch the Kermany dataset from Kaggle (needs Kaggle credentials)")
+    p.add_argument("dest", help="new folder that receives {train,val,test}/{NORMAL,PNEUMONIA}")
+    p.set_defaults(func=cmd_data_download)

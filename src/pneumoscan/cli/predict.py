@@ -1,0 +1,229 @@
+"""``pneumoscan predict``: screen files and folders, print a row per file, write what was asked."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..constants import BATCH_SIZE
+from ..errors import PneumoscanError
+from .args import add_model_options, positive_float, positive_int
+from .output import PREDICT_HEADER, PredictionWriter, failed_summary, json_line, model_line
+from .output import row as format_row
+
+
+class Inputs:
+    """The files a predict run will screen, found before any model is loaded, and what the folder walk left out.
+
+    Files named on the command line are screened whatever their suffix (an unreadable one becomes an error row);
+    inside folders (walked recursively, sorted) only image suffixes and suffix-less files (DICOM often has no
+    suffix) are taken, hidden files and folders are left out, and every left-out file is counted by suffix."""
+
+    def __init__(self, items: list[str]):
+        from collections import Counter
+
+        from ..data.layout import IMAGE_SUFFIXES
+
+        self.files: list[Path] = []
+        self.skipped: Counter[str] = Counter()  # suffix (or "hidden") -> files left out
+        self.folders: list[str] = []
+        for item in items:
+            path = Path(item)
+            if not path.is_dir():
+                self.files.append(path)  # a missing or unreadable file becomes an error row, not a crash
+                continue
+            self.folders.append(item)
+            for child in sorted(path.rglob("*")):
+                if not child.is_file():
+                    continue
+                if any(part.startswith(".") for part in child.relative_to(path).parts):
+                    self.skipped["hidden"] += 1
+                elif child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == "":
+                    self.files.append(child)
+                else:
+                    self.skipped[child.suffix.lower()] += 1
+
+    def skipped_summary(self) -> str:
+        """e.g. '3 files skipped (not images: .txt 2, .csv 1)'; empty when nothing was skipped."""
+        total = sum(self.skipped.values())
+        if not total:
+            return ""
+        kinds = [f"{suffix} {n}" for suffix, n in self.skipped.most_common() if suffix != "hidden"]
+        parts = ([f"not images: {', '.join(kinds)}"] if kinds else []) + (
+            [f"hidden: {self.skipped['hidden']}"] if self.skipped["hidden"] else [])
+        return f"{total} file{'s' if total != 1 else ''} skipped ({'; '.join(parts)})"
+
+
+def _supported() -> str:
+    from ..data.layout import IMAGE_SUFFIXES
+
+    return ", ".join(sorted(IMAGE_SUFFIXES)) + " or no suffix (DICOM)"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..archive import output_kind, require_pyarrow, require_ray
+    from ..durable import check_output_dir, check_output_file
+
+    if args.heatmaps and args.backend != "torch":
+        raise PneumoscanError("--heatmaps (Grad-CAM) needs the PyTorch model: use --backend torch")
+    if args.heatmaps and args.engine == "ray":
+        raise PneumoscanError("--heatmaps (Grad-CAM) runs on the local engine only: drop --engine ray")
+    if args.resume and not (args.csv or args.out):
+        raise PneumoscanError("--resume continues the partial results of --csv or --out: give the same one")
+    # Destinations fail first (before the model loads); then bad options (model, threshold: exit 2) before
+    # an empty input (exit 1); no image is decoded before all of that passed.
+    check_output_file(args.csv, "--csv")
+    out_kind = output_kind(args.out, engine=args.engine) if args.out else None
+    if out_kind in ("parquet", "dataset"):
+        require_pyarrow()
+    if out_kind == "dataset":  # --engine ray: a folder of Parquet files written by Ray
+        from ..archive import check_output_folder
+
+        check_output_folder(args.out, "--out")
+    else:
+        check_output_file(args.out, "--out")
+    check_output_dir(args.heatmaps, "--heatmaps")
+    check_output_dir(args.dicom_out, "--dicom-out")
+    if args.engine == "ray":
+        require_ray()
+    inputs = Inputs(args.inputs)
+
+    from tqdm import tqdm
+
+    from ..predict import load_model
+
+    model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
+                       max_pixels=round(args.max_megapixels * 1e6))
+    model.resolve_threshold(args.threshold)
+    from .dicom import dicom_out
+
+    write_dicom = dicom_out(args.dicom_out, model)  # SR + SC per DICOM input; None without --dicom-out
+    if not inputs.files:
+        skipped = inputs.skipped_summary()
+        print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
+              + (f": {skipped}" if skipped else " (empty)") + f"; supported: {_supported()}", file=sys.stderr)
+        return 1
+    if inputs.skipped and not args.quiet:
+        print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
+    table = sys.stdout.isatty() and not args.json
+    if table:  # a person reads this: say which model answered and what the columns are
+        print(model_line(model))
+        print(PREDICT_HEADER)
+    elif not args.quiet:  # piped: stdout stays rows only, the model goes to stderr
+        print(f"pneumoscan: {model_line(model)}", file=sys.stderr)
+    if out_kind == "dataset":
+        return _predict_ray_folder(model, inputs, args, write_dicom, table)
+    with PredictionWriter(args.csv, args.heatmaps, model, out_path=args.out, files=inputs.files,
+                          threshold=args.threshold, tta=args.tta, resume=args.resume) as writer:
+        failed = sum(row["status"] == "error" for row in writer.kept)
+        if args.resume and not args.quiet:
+            print(f"pneumoscan: resuming: {len(writer.kept)} row(s) kept from {writer.archive.path}, "
+                  f"{len(writer.todo)} file(s) to screen" if writer.archive.resumed else
+                  f"pneumoscan: no {writer.archive.path} to resume: screening every file", file=sys.stderr)
+        if args.engine == "ray":
+            results = _ray_results(model, writer.todo, args)
+        elif args.csv or args.out:
+            from ..archive import predict_local
+
+            results = predict_local(model, writer.todo, threshold=args.threshold, batch_size=args.batch_size,
+                                    tta=args.tta)
+        else:
+            results = ((pred, None) for pred in model.predict_files(
+                inputs.files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta))
+        for pred, row in tqdm(results, desc="screening", unit="img", total=len(writer.todo),
+                              disable=args.quiet or not sys.stderr.isatty()):
+            failed += pred.status == "error"
+            writer.add(pred, row)
+            if write_dicom is not None:
+                write_dicom(pred)
+            print(json_line(pred) if args.json else format_row(pred), flush=table)
+    return failed_summary(failed, len(inputs.files))
+
+
+def _ray_results(model, files: list, args: argparse.Namespace):
+    """(Prediction, row) per file from the Ray engine, on the cluster at --address or a local instance."""
+    from ..archive import predict_ray, ray_session
+
+    with ray_session(args.address, args.quiet):
+        yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
+                               num_cpus=args.num_cpus, num_gpus=args.num_gpus, concurrency=args.concurrency,
+                               backend=args.backend, precision=args.precision)
+
+
+def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_dicom, table: bool) -> int:
+    """--engine ray --out DEST(.parquet): Ray writes the Parquet folder; the rows are printed once written."""
+    from ..archive import predict_ray_folder
+
+    failed = [0]
+
+    def resumed(folder) -> None:
+        failed[0] += sum(row["status"] == "error" for row in folder.kept)
+        if args.resume and not args.quiet:
+            print(f"pneumoscan: resuming: {len(folder.kept)} row(s) kept, {len(folder.todo)} file(s) to screen"
+                  if folder.resumed else f"pneumoscan: no {folder.parts} to resume: screening every file",
+                  file=sys.stderr)
+
+    def emit(pred) -> None:
+        failed[0] += pred.status == "error"
+        if write_dicom is not None:
+            write_dicom(pred)
+        print(json_line(pred) if args.json else format_row(pred), flush=table)
+
+    predict_ray_folder(model, inputs.files, args.out, emit=emit, csv_path=args.csv, resume=args.resume,
+                       threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, num_cpus=args.num_cpus,
+                       num_gpus=args.num_gpus, concurrency=args.concurrency, backend=args.backend,
+                       precision=args.precision, address=args.address, quiet=args.quiet, on_open=resumed)
+    return failed_summary(failed[0], len(inputs.files))
+
+
+
+
+def add_predict_command(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="screen images, folders of images, DICOM files",
+        description="Screen JPEG, PNG, TIFF, BMP and DICOM files. Folders are walked recursively for those "
+                    "suffixes and for files without a suffix (DICOM); other and hidden files are skipped and "
+                    "counted on stderr. Output: one tab-separated line per file (path, probability, decision, "
+                    "threshold or reason); on a terminal a model line (name, sha256) and a header line come "
+                    "first, when piped the model line goes to stderr. Exit 0 when every file was read, 1 when "
+                    "one could not be or nothing was found, 2 for bad options.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", help="model file or run directory (default: the bundled model)")
+    p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
+    p.add_argument("--csv", metavar="FILE", help="write one row per file (path, probability, decision, threshold, "
+                                                 "status, message); the file appears only when the run completes, "
+                                                 "finished rows are kept in FILE.partial until then (--resume)")
+    p.add_argument("--out", metavar="FILE", help="results.csv or results.parquet (pyarrow): the CSV's columns, and "
+                                                 "in Parquet also model_sha256 and the DICOM Study, Series and SOP "
+                                                 "Instance UIDs; crash-safe like --csv. With --engine ray a "
+                                                 ".parquet (or suffix-less) name is a folder of Parquet files "
+                                                 "written by Ray (read it with pyarrow.parquet.read_table)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FILE.partial: keep its rows, screen only the files whose "
+                        "path, size and modification time have no row yet (same model and options only)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: decode in Ray tasks and score in a pool of Ray actors (pip install "
+                        "'pneumoscan[cluster]'), on a local instance or the cluster at --address")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto (the one `ray start --head` "
+                                                   "started) or ray://host:10001; default: a local instance")
+    p.add_argument("--num-cpus", type=positive_float, default=1.0, metavar="N", help="CPUs per Ray actor (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, metavar="G", help="GPUs per Ray actor (default 0)")
+    p.add_argument("--concurrency", type=positive_int, default=1, metavar="K",
+                   help="Ray actors scoring at once, each with its own copy of the model (default 1)")
+    p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
+    from .dicom import add_dicom_out_option  # --dicom-out DIR
+
+    add_dicom_out_option(p)
+    p.add_argument("--json", action="store_true",
+                   help="print JSON Lines instead of tab-separated rows: one object per file, the fields of "
+                        "pneumoscan.Prediction (path, probability, decision, operating_point, threshold, status, "
+                        "message, guard_score); null where a figure does not apply")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
+    p.add_argument("--quiet", action="store_true", help="on stderr only errors: no progress bar, model line or count of skipped files")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")
+    add_model_options(p)
+    p.set_defaults(func=cmd_predict)
+
