@@ -88,10 +88,38 @@ class Screened:
     prediction: Prediction
     decoded: DecodedImage | None = field(default=None, repr=False)  # pixels and DICOM header (None if unreadable)
     logits: torch.Tensor | None = field(default=None, repr=False)  # (2,) raw network output (None if unreadable)
+    input_stats: tuple[float, float] | None = None  # mean and std of the uint8 network input, in [0, 1]
 
     @property
     def status(self) -> str:
         return self.prediction.status
+
+    def facts(self) -> dict:
+        """What drift monitoring needs of one result, as every route records it (audit lines, the node's
+        results, archive rows): the answer, the guard distance, a few image statistics and the DICOM header
+        categories. No file name, no identifier, no patient attribute but an age band."""
+        p, d = self.prediction, self.decoded
+        header = d.dicom if d is not None else None
+        return {
+            "status": p.status, "probability": p.probability, "guard_score": p.guard_score,
+            "input_mean": None if self.input_stats is None else round(self.input_stats[0], 5),
+            "input_std": None if self.input_stats is None else round(self.input_stats[1], 5),
+            "width": d.width if d is not None else None, "height": d.height if d is not None else None,
+            "format": d.format if d is not None else None,
+            "modality": getattr(header, "modality", None), "manufacturer": getattr(header, "manufacturer", None),
+            "view": getattr(header, "view", None), "photometric": getattr(header, "photometric", None),
+            "age_band": age_band(getattr(header, "age_years", None)),
+        }
+
+
+AGE_BANDS = ((1.0, "under 1"), (6.0, "1-5"), (18.0, "6-17"), (float("inf"), "18+"))
+
+
+def age_band(years: float | None) -> str | None:
+    """A coarse age band (never the age itself) for monitoring the patient mix."""
+    if years is None:
+        return None
+    return next(label for limit, label in AGE_BANDS if years < limit)
 
 
 def unreadable(name: str, exc: BaseException) -> str:
@@ -149,9 +177,14 @@ def decide(model, items: Sequence[Prepared], op: tuple[str, float] | Sequence[tu
             continue
         logits = scores.logits[row]
         prediction = model.result(item.name, logits, float(scores.guard[row]), (name, value), item.reason)
-        out.append(Screened(prediction, item.decoded, logits))
+        out.append(Screened(prediction, item.decoded, logits, _input_stats(item.image)))
         row += 1
     return out
+
+
+def _input_stats(image: np.ndarray) -> tuple[float, float]:
+    values = image.astype(np.float32) / np.float32(255.0)
+    return float(values.mean()), float(values.std())
 
 
 def screen(model, sources: Iterable[Source | DecodedImage | np.ndarray], *, threshold: str | float = "screening",
