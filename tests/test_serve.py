@@ -25,6 +25,7 @@ from conftest import synthetic_xray
 from PIL import Image
 
 from pneumoscan import load_model
+from pneumoscan.data.images import FORMAT_NAMES
 from pneumoscan.guard import OUTSIDE_POPULATION
 from pneumoscan.serve import app as serve_app
 from pneumoscan.serve import create_app, serve_in_thread
@@ -150,7 +151,7 @@ def test_openapi_schema_documents_the_endpoints_and_the_file_field(server):
     predict = schema["paths"]["/v1/predict"]["post"]
     form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["file"]
-    assert {p["name"] for p in predict["parameters"]} == {"threshold", "heatmap", "preview"}
+    assert {p["name"] for p in predict["parameters"]} == {"threshold", "heatmap", "heatmaps", "preview"}
     assert {"413", "415", "422"} <= set(predict["responses"])
 
 
@@ -243,7 +244,7 @@ def test_text_file_named_png_is_unsupported_media_type(server):
     response = post(server, TEXT, "notes.png")
     assert response.status_code == 415
     assert response.json() == {
-        "error": "notes.png: unsupported file type; expected a JPEG, PNG, TIFF, BMP or DICOM image"
+        "error": f"notes.png: unsupported file type; expected a {FORMAT_NAMES} image"
     }
 
 

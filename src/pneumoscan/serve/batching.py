@@ -1,10 +1,10 @@
-"""Dynamic batching: the images of concurrent requests scored as one network call, in one worker thread.
+"""Dynamic batching: the images of concurrent requests decided by one network call, in one worker thread.
 
-Requests are decoded and prepared in the server's thread pool; each puts its uint8 network input here and awaits
-a future. The batcher thread takes the first waiting image, then gathers what else arrives within the window
-(``window_s``, a few milliseconds), up to ``max_batch`` images, and scores them with one ``Model.score`` call,
-the same function every other route ends in. Row i of the result goes to the future of image i, so an answer can
-only ever belong to its own request. While the network runs, new images queue, so under load batches fill
+Requests are decoded and checked in the server's thread pool (``pipeline.prepare``); each queues its ``Prepared``
+item here with its own operating point and awaits a future. The batcher thread takes the first waiting item, then
+gathers what else arrives within the window (``window_s``, a few milliseconds), up to ``max_batch`` items, and
+hands them to ``pipeline.decide``: one network call, one ``Screened`` per item in order, the same stage every
+other route ends in. Result i goes to the future of item i, so an answer can only ever belong to its own request. While the network runs, new images queue, so under load batches fill
 without waiting at all; when no other request is in flight the window is skipped, so a lone request pays nothing.
 
 The queue itself is unbounded: the server bounds the requests in progress (``--max-pending``) before any upload
@@ -22,22 +22,20 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import NamedTuple
 
-import numpy as np
-
+from ..pipeline import Prepared, Screened, decide
 from .limits import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS
 
 logger = logging.getLogger("pneumoscan.serve")
 
 
-
 class Scored(NamedTuple):
-    logits: object  # torch.Tensor (2,): the row of this request's image
-    guard: float
-    batch_size: int  # how many images shared the network call
+    screened: Screened  # the stage's result for this request's item
+    batch_size: int  # how many items shared the network call
 
 
 class _Item(NamedTuple):
-    image: np.ndarray
+    prepared: Prepared
+    op: tuple[str, float]  # the request's operating point (name, threshold)
     future: Future
 
 
@@ -60,24 +58,31 @@ class Batcher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.batches = 0  # network calls made, for tests and metrics
+        self.batches = 0  # network calls made, for the tests and the metrics
         self.images = 0
 
     # --- the request side --------------------------------------------------------------------------------------
-    def submit(self, image: np.ndarray) -> Future:
-        """Queue one uint8 (S, S) network input; the future resolves to its ``Scored`` row."""
+    def submit(self, prepared: Prepared, op: tuple[str, float]) -> Future:
+        """Queue one readable ``Prepared`` item; the future resolves to its ``Scored`` result."""
+        if prepared.error is not None:
+            raise ValueError(f"{prepared.name}: an unreadable item has no place in a network call")
         self._start()
         future: Future = Future()
         if self._metrics is not None:
             self._metrics.queue_depth.inc()
-        self._queue.put(_Item(image, future))
+        self._queue.put(_Item(prepared, op, future))
         return future
 
-    async def score(self, image: np.ndarray) -> Scored:
-        """Await one image's row without holding a thread (a cancelled request drops out of its batch)."""
-        return await asyncio.wrap_future(self.submit(image))
+    async def decide(self, prepared: Prepared, op: tuple[str, float]) -> Scored:
+        """Await one item's decision without holding a thread (a cancelled request drops out of its batch)."""
+        return await asyncio.wrap_future(self.submit(prepared, op))
+
+    def start(self) -> None:
+        """Start the worker thread now (the service's lifespan does, so the first request pays nothing)."""
+        self._start()
 
     def close(self) -> None:
+        """Stop the worker thread once the items queued before this call are decided."""
         with self._lock:
             if self._thread is not None:
                 self._queue.put(_STOP)
@@ -136,7 +141,7 @@ class Batcher:
     def _score(self, live: list[_Item]) -> None:
         start = time.perf_counter()
         try:
-            scores = self.model.score(np.stack([item.image for item in live]))
+            screened = decide(self.model, [item.prepared for item in live], [item.op for item in live])
         except BaseException as exc:  # noqa: BLE001 (every waiting request gets the failure, the thread lives on)
             logger.exception("pneumoscan: a network call for %d image(s) failed", len(live))
             for item in live:
@@ -148,5 +153,5 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.batch_size.observe(n)
             self._metrics.network_seconds.observe(time.perf_counter() - start)
-        for i, item in enumerate(live):
-            item.future.set_result(Scored(scores.logits[i].clone(), float(scores.guard[i]), n))
+        for item, result in zip(live, screened, strict=True):
+            item.future.set_result(Scored(result, n))
