@@ -20,6 +20,8 @@ import yaml
 
 from .data.layout import check_fold
 from .errors import PneumoscanError
+from .preprocess import REMOVED as PREPROCESSING_REMOVED
+from .preprocess import removed_option as _removed_option
 
 
 class ConfigError(PneumoscanError):
@@ -92,6 +94,11 @@ class TrainConfig:
     image_size: Annotated[int, Range(32)] | None = None  # None: 224
     standardize: bool = True  # rescale each image to a fixed intensity mean and spread (Preprocessing.standardize)
     epochs: Positive = 4
+    # A budget for trying things (configs/quick.yaml); None: no limit. max_train_images trains on a seeded sample of
+    # the training split with each class keeping its share (the validation split stays whole); max_steps ends the
+    # run after that many optimizer steps in all, the learning-rate schedule laid out over them.
+    max_train_images: Annotated[int, Range(2)] | None = None
+    max_steps: Positive | None = None
     batch_size: Positive = 32
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-4
@@ -109,7 +116,9 @@ class TrainConfig:
     threshold_confidence: OpenUnit = 0.95
     guard_quantile: UpToOne = 0.995
     channels_last: bool = True
-    amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast for training steps on CPUs that support it
+    # auto: CUDA when PyTorch sees a GPU (no option needed to use one), else the CPU; cuda: refuse to run without one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast for training steps on CPUs that support it (CUDA: bf16, else fp16)
     num_workers: Annotated[int, Range(-1)] = -1  # -1: 0 on CPU, 4 on CUDA
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -126,14 +135,14 @@ class TrainConfig:
 
 
 # Options that lost on validation and were removed from the code. Old configs and model files that record them at
-# their neutral value still load; any other value is refused, naming where the option still exists.
+# their neutral value still load; any other value is refused, naming where the option still exists. The
+# preprocessing ones are preprocess.REMOVED (model files are read without this module).
 REMOVED: dict[str, tuple[object, str, str]] = {
     # key: (neutral value, experiment of docs/experiments.md, last commit with the option)
     "label_smoothing": (0.0, "experiment 3", "184cb07"),
     "mixup": (0.0, "experiment 5", "184cb07"),
     "ema": (0.0, "experiment 6", "184cb07"),
-    "equalize": (False, "experiment 9", "184cb07"),
-    "standardize_region": (1.0, "experiment 10", "184cb07"),
+    **PREPROCESSING_REMOVED,
     "cutmix": (0.0, "experiment 12", "184cb07"),
     "linear_probe": (False, "experiment 13", "184cb07"),
     "low_res_size": (None, "experiment 15", "cfaac34"),  # progressive resizing
@@ -143,13 +152,7 @@ REMOVED: dict[str, tuple[object, str, str]] = {
 
 def removed_option(key: str, value: object) -> str | None:
     """Why ``key: value`` cannot be used (None: the key is not a removed option, or it is at its neutral value)."""
-    if key not in REMOVED:
-        return None
-    neutral, experiment, commit = REMOVED[key]
-    if isinstance(value, bool) == isinstance(neutral, bool) and value == neutral:  # 0 and 0.0 alike, not false
-        return None
-    return (f"{key} was removed after it lost on validation ({experiment} in docs/experiments.md); "
-            f"git checkout {commit} to rerun it")
+    return _removed_option(key, value, REMOVED)
 
 
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")

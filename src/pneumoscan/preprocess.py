@@ -29,7 +29,26 @@ _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 # of the range, round values near those of a typical Kermany film, so an ImageNet stem sees familiar input ranges.
 STANDARD_INTENSITY = (0.5, 0.25)
 
-REMOVED_KEYS = frozenset({"equalize", "standardize_region"})  # recorded by model files written before their removal
+# Options removed after they lost on validation: key -> (neutral value, experiment of docs/experiments.md, last
+# commit with the option). Model files (preprocessing) and training configs (config.REMOVED, which extends this
+# table) that record one at its neutral value still load. The table lives here, not in ``config``, so that loading a
+# model file never imports the training configuration (nor YAML).
+REMOVED: dict[str, tuple[object, str, str]] = {
+    "equalize": (False, "experiment 9", "184cb07"),
+    "standardize_region": (1.0, "experiment 10", "184cb07"),
+}
+REMOVED_KEYS = frozenset(REMOVED)  # recorded by model files written before their removal
+
+
+def removed_option(key: str, value: object, table: dict[str, tuple[object, str, str]] = REMOVED) -> str | None:
+    """Why ``key: value`` cannot be used (None: the key is not a removed option, or it is at its neutral value)."""
+    if key not in table:
+        return None
+    neutral, experiment, commit = table[key]
+    if isinstance(value, bool) == isinstance(neutral, bool) and value == neutral:  # 0 and 0.0 alike, not false
+        return None
+    return (f"{key} was removed after it lost on validation ({experiment} in docs/experiments.md); "
+            f"git checkout {commit} to rerun it")
 
 
 @dataclass(frozen=True)
@@ -96,8 +115,6 @@ class Preprocessing:
     def from_dict(cls, data: dict) -> Preprocessing:
         """From a model file's record. Removed options are dropped at their neutral value and refused otherwise:
         the network was trained on inputs this code can no longer compute."""
-        from .config import removed_option
-
         data = dict(data)
         for key in REMOVED_KEYS & set(data):
             reason = removed_option(key, data.pop(key))
