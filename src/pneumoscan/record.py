@@ -15,7 +15,10 @@ from typing import Any
 from .errors import PneumoscanError
 from .preprocess import Preprocessing
 
-RECORD_VERSION = 2  # 1: files before the record (no record_version, no precision); 2: precision recorded
+# 1: files before the record (no record_version, no precision); 2: precision recorded; 3: ``prevalence`` (an
+# adapted model's calibration prevalence as its own field; version-2 adapted files held it as fractional
+# ``training.val_counts``, which ``fitted_prevalence`` still reads)
+RECORD_VERSION = 3
 
 
 class RecordError(PneumoscanError):
@@ -27,6 +30,36 @@ class GuardSettings:
     threshold: float  # feature-distance limit, a high quantile of validation X-rays' scores
     quantile: float = 0.995
     min_side: int | None = None  # smallest image side screened; None: a quarter of the network input size
+
+
+@dataclass(frozen=True)
+class Population:
+    """Who the model is for, as far as a DICOM header can tell: images of patients outside these ages are
+    answered "outside_population" with no probability on every route. An image without an age (a JPEG, a
+    DICOM without PatientAge or dates) is not judged by it."""
+
+    min_age_years: float | None = None  # inclusive
+    max_age_years: float | None = None  # exclusive: [1, 6) is "ages 1 to 5"
+    description: str = ""
+
+    def check(self, age_years: float | None) -> str | None:
+        """Why a patient of this age is outside the population, or None (inside, or age unknown)."""
+        if age_years is None:
+            return None
+        low, high = self.min_age_years, self.max_age_years
+        if (low is not None and age_years < low) or (high is not None and age_years >= high):
+            return f"patient age {_age_text(age_years)} is outside {self.description or self.bounds()}"
+        return None
+
+    def bounds(self) -> str:
+        low = "0" if self.min_age_years is None else f"{self.min_age_years:g}"
+        return f"ages {low} to {'any' if self.max_age_years is None else f'under {self.max_age_years:g}'} years"
+
+
+def _age_text(years: float) -> str:
+    if years >= 2:
+        return f"{years:.0f} years"
+    return f"{years * 12:.0f} months"
 
 
 @dataclass(frozen=True)
@@ -51,11 +84,18 @@ class ModelRecord:
     source_sha256: str | None = None  # ONNX files: the model file they were exported from
     quantization: dict | None = None  # ONNX int8 files: how they were quantised
     adaptation: dict | None = None  # site-adapted files (pneumoscan adapt): what was refit, on which images, from which base
+    # The pneumonia share the calibration holds at, when it is not the validation split's (``training.val_counts``):
+    # a site-adapted model's EM estimate or labelled sample. None: as fitted on validation.
+    prevalence: float | None = None
+    population: Population | None = None  # the intended population (ages); None: not recorded, not checked
     record_version: int = RECORD_VERSION
 
     @property
     def fitted_prevalence(self) -> float | None:
-        """Pneumonia share of the validation images the calibration was fitted on, when the file records it."""
+        """Pneumonia share the calibration holds at: the record's ``prevalence`` (adapted models), else that of the
+        validation images it was fitted on, when the file records them."""
+        if self.prevalence is not None:
+            return self.prevalence
         counts = self.training.get("val_counts")
         return counts[1] / sum(counts) if counts and sum(counts) and 0 < counts[1] < sum(counts) else None
 
@@ -100,16 +140,20 @@ class ModelRecord:
             values["classes"] = tuple(str(c) for c in data["classes"])
             values["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
             values["thresholds"] = {str(k): float(v) for k, v in data["thresholds"].items()}
-            for key in ("temperature", "bias"):
+            for key in ("temperature", "bias", "prevalence"):
                 if key in values:
                     values[key] = float(values[key])
             if data.get("guard") is not None:
                 values["guard"] = GuardSettings(**data["guard"])
+            if data.get("population") is not None:
+                values["population"] = Population(**data["population"])
             record = cls(**values, record_version=RECORD_VERSION)
         except (TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"{where}: malformed model record ({str(exc).splitlines()[0]})") from None
         if len(record.classes) != 2:
             raise RecordError(f"{where}: expected two classes (NORMAL, PNEUMONIA), got {list(record.classes)}")
+        if record.prevalence is not None and not 0 < record.prevalence < 1:
+            raise RecordError(f"{where}: prevalence must be in (0, 1), got {record.prevalence}")
         if record.precision not in ("float32", "bfloat16"):
             raise RecordError(f"{where}: unknown precision {record.precision!r}")
         return record
