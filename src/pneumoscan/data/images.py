@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -155,8 +156,8 @@ def sniff(data: bytes) -> str | None:
 
 def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = None,
            max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """The one decoding entry point: a path, the file's bytes, a float (H, W) array in [0, 1] (no header), or an
-    already decoded image (returned as is).
+    """The one decoding entry point: a path, the file's bytes, a float (H, W) array in [0, 1] (no header), a
+    pydicom ``Dataset`` already parsed, or an already decoded image (returned as is).
 
     ``max_pixels``: larger images are refused before they are decoded (decompression bombs).
     """
@@ -164,9 +165,14 @@ def decode(source: Source | DecodedImage | np.ndarray, *, name: str | None = Non
         return source
     if isinstance(source, np.ndarray):
         return DecodedImage.from_array(source, name or "<array>")
-    label = _name(source, name)
-    data = _load_bytes(source, label)
+    if _is_dataset(source):  # parsed once by a route that needs its header too (the DICOM node)
+        label, data = name or "<dataset>", None
+    else:
+        label = _name(source, name)
+        data = _load_bytes(source, label)
     try:
+        if data is None:
+            return _decode_dataset(source, label, max_pixels)
         if is_dicom(data):
             return _read_dicom(data, label, max_pixels)
         return _read_pil(data, label, max_pixels)
@@ -316,6 +322,15 @@ def _read_dicom(data: bytes, name: str, max_pixels: int) -> DecodedImage:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
         raise ImageReadError(f"{name}: corrupt DICOM ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    return _decode_dataset(ds, name, max_pixels)
+
+
+def _is_dataset(source) -> bool:
+    module = sys.modules.get("pydicom.dataset")  # not imported yet: the source cannot be one of its Datasets
+    return module is not None and isinstance(source, module.Dataset)
+
+
+def _decode_dataset(ds, name: str, max_pixels: int) -> DecodedImage:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{name}: DICOM has no pixel data (not an image object)")
     frames = _int_tag(ds, "NumberOfFrames", 1, name) or 1
