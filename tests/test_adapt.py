@@ -14,7 +14,7 @@ import torch
 from conftest import make_model_file, save_gray, synthetic_xray
 from scipy import stats
 
-from pneumoscan import load_model
+from pneumoscan import load_model, pipeline
 from pneumoscan.adapt import (
     MIN_IMAGES,
     Adapted,
@@ -121,14 +121,22 @@ def test_adabn_reestimates_only_the_fine_tuned_stages_batchnorm(tiny, site):
 
 
 def test_adapted_file_scores_what_the_adaptation_computed(tiny, site, tmp_path):
+    """adapt scores through the stage, so the saved file's predictions are the adaptation's numbers to 1e-6."""
     adapted = adapt_unlabelled(tiny, site, which="trained", thresholds="keep")
     logits, feats = adapted.scores(site)
     path = tmp_path / "site.safetensors"
     adapted.save(path)
     model = load_model(path, precision="float32")
+    predicted = list(model.predict_files(site.files, threshold=0.5))
+    screened = pipeline.decide(model, [pipeline.from_array(f, im) for f, im in zip(site.files, site.images.numpy(),
+                                                                                     strict=True)], ("custom", 0.5))
+    assert torch.allclose(torch.stack([s.logits for s in screened]), logits, rtol=0, atol=1e-6)
+    expected = adapted.probability(logits)
+    assert all(p.status in ("ok", "out_of_distribution") for p in predicted)
+    ok = [i for i, p in enumerate(predicted) if p.status == "ok"]
+    assert ok and np.allclose([predicted[i].probability for i in ok], expected[ok], rtol=0, atol=1e-6)
     scores = model.score(site.images)
-    assert torch.allclose(scores.logits, logits, atol=1e-4)
-    assert torch.allclose(scores.features, feats, atol=1e-4)
+    assert torch.allclose(scores.features, feats, rtol=0, atol=1e-6)
     record = model.record
     assert record.name.startswith("tiny-test-model-site-")
     step = record.adaptation["unlabelled"]
@@ -140,10 +148,44 @@ def test_adapted_file_scores_what_the_adaptation_computed(tiny, site, tmp_path):
     for name, t in tiny.record.thresholds.items():
         assert math.log(record.thresholds[name] / (1 - record.thresholds[name])) == pytest.approx(
             math.log(t / (1 - t)) + shift)
-    assert model.fitted_prevalence == pytest.approx(step["prevalence"]["site"], abs=1e-3)
+    # the site's prevalence is the record's typed field; the training summary is the base model's, untouched
+    assert record.prevalence == pytest.approx(step["prevalence"]["site"])
+    assert model.fitted_prevalence == record.prevalence
+    assert record.training == tiny.record.training
     # the guard was refit on the site's features: about every site image is accepted
     assert record.guard.threshold == pytest.approx(step["guard"]["threshold"])
     assert (scores.guard <= model.guard.threshold).float().mean() >= 0.5
+
+
+def test_a_version_2_adapted_file_with_fractional_val_counts_still_loads(tiny, tmp_path):
+    """Adapted files written before the prevalence field held it as expected counts; they keep their meaning."""
+    tensors, meta = read_model_file(tiny.path)
+    meta = {**meta, "record_version": 2, "training": {**meta["training"], "val_counts": [7.5, 22.5]},
+            "adaptation": {"base_name": "tiny-test-model"}}
+    save_model_file(tmp_path / "old.safetensors", tensors, meta)
+    model = load_model(tmp_path / "old.safetensors")
+    assert model.record.prevalence is None and model.fitted_prevalence == pytest.approx(0.75)
+    model.set_prevalence(0.5)
+    assert model.prevalence == 0.5
+
+
+def test_site_images_the_stage_cannot_read_carry_the_stage_message(tiny, tmp_path):
+    folder = site_folder(tmp_path / "site", 3)
+    bad = folder / "broken.jpeg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    site = load_site(tiny, image_files(folder))
+    expected = next(tiny.predict_files([bad])).message
+    assert site.excluded["unreadable"] == 1 and site.messages == [expected]
+    assert len(site) == 3 and site.images.dtype == torch.uint8
+
+
+def test_adapt_scores_the_base_model_as_predict_does(tiny, site):
+    """Without AdaBN, adapt's scores are the stage's: the same logits predict computes, to 1e-6."""
+    logits, _ = Adapted.of(tiny).scores(site)
+    predicted = list(tiny.predict_files(site.files, threshold=0.5))
+    p = Adapted.of(tiny).probability(logits)
+    ok = [i for i, r in enumerate(predicted) if r.status == "ok"]
+    assert len(ok) == len(site) and np.allclose([predicted[i].probability for i in ok], p, rtol=0, atol=1e-6)
 
 
 def test_the_digest_names_the_images_not_their_order_or_names(tiny, site):
@@ -153,10 +195,27 @@ def test_the_digest_names_the_images_not_their_order_or_names(tiny, site):
 
 # --- the command ---------------------------------------------------------------------------------------------------
 
+def test_cli_adapt_help_prints_one_percent_sign(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["adapt", "--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out.split())
+    assert exit_.value.code == 0 and "95% confidence" in text and "%%" not in out and "--device" in out
+
+
+def test_cli_adapt_choices_are_the_domain_modules():
+    from pneumoscan import adapt
+    from pneumoscan.cli import adapt as cli_adapt
+
+    assert cli_adapt.BN_LAYER_CHOICES == adapt.BN_LAYERS and cli_adapt.THRESHOLD_CHOICES == adapt.THRESHOLDS
+    assert adapt.DEFAULT_BN_LAYERS == "none" and adapt.DEFAULT_THRESHOLDS == "em" and adapt.MIN_IMAGES == 25
+
+
 def test_cli_adapt_unlabelled_writes_a_normal_model_file(tiny, tmp_path, capsys):
     folder = site_folder(tmp_path / "site", 28)
     out = tmp_path / "site.safetensors"
-    assert main(["adapt", "--model", str(tiny.path), "--images", str(folder), "--out", str(out)]) == 0
+    assert main(["adapt", "--model", str(tiny.path), "--images", str(folder), "--out", str(out),
+                 "--device", "cpu"]) == 0
     assert "wrote" in capsys.readouterr().out
     model = load_model(out)
     assert model.record.adaptation["unlabelled"]["images"] == 28
@@ -224,7 +283,9 @@ def test_cli_adapt_labelled_refits_calibration_and_thresholds(tiny, tmp_path):
     record = load_model(out).record
     step = record.adaptation["labelled"]
     assert step["counts"] == [12, 30] and step["target_sensitivity"] == 0.9
-    assert record.training["val_counts"] == [12, 30]
+    # the sample's prevalence is a typed field; the training summary stays the base model's
+    assert record.prevalence == pytest.approx(30 / 42) and load_model(out).fitted_prevalence == pytest.approx(30 / 42)
+    assert record.training["val_counts"] == tiny.record.training["val_counts"]
     assert record.thresholds != tiny.record.thresholds
 
 

@@ -35,11 +35,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
-import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .calibrate import fit_decision_rule, prior_shift, softmax_pneumonia
+from . import __version__, pipeline
+from .backends.torch import TorchBackend
+from .calibrate import KeepFeatures, fit_decision_rule, prior_shift, softmax_pneumonia, stage_scores
 from .constants import BATCH_SIZE
-from .data.images import ImageReadError
 from .data.layout import CLASSES, IMAGE_SUFFIXES
 from .errors import PneumoscanError
 from .guard import Guard
@@ -67,6 +64,7 @@ MIN_IMAGES = 25
 BN_LAYERS = ("trained", "all", "none")
 CONFIDENCE = 0.95  # the screening threshold's one-sided Clopper-Pearson confidence, as in training
 ADABN_BATCH = 32
+EXCLUDED = ("unreadable", "not_xray", "out_of_distribution")  # always counted; other statuses when they occur
 
 
 class AdaptError(PneumoscanError):
@@ -105,16 +103,17 @@ def labelled_files(folder: str | Path) -> tuple[list[Path], list[int]]:
 
 @dataclass
 class Site:
-    """A site's usable images as the frozen stages of the base network see them, and what was left out."""
+    """A site's usable images as the screening stage prepared them, the base model's scores, and what was left
+    out (by status: the stage's ``unreadable``, ``not_xray``, ``out_of_distribution``, ...) with the stage's
+    messages."""
 
     files: list[str]
     sha256: list[str]
     images: torch.Tensor  # (N, S, S) uint8 network inputs
-    prefix: torch.Tensor  # (N, C, H, W) the base network's frozen stages' outputs (normalised images if none)
     labels: np.ndarray | None  # (N,) 0/1, or None for unlabelled images
-    excluded: dict[str, int] = field(default_factory=dict)  # not_xray, out_of_distribution, unreadable
+    excluded: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXCLUDED, 0))
     messages: list[str] = field(default_factory=list)
-    base_logits: torch.Tensor | None = None  # (N, 2) the base model's logits, when computed
+    base_logits: torch.Tensor | None = None  # (N, 2) the base model's logits, through the stage
     base_features: torch.Tensor | None = None  # (N, D) and its pooled features
 
     def __len__(self) -> int:
@@ -123,7 +122,7 @@ class Site:
     def subset(self, index: Sequence[int]) -> Site:
         index = list(index)
         return Site([self.files[i] for i in index], [self.sha256[i] for i in index], self.images[index],
-                    self.prefix[index], None if self.labels is None else self.labels[index], dict(self.excluded),
+                    None if self.labels is None else self.labels[index], dict(self.excluded),
                     list(self.messages), None if self.base_logits is None else self.base_logits[index],
                     None if self.base_features is None else self.base_features[index])
 
@@ -132,73 +131,82 @@ class Site:
         return hashlib.sha256("\n".join(sorted(self.sha256)).encode()).hexdigest()
 
 
-def _read(model: Model, path: Path) -> tuple[np.ndarray, str | None, str] | str:
-    try:
-        data = path.read_bytes()
-        small, reason = model.prepare(model.decode(data, name=str(path)))
-    except (ImageReadError, OSError) as exc:
-        return str(exc)
-    except Exception as exc:  # whatever a malformed file makes a library raise: that file is left out, not the run
-        return f"{path}: unreadable ({type(exc).__name__})"
-    return small, reason, hashlib.sha256(data).hexdigest()
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_site(model: Model, files: Sequence[str | Path], labels: Sequence[int] | None = None, *,
               batch_size: int = BATCH_SIZE, workers: int | None = None) -> Site:
-    """Decode and check the site's files; keep those the checks and the base model's guard accept."""
+    """Screen the site's files with the base model through the stage (``pipeline.screen``: decode, checks, the
+    base model's guard); keep the images it screens as ok, count the others by status with the stage's message."""
     _network(model)
-    kept, sha, small, kept_labels, messages = [], [], [], [], []
-    excluded = {"unreadable": 0, "not_xray": 0, "out_of_distribution": 0}
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        for i, (path, item) in enumerate(zip(files, pool.map(lambda p: _read(model, Path(p)), files), strict=True)):
-            if isinstance(item, str):
-                excluded["unreadable"] += 1
-                messages.append(item)
-            elif item[1] is not None:
-                excluded["not_xray"] += 1
-                messages.append(f"{path}: not a frontal chest X-ray: {item[1]}")
-            else:
-                kept.append(str(path))
-                small.append(item[0])
-                sha.append(item[2])
-                if labels is not None:
-                    kept_labels.append(int(labels[i]))
-    images = torch.from_numpy(np.stack(small)) if small else torch.zeros((0, model.preprocessing.size,
-                                                                          model.preprocessing.size), dtype=torch.uint8)
-    return site_from_images(model, images, kept, sha, None if labels is None else kept_labels,
-                            excluded=excluded, messages=messages, batch_size=batch_size)
+    names = [str(p) for p in files]
+    inputs: dict[str, np.ndarray] = {}
+
+    def keep_input(item: pipeline.Prepared) -> None:  # the uint8 network input, for AdaBN and re-scoring
+        if item.image is not None:
+            inputs[item.name] = item.image
+
+    scorer = KeepFeatures(model)
+    results = pipeline.screen(scorer, names, batch_size=batch_size, workers=workers, on_prepared=keep_input)
+    return _site(results, scorer, labels, inputs=inputs)
 
 
-def site_from_images(model: Model, images: torch.Tensor, files: Sequence[str], sha256: Sequence[str],
-                     labels: Sequence[int] | None = None, *, excluded: dict | None = None,
-                     messages: list[str] | None = None, batch_size: int = BATCH_SIZE) -> Site:
-    """A site from uint8 network inputs (N, S, S) that passed the image checks: the frozen stages are run once,
-    and the images the base model's guard rejects are left out and counted."""
-    excluded = {"unreadable": 0, "not_xray": 0, "out_of_distribution": 0, **(excluded or {})}
-    messages = list(messages or [])
-    y = None if labels is None else np.asarray(labels, dtype=np.int64)
-    if len(images) == 0:
-        return Site([], [], images, torch.zeros(0), None if y is None else y[:0], excluded, messages)
-    network = _network(model)
-    prefix = prefix_outputs(network, model.record, images, batch_size=batch_size)
-    site = Site(list(map(str, files)), list(sha256), images, prefix, y, excluded, messages)
-    if model.guard is None:
-        return site
-    site.base_logits, site.base_features = feats = tail_scores(network, model.record, site.prefix,
-                                                               batch_size=batch_size)
-    feats = site.base_features
-    scores = model.guard.score(feats).numpy()
-    rejected = set(np.flatnonzero(scores > model.guard.threshold).tolist())
-    for i in sorted(rejected):
-        messages.append(f"{site.files[i]}: outside the base model's training population (guard distance "
-                        f"{scores[i]:.2f}, limit {model.guard.threshold:.2f})")
-    site = site.subset([i for i in range(len(site)) if i not in rejected])
-    site.excluded["out_of_distribution"] += len(rejected)
-    site.messages = messages
-    return site
+def site_from_images(model: Model, images: torch.Tensor | np.ndarray, files: Sequence[str],
+                     sha256: Sequence[str], labels: Sequence[int] | None = None, *,
+                     batch_size: int = BATCH_SIZE) -> Site:
+    """A site from uint8 network inputs (N, S, S) that passed the image checks (a training cache): scored by the
+    base model through the stage (``pipeline.from_array`` items), the images its guard rejects left out."""
+    _network(model)
+    images = np.asarray(images)
+    scorer = KeepFeatures(model)
+    _, _, results = stage_scores(scorer, images, list(map(str, files)), batch_size=batch_size)
+    return _site(results, scorer, labels, inputs=dict(zip(map(str, files), images, strict=True)),
+                 sha256=dict(zip(map(str, files), sha256, strict=True)))
 
 
-# --- the network, split at the end of its frozen stages ----------------------------------------------------------
+def _site(results, scorer: KeepFeatures, labels: Sequence[int] | None, *, inputs: dict[str, np.ndarray],
+          sha256: dict[str, str] | None = None) -> Site:
+    """The Site of the stage's results, in order: ok rows kept, every other row counted by its status."""
+    excluded = dict.fromkeys(EXCLUDED, 0)
+    messages: list[str] = []
+    kept: list[tuple[int, str, str, torch.Tensor, int]] = []  # (feature row, file, sha256, logits, source index)
+    row = 0
+    for i, screened in enumerate(results):
+        prediction = screened.prediction
+        if screened.logits is not None:
+            row += 1
+        if prediction.status == "error":
+            excluded["unreadable"] += 1
+            messages.append(prediction.message)
+            continue
+        if prediction.status != "ok":
+            excluded[prediction.status] = excluded.get(prediction.status, 0) + 1
+            messages.append(f"{prediction.path}: {prediction.message}")
+            continue
+        try:
+            digest = sha256[prediction.path] if sha256 is not None else _sha256(prediction.path)
+        except OSError as exc:  # gone since it was read: unreadable now
+            excluded["unreadable"] += 1
+            messages.append(pipeline.unreadable(prediction.path, exc))
+            continue
+        kept.append((row - 1, prediction.path, digest, screened.logits, i))
+    features = torch.cat(scorer.features) if scorer.features else torch.zeros((0, 0))
+    size = next(iter(inputs.values())).shape[-1] if inputs else 0
+    return Site([k[1] for k in kept], [k[2] for k in kept],
+                torch.from_numpy(np.stack([inputs[k[1]] for k in kept])) if kept
+                else torch.zeros((0, size, size), dtype=torch.uint8),
+                None if labels is None else np.asarray([int(labels[k[4]]) for k in kept], dtype=np.int64),
+                excluded, messages,
+                torch.stack([k[3] for k in kept]) if kept else torch.zeros((0, 2)),
+                features[[k[0] for k in kept]] if kept else torch.zeros((0, features.shape[-1])))
+
+
+# --- the network ------------------------------------------------------------------------------------------------
 
 def frozen_stage_count(record: ModelRecord) -> int:
     """How many of the architecture's stages training kept frozen (its config, else the architecture default)."""
@@ -215,65 +223,6 @@ def _network(model: Model) -> nn.Module:
 
 def _stage_modules(network: nn.Module, record: ModelRecord, stages: slice) -> list[nn.Module]:
     return [network.get_submodule(name) for stage in arch_spec(record.arch).stages[stages] for name in stage]
-
-
-def _splittable(network: nn.Module) -> bool:
-    """EfficientNets (timm): stem, bn1, blocks..., head; the frozen prefix can then be computed once."""
-    return all(hasattr(network, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head"))
-
-
-def _autocast(model_or_record) -> torch.autocast:
-    record = model_or_record if isinstance(model_or_record, ModelRecord) else model_or_record.record
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=record.precision == "bfloat16")
-
-
-@torch.no_grad()
-def prefix_outputs(network: nn.Module, record: ModelRecord, images: torch.Tensor, *,
-                   batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """Outputs of the frozen stages for uint8 images (N, S, S), float32: computed once per site, since AdaBN of
-    the fine-tuned stages leaves them as they are (the normalised images when nothing is frozen)."""
-    frozen = frozen_stage_count(record)
-    was = network.training
-    network.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = record.preprocessing.normalize(images[s:s + batch_size]).contiguous(memory_format=torch.channels_last)
-        if _splittable(network) and frozen >= 1:
-            with _autocast(record):
-                x = network.bn1(network.conv_stem(x))
-                for block in network.blocks[:frozen - 1]:
-                    x = block(x)
-        out.append(x.float())
-    network.train(was)
-    return torch.cat(out)
-
-
-def _tail(network: nn.Module, record: ModelRecord, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    frozen = frozen_stage_count(record)
-    x = x.contiguous(memory_format=torch.channels_last)
-    if _splittable(network) and frozen >= 1:
-        for block in network.blocks[frozen - 1:]:
-            x = block(x)
-        pooled = network.forward_head(network.bn2(network.conv_head(x)), pre_logits=True)
-    else:
-        pooled = network.forward_head(network.forward_features(x), pre_logits=True)
-    return network.get_classifier()(pooled), pooled
-
-
-@torch.no_grad()
-def tail_scores(network: nn.Module, record: ModelRecord, prefix: torch.Tensor, *,
-                batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, 2), features (N, D)) of the network from the frozen stages' outputs: ``Model.score``'s numbers."""
-    was = network.training
-    network.eval()
-    logits, feats = [], []
-    with _autocast(record):
-        for s in range(0, len(prefix), batch_size):
-            out, pooled = _tail(network, record, prefix[s:s + batch_size])
-            logits.append(out.float())
-            feats.append(pooled.float())
-    network.train(was)
-    return torch.cat(logits), torch.cat(feats)
 
 
 def bn_layers(network: nn.Module, record: ModelRecord, which: str) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -312,12 +261,15 @@ def adabn(network: nn.Module, record: ModelRecord, site: Site, which: str = "tra
     """Re-estimate the chosen BatchNorm layers' running statistics on the site (a cumulative average over batches
     of ``ADABN_BATCH``, in float32); nothing else changes. Returns the number of layers re-estimated.
 
+    This is the one pass adapt runs outside the screening stage: it needs the network as trained (unfolded),
+    with the chosen BatchNorm layers in training mode, and it computes statistics, not scores. Every score taken
+    afterwards goes through the stage (``Adapted.scores``).
     ``order``: which site images, in which order (with repeats), the statistics are taken over; default all once."""
     layers = bn_layers(network, record, which)
     if not layers:
         return 0
-    if order is not None:
-        site = site.subset(order)
+    images = site.images if order is None else site.images[np.asarray(order)]
+    device = next(network.parameters()).device
     network.eval()
     saved = [(m, m.momentum) for m in layers]
     for m in layers:
@@ -325,14 +277,9 @@ def adabn(network: nn.Module, record: ModelRecord, site: Site, which: str = "tra
         m.momentum = None  # cumulative moving average: every batch counts the same
         m.train()
     try:
-        if which == "all":  # the frozen stages change too: from the images
-            for s in range(0, len(site.images), ADABN_BATCH):
-                x = record.preprocessing.normalize(site.images[s:s + ADABN_BATCH])
-                network.forward_head(network.forward_features(x.contiguous(memory_format=torch.channels_last)),
-                                     pre_logits=True)
-        else:
-            for s in range(0, len(site.prefix), ADABN_BATCH):
-                _tail(network, record, site.prefix[s:s + ADABN_BATCH])
+        for s in range(0, len(images), ADABN_BATCH):
+            x = record.preprocessing.normalize(images[s:s + ADABN_BATCH].to(device))
+            network.forward_features(x.contiguous(memory_format=torch.channels_last))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -384,9 +331,9 @@ class Adapted:
     guard: Guard | None
     base_sha256: str
     steps: dict = field(default_factory=dict)
-    frozen_changed: bool = False  # AdaBN re-estimated the frozen stages: a site's cached prefix no longer holds
-    network_changed: bool = False  # AdaBN re-estimated some layer: the base model's cached scores no longer hold
+    network_changed: bool = False  # AdaBN re-estimated some layer: the base model's scores no longer hold
     site_logits: torch.Tensor | None = field(default=None, repr=False)  # the last adaptation images' logits
+    _backend: TorchBackend | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, model: Model) -> Adapted:
@@ -394,12 +341,20 @@ class Adapted:
         guard = copy.deepcopy(model.guard)
         return cls(net, model.record, guard, model.sha256)
 
+    def scoring_model(self) -> Model:
+        """The adapted network as the saved file will run: the record's precision on the same backend as every
+        route (BatchNorm folded again whenever AdaBN changed the statistics), no guard (adapt scores every kept
+        image; the guard is what it refits)."""
+        if self._backend is None:
+            self._backend = TorchBackend(self.network, self.record.preprocessing, self.record.precision)
+        return Model(self.record, self._backend, None, Path(self.record.name), self.base_sha256)
+
     def scores(self, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, features) of the site's images, as ``Model.score`` of the saved file computes them."""
+        """(logits, features) of the site's images through the screening stage, as the saved file scores them."""
         if not self.network_changed and site.base_logits is not None and site.base_features is not None:
             return site.base_logits, site.base_features
-        prefix = prefix_outputs(self.network, self.record, site.images) if self.frozen_changed else site.prefix
-        return tail_scores(self.network, self.record, prefix)
+        logits, feats, _ = stage_scores(self.scoring_model(), site.images.numpy(), site.files)
+        return logits, feats
 
     def probability(self, logits: torch.Tensor) -> np.ndarray:
         return softmax_pneumonia(logits.numpy(), self.record.temperature, self.record.bias)
@@ -461,7 +416,6 @@ def adapt_unlabelled(model: Model, site: Site, *, which: str = DEFAULT_BN_LAYERS
         q0 = 1 / (1 + np.exp(-(np.log(p0 / (1 - p0)) + prior_shift(fitted, first))))
         order = balanced_order(q0, first, prior, seed)
     layers = adabn(out.network, out.record, site, which, order)
-    out.frozen_changed = out.frozen_changed or (which == "all" and layers > 0)
     out.network_changed = out.network_changed or layers > 0
     logits, feats = out.scores(site)
     record = out.record
@@ -471,14 +425,10 @@ def adapt_unlabelled(model: Model, site: Site, *, which: str = DEFAULT_BN_LAYERS
     if fitted is not None:
         prevalence = em_prevalence(out.probability(logits), fitted)
         shift = prior_shift(fitted, prevalence)
-        n = len(site)
-        training = {**record.training, "base_val_counts": record.training.get("val_counts"),
-                    # the prevalence the calibration now holds at, as expected counts of the site images, so that
-                    # --prevalence re-bases from it
-                    "val_counts": [round(n * (1 - prevalence), 3), round(n * prevalence, 3)]}
         moved = {k: float(torch.sigmoid(torch.logit(torch.tensor(v, dtype=torch.float64)) + shift))
                  for k, v in record.thresholds.items()}
-        record = record.with_(bias=record.bias + shift, training=training)
+        # the prevalence the calibration now holds at, so that --prevalence re-bases from it
+        record = record.with_(bias=record.bias + shift, prevalence=prevalence)
         if thresholds == "em":
             target = record.target_sensitivity or 0.98
             moved = {**moved, **em_thresholds(softmax_pneumonia(logits.numpy(), record.temperature, record.bias),
@@ -538,71 +488,10 @@ def recalibrate(model: Model, site: Site, *, target_sensitivity: float | None = 
     if logits is None:
         logits = site.base_logits if adapted is None and site.base_logits is not None else out.scores(site)[0]
     temperature, bias, thresholds = fit_decision_rule(logits.numpy(), site.labels, target, CONFIDENCE)
-    training = {**out.record.training, "base_val_counts": out.record.training.get("val_counts"),
-                "val_counts": counts.tolist()}  # the calibration now holds at the site sample's prevalence
     out.record = out.record.with_(temperature=temperature, bias=bias, thresholds=thresholds,
-                                  target_sensitivity=target, training=training)
+                                  target_sensitivity=target,  # the calibration now holds at the sample's prevalence
+                                  prevalence=float(counts[1] / counts.sum()))
     out.steps["labelled"] = {"images": len(site), "counts": counts.tolist(), "sha256_digest": site.digest(),
                              "excluded": dict(site.excluded), "target_sensitivity": target,
                              "confidence": CONFIDENCE, "seconds": round(time.perf_counter() - started, 2)}
     return out
-
-
-# --- the command ---------------------------------------------------------------------------------------------------
-
-def cmd_adapt(args) -> int:
-    from .predict import load_model
-    from .report import check_output_file
-
-    if not args.images and not args.data:
-        raise AdaptError("give --images SITE_DIR (unlabelled) and/or --data SITE_LABELLED_DIR (labelled)")
-    check_output_file(args.out, "--out")
-    unlabelled = image_files(args.images) if args.images else None
-    labelled = labelled_files(args.data) if args.data else None
-    if unlabelled is not None and not unlabelled:
-        raise AdaptError(f"{args.images}: no image file (.jpeg, .png, .dcm, ...): nothing written")
-    if labelled is not None and not labelled[0]:
-        raise AdaptError(f"{args.data}: no image file in NORMAL/ or PNEUMONIA/: nothing written")
-    model = load_model(args.model)
-    if args.model and Path(args.out).resolve() == model.path.resolve():
-        raise AdaptError(f"{args.out}: --out must not overwrite the model being adapted")
-    started = time.perf_counter()
-    adapted = None
-    lines = []
-    if unlabelled is not None:
-        site = load_site(model, unlabelled)
-        _report_left_out(site, args.images, args.quiet)
-        adapted = adapt_unlabelled(model, site, which=args.bn_layers, thresholds=args.thresholds,
-                                   balance=args.bn_balance)
-        step = adapted.steps["unlabelled"]
-        prevalence = step["prevalence"]
-        lines.append(f"unlabelled: {step['images']} images; BatchNorm re-estimated in {step['bn_layers_reestimated']} "
-                     f"layers ({args.bn_layers})"
-                     + (f"; prevalence {prevalence['fitted']:.3f} -> {prevalence['site']:.3f} (EM)" if prevalence else "")
-                     + (f"; guard limit {step['guard']['threshold']:.2f}" if "guard" in step else ""))
-    if labelled is not None:
-        site = load_site(model, *labelled)  # checked by the base model's guard, as --images are
-        _report_left_out(site, args.data, args.quiet)
-        adapted = recalibrate(model, site, target_sensitivity=args.sensitivity, adapted=adapted)
-        step = adapted.steps["labelled"]
-        lines.append(f"labelled: {step['images']} images ({step['counts'][0]} NORMAL, {step['counts'][1]} PNEUMONIA); "
-                     f"T={adapted.record.temperature:.3f} bias={adapted.record.bias:+.3f}, screening threshold "
-                     f"{adapted.record.thresholds['screening']:.4f} (sensitivity >= {step['target_sensitivity']} at "
-                     f"95% confidence), balanced {adapted.record.thresholds['balanced']:.4f}")
-    sha = adapted.save(args.out)
-    for line in lines:
-        print(f"pneumoscan: {line}", file=sys.stderr)
-    print(f"wrote {args.out} (sha256 {sha[:12]}, from {model.name} {model.sha256[:12]}; "
-          f"{time.perf_counter() - started:.1f} s)")
-    return 0
-
-
-def _report_left_out(site: Site, folder: str, quiet: bool) -> None:
-    left = {k: v for k, v in site.excluded.items() if v}
-    if not left:
-        return
-    if not quiet:
-        for message in site.messages:
-            print(f"pneumoscan: left out: {message}", file=sys.stderr)
-    print(f"pneumoscan: warning: {folder}: left out " + ", ".join(f"{v} {k}" for k, v in left.items())
-          + f"; adapting on {len(site)}", file=sys.stderr)

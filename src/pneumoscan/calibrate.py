@@ -1,14 +1,59 @@
 """What is chosen after training, on validation only: a temperature and two operating thresholds.
 
 Thresholds live in calibrated-probability space (temperature scaling keeps the ranking, so AUC is unchanged).
+The scores they are fitted on come through the screening stage (``stage_scores``), so training, the export check
+and adapt fit on the numbers every route computes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy import optimize, stats
 from sklearn.metrics import roc_curve
+
+from . import pipeline
+from .constants import BATCH_SIZE
+
+
+class KeepFeatures:
+    """``model`` as the stage calls it, keeping each network call's pooled features: a ``Screened`` result
+    carries the logits but not the features, and the guard is fitted on features (one pass instead of two)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.features: list[torch.Tensor] = []
+
+    def score(self, images, *, tta: bool = False):
+        scores = self._model.score(images, tta=tta)
+        self.features.append(scores.features)
+        return scores
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def stage_scores(model, images: np.ndarray | torch.Tensor, names: Sequence[str] | None = None, *,
+                 batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor, list[pipeline.Screened]]:
+    """(logits (N, 2), features (N, D), the stage's results) of uint8 network inputs (N, S, S) that already
+    passed the image checks (training's caches, a site's kept images): ``pipeline.from_array`` items through
+    ``pipeline.decide`` a batch at a time, so they are scored by the arithmetic every route uses (the
+    BatchNorm-folded float32 copy, or the record's bfloat16)."""
+    images = np.asarray(images)
+    names = [str(i) for i in range(len(images))] if names is None else list(names)
+    keep = KeepFeatures(model)
+    op = ("custom", 0.5)  # fitting needs the scores, not a decision
+    results: list[pipeline.Screened] = []
+    for start in range(0, len(images), batch_size):
+        items = [pipeline.from_array(name, image)
+                 for name, image in zip(names[start:start + batch_size], images[start:start + batch_size],
+                                        strict=True)]
+        results += pipeline.decide(keep, items, op)
+    if not results:
+        return torch.zeros((0, 2)), torch.zeros((0, 0)), []
+    return torch.stack([r.logits for r in results]), torch.cat(keep.features), results
 
 
 def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
