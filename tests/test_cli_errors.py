@@ -142,7 +142,7 @@ def test_evaluate_on_a_split_of_only_unreadable_images_writes_no_json(tmp_path, 
         (tmp_path / "data" / "test" / name / "broken.jpeg").write_bytes(b"not a jpeg")
     line = run_cli(capsys, "evaluate", "--model", tiny_model_path, "--data", tmp_path / "data",
                    "--json", tmp_path / "out.json")
-    assert "no readable image in the test split (2 unreadable)" in line
+    assert "no image in the test split could be judged (2 unreadable)" in line
     assert not (tmp_path / "out.json").exists()
 
 

@@ -40,8 +40,10 @@ class Evaluation:
     points: dict[str, OperatingPoint]
     reports: dict[str, str]
     tta: bool
-    guard_rejected: int  # labelled X-rays the guard would have refused (scored here all the same)
-    errors: list[str] = field(default_factory=list)
+    guard_rejected: int  # images refused as outside the training population (not in the figures)
+    errors: list[str] = field(default_factory=list)  # the messages of unreadable images (not in the figures)
+    # every image the screening stage refused, as predict would have: status -> [{"path", "message"}]
+    refused: dict[str, list[dict]] = field(default_factory=dict)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     # the same logits at temperature 1: the report's reliability diagram shows what calibration changed
@@ -56,7 +58,9 @@ class Evaluation:
         return _json_safe({
             "split": self.split, "n": self.n, "auc": self.auc, "pr_auc": self.pr_auc, "ece": self.ece,
             "ece_uncalibrated": self.ece_uncalibrated, "tta": self.tta, "guard_rejected": self.guard_rejected,
-            "errors": self.errors, **{name: p.to_dict() for name, p in self.points.items()},
+            "errors": self.errors, "refused": self.refused,
+            "refused_counts": {status: len(items) for status, items in self.refused.items()},
+            **{name: p.to_dict() for name, p in self.points.items()},
             "intervals": {k: list(v) if isinstance(v, tuple) else
                           ({m: list(i) for m, i in v.items()} if isinstance(v, dict) else v)
                           for k, v in self.intervals.items()},
@@ -73,34 +77,53 @@ def _json_safe(value):
     return value
 
 
+# the stage's statuses that carry no probability, in words
+REFUSED = {"not_xray": "not a frontal chest X-ray", "out_of_distribution": "outside the training population",
+           "error": "unreadable"}
+
+
 def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bool = False,
              batch_size: int = BATCH_SIZE) -> Evaluation:
     """Score the calibrated probabilities of every image of ``split`` against its folder label.
 
-    Unreadable images are listed in ``errors`` and left out of the figures; guard rejections are counted but
-    still scored, so the figures describe the classifier and the guard is measured on its own.
+    Every image goes through the screening stage (``pipeline``) with predict's checks: the figures count only
+    the images predict would have answered (status ok); those it refuses (not a chest X-ray, outside the
+    training population, unreadable) are listed in ``refused`` by status, apart from the figures, so a colour
+    photo in a labelled folder cannot become a false positive. Images from an .npz have no file to check, so
+    only the feature guard can refuse them.
     """
     run = RunFolder.of_model(model.path) if split == VALIDATION else None
     source = run.source() if run is not None else open_source(data_dir)
-    if isinstance(source, FolderSource):  # files go through the prediction path, its image checks included
-        labels, logits, scores, errors, groups = _score_folder(model, data_dir, split, batch_size, tta)
-    else:  # no patient ids in an .npz: every image is its own patient
-        labels, logits, scores, errors = _score_npz(model, data_dir, split, batch_size, tta)
-        groups = None
+    if isinstance(source, FolderSource):
+        screened, label_of = _screen_folder(model, data_dir, split, batch_size, tta)
+    else:
+        screened, label_of = _screen_npz(model, data_dir, split, batch_size, tta)
+    labels, logits, groups = [], [], []
+    refused: dict[str, list[dict]] = {status: [] for status in REFUSED}
+    for item in screened:
+        pred = item.prediction
+        if pred.status != "ok":
+            refused[pred.status].append({"path": pred.path, "message": pred.message})
+            continue
+        labels.append(label_of[pred.path])
+        logits.append(item.logits)
+        groups.append(patient_id(Path(pred.path).name) if isinstance(source, FolderSource) else pred.path)
     if not labels:
-        raise EvaluationError(f"{data_dir}: no readable image in the {split} split ({len(errors)} unreadable)")
+        counts = ", ".join(f"{len(v)} {REFUSED[k]}" for k, v in refused.items() if v) or "no image found"
+        raise EvaluationError(f"{data_dir}: no image in the {split} split could be judged ({counts})")
     y = np.array(labels)
     stacked = torch.stack(logits)
     p = model.probability(stacked).numpy()
     raw = model.probability(stacked, calibrated=False).numpy()
-    rejected = int(sum(s > model.guard.threshold for s in scores)) if model.guard is not None else 0
     order = sorted(model.thresholds, key=lambda k: (k != "screening", k))  # screening first, as clinicians read it
     points = {name: operating_point(y, p, model.thresholds[name]) for name in order}
     reports = {name: classification_report(y, p, model.thresholds[name]) for name in order}
-    intervals = confidence_intervals(y, p, groups, points)
+    # no patient ids in an .npz: every image is its own patient
+    intervals = confidence_intervals(y, p, groups if isinstance(source, FolderSource) else None, points)
+    errors = [r["message"] for r in refused["error"]]
     return Evaluation(split, len(y), roc_auc(y, p), pr_auc(y, p), expected_calibration_error(y, p),
-                      expected_calibration_error(y, raw), points, reports, tta, rejected, errors, y, p, raw,
-                      intervals)
+                      expected_calibration_error(y, raw), points, reports, tta, len(refused["out_of_distribution"]),
+                      errors, refused, y, p, raw, intervals)
 
 
 VALIDATION = "validation"  # the run's own patient-grouped validation split (split.csv), not the official val
@@ -115,37 +138,34 @@ def _validation_samples(model: Model) -> list:
     return run.split()[1]
 
 
-def _score_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
-    """(labels, logits, guard scores, error messages, patient ids) for the image files of a Kaggle-layout split."""
+def _screen_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
+    """(the stage's results, label per path) for the image files of a Kaggle-layout split."""
     samples = _validation_samples(model) if split == VALIDATION else list_split(data_dir, split)
     label_of = {str(s.path): s.label for s in samples}
-    labels, logits, scores, errors, groups = [], [], [], [], []
-    for item in pipeline.screen(model, label_of, batch_size=batch_size, tta=tta):
-        path = item.prediction.path
-        if item.logits is None:
-            errors.append(item.prediction.message)
-            continue
-        labels.append(label_of[path])
-        logits.append(item.logits)
-        scores.append(item.prediction.guard_score)
-        groups.append(patient_id(Path(path).name))
-    return labels, logits, scores, errors, groups
+    return pipeline.screen(model, label_of, batch_size=batch_size, tta=tta), label_of
 
 
-def _score_npz(model: Model, path, split: str, batch_size: int, tta: bool):
+def _screen_npz(model: Model, path, split: str, batch_size: int, tta: bool):
     """The same for a source held as arrays (a MedMNIST .npz): an official split, or the run's validation split,
-    resized by the model's own Preprocessing."""
+    resized by the model's own Preprocessing, each image named by its split and index."""
     if split == VALIDATION:
         images, labels = validation_images(model)
     else:
         cache = open_source(path).images(split, model.preprocessing)
         images, labels = cache.images, cache.labels
-    logits, scores = [], []
+    names = [f"{split}[{i}]" for i in range(len(images))]
+    label_of = dict(zip(names, (int(v) for v in np.asarray(labels).reshape(-1)), strict=True))
+    return _decide_arrays(model, names, images, batch_size, tta), label_of
+
+
+def _decide_arrays(model: Model, names: list[str], images: np.ndarray, batch_size: int, tta: bool = False):
+    """The stage's results for uint8 network inputs already at the model's size, a batch per ``decide`` call."""
+    op = model.resolve_threshold("screening")  # the figures use the logits at every threshold; any op will do
     for start in range(0, len(images), batch_size):
-        scored = model.score(torch.from_numpy(images[start:start + batch_size]), tta=tta)
-        logits += list(scored.logits)
-        scores += scored.guard.tolist()
-    return labels.tolist(), logits, scores, []
+        items = [pipeline.from_array(name, image)
+                 for name, image in zip(names[start:start + batch_size], images[start:start + batch_size],
+                                        strict=True)]
+        yield from pipeline.decide(model, items, op, tta=tta)
 
 
 # --- robustness to acquisition shift ------------------------------------------------------------------------------
@@ -198,12 +218,10 @@ class ShiftResult:
 def shifted_logits(model: Model, images: np.ndarray, *, batch_size: int = BATCH_SIZE):
     """(shift name, logits (N, 2)) for uint8 network inputs (N, S, S) as given ("none") and under each shift."""
     ops = {"none": lambda x: x, **_shift_ops(model.preprocessing.size)}
+    names = [str(i) for i in range(len(images))]
     for name, op in ops.items():
-        logits = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([op(torch.from_numpy(im)[None]) for im in images[start:start + batch_size]])
-            logits.append(model.score(batch[:, 0]).logits)
-        yield name, torch.cat(logits)
+        shifted = np.stack([op(torch.from_numpy(im)[None])[0].numpy() for im in images]) if len(images) else images
+        yield name, torch.stack([item.logits for item in _decide_arrays(model, names, shifted, batch_size)])
 
 
 def evaluate_shifts(model: Model, images: np.ndarray, labels: np.ndarray, *,

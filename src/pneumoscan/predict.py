@@ -196,7 +196,7 @@ class Model:
             yield screened.prediction
 
 
-def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: str = "torch",
+def load_model(path: str | Path | None = None, *, device: str = "auto", backend: str = "torch",
                precision: str = "auto", prevalence: float | None = None, max_pixels: int = MAX_PIXELS,
                threads: int | None = None) -> Model:
     """Load a model file or run directory; None loads the bundled default model.
@@ -207,6 +207,8 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
     every machine. "bfloat16" is 1.5-2.2x faster on CPUs with native bf16, with answers that differ slightly.
     prevalence: the pneumonia share where the model is used, to re-base its probabilities (``Model.set_prevalence``).
     max_pixels: larger images are refused before decoding.
+    device (torch backend): "auto" (the first CUDA GPU when PyTorch sees one, else the CPU), "cpu", "cuda" or
+    "cuda:N"; onnxruntime runs on the CPU.
     """
     if precision not in PRECISIONS:
         raise PneumoscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -215,7 +217,13 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", backend: 
     if backend == "onnx":
         from .backends.onnx import load_onnx
 
-        path = DEFAULT_MODEL.with_suffix(".onnx") if path is None else Path(path)
+        if device not in ("auto", "cpu"):
+            raise PneumoscanError(f"device {device}: the onnx backend runs on the CPU (onnxruntime); use the "
+                                  "torch backend (the .safetensors model) for a GPU")
+        if path is None:
+            raise PneumoscanError("the onnx backend needs an .onnx model file and none is bundled: make one with "
+                                  "`pneumoscan export --onnx model.onnx`, then pass --model model.onnx")
+        path = Path(path)
         net_backend, record, guard = load_onnx(path, threads=threads)
         if record.name == DEFAULT_NAME and record.source_sha256 != BUNDLED_SHA256:
             raise PneumoscanError(f"{path}: claims to be the bundled model {DEFAULT_NAME} but was not exported "
@@ -237,10 +245,35 @@ def read_record(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelRecord]
     return tensors, ModelRecord.from_dict(meta, str(path))
 
 
+def _torch_device(device: str) -> torch.device:
+    """auto -> the first CUDA GPU when PyTorch sees one, else the CPU; a GPU asked for but absent is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PneumoscanError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PneumoscanError(f"device {device}: PyTorch sees no CUDA GPU on this machine; use --device cpu "
+                                  "(or auto)")
+        if chosen.index is not None and chosen.index >= count:
+            raise PneumoscanError(f"device {device}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                  f"cuda:{count - 1}")
+    elif chosen.type != "cpu":
+        raise PneumoscanError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return chosen
+
+
 def _load_torch(path: str | Path | None, *, device: str, precision: str, max_pixels: int) -> Model:
     from .backends.torch import TorchBackend
     from .models import create_model
 
+    if path is not None and Path(path).suffix.lower() == ".onnx":
+        raise PneumoscanError(f"{path}: an ONNX model file: add --backend onnx to run it "
+                              "(in Python: load_model(path, backend='onnx'))")
+    device = _torch_device(device)
     path = DEFAULT_MODEL if path is None else resolve_model_path(path)
     if path == DEFAULT_MODEL and not path.is_file():
         raise PneumoscanError(f"{path}: the bundled default model is missing from this installation")

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dicom_command(sub)
     _add_adapt_command(sub)
+    from .monitor import add_monitor_command  # torch-free; `pneumoscan monitor`
+
+    add_monitor_command(sub)
     return parser
 
 
@@ -77,7 +80,7 @@ def _add_adapt_command_here(sub) -> None:
                     "the site's labelled images, after the unlabelled step when --images is given too. Images "
                     "that are no chest X-ray or that the base model's guard rejects are left out and counted. "
                     "Needs at least 25 usable unlabelled images, and enough PNEUMONIA images for the screening "
-                    "sensitivity at 95%% confidence (149 for 0.98); otherwise exit 2 with one line, nothing written.")
+                    "sensitivity at 95% confidence (149 for 0.98); otherwise exit 2 with one line, nothing written.")
     p.add_argument("--model", help="model file to adapt (default: the bundled model)")
     p.add_argument("--images", metavar="SITE_DIR", help="folder of the site's unlabelled X-rays (recursive)")
     p.add_argument("--data", metavar="SITE_LABELLED_DIR", help="folder with NORMAL/ and PNEUMONIA/ site X-rays")

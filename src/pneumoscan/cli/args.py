@@ -31,6 +31,9 @@ positive_int = number_type(int, lambda v: v >= 1, "a whole number of at least 1"
 positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")  # sizes, tolerances
 port_number = number_type(int, lambda v: 1 <= v <= 65535, "a TCP port from 1 to 65535")
 
+# explain.HEATMAP_RULES, named here so the parser needs no torch (tests/test_cli_help.py keeps the two equal)
+HEATMAP_RULES = ("positive", "all")
+
 DEVICE_HELP = ("where the PyTorch network runs: auto (default: the first CUDA GPU when PyTorch sees one, else the "
                "CPU), cpu, cuda or cuda:N")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..constants import BATCH_SIZE
 from ..errors import PneumoscanError
-from .args import add_model_options, positive_int
-from .output import model_line, write_json
+from .args import add_device_option, add_model_options, positive_int
+from .output import create_missing_folders, model_line, write_json
 
 
 def _interval(bounds) -> str:
@@ -31,8 +31,12 @@ def format_evaluation(result, model) -> str:
     if ci:
         lines.append(f"95% CI (bootstrap by patient, {ci['groups']} patients, {ci['resamples']} resamples): "
                      f"ROC AUC {_interval(ci['auc'])}   PR AUC {_interval(ci['pr_auc'])}   ECE {_interval(ci['ece'])}")
-    if result.guard_rejected:
-        lines.append(f"guard: {result.guard_rejected} of these X-rays would be rejected as not a chest X-ray")
+    refused = getattr(result, "refused", {}) or {}
+    if any(refused.values()):
+        from ..evaluate import REFUSED
+
+        counts = ", ".join(f"{len(refused[status])} {REFUSED[status]}" for status in refused if refused[status])
+        lines.append(f"refused as predict would refuse them, not in these figures: {counts}")
     for name, point in result.points.items():
         lines += ["", f"== {name} operating point: threshold {point.threshold:.4f} ==", result.reports[name].rstrip(),
                   f"sensitivity {point.sensitivity:.4f}  specificity {point.specificity:.4f}  "
@@ -42,8 +46,13 @@ def format_evaluation(result, model) -> str:
                     if name in ci else []),
                   "confusion matrix (rows true, columns predicted; NORMAL, PNEUMONIA):",
                   f"  [[{point.tn:4d} {point.fp:4d}]", f"   [{point.fn:4d} {point.tp:4d}]]"]
-    for error in result.errors:
-        lines.append(f"skipped: {error}")
+    if any(refused.values()):
+        lines.append("")
+    for status, items in refused.items():
+        for item in items:
+            message = item["message"]
+            where = message if message.startswith(item["path"]) else f"{item['path']}: {message}"
+            lines.append(f"refused ({status}): {where}")
     return "\n".join(lines)
 
 
@@ -61,11 +70,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..predict import load_model
 
     model = load_model(args.model, precision=args.precision, prevalence=args.prevalence,
-                       max_pixels=round(args.max_megapixels * 1e6))
+                       max_pixels=round(args.max_megapixels * 1e6), device=args.device)
     if args.shifts:
         return _print_shifts(model, args)
     result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
     print(format_evaluation(result, model))
+    create_missing_folders(args, ("json", "--json", False), ("report", "--report", True))
     if args.json:
         write_json(args.json, result.to_dict())
     if args.report:
@@ -88,6 +98,7 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
                               "recipes are chosen on it")
     images, labels = validation_images(model, args.data)
     results = evaluate_shifts(model, images, labels, batch_size=args.batch_size)
+    create_missing_folders(args, ("json", "--json", False))
     print(f"{model_line(model)}, validation split under acquisition shifts: {len(labels)} images, "
           f"network on {model.runtime}")
     print(f"{'shift':<18} {'AUC':>7} {'screening sens':>15} {'spec':>7} {'balanced acc':>13}")
@@ -113,7 +124,12 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
 
 
 def add_evaluate_command(sub) -> None:
-    p = sub.add_parser("evaluate", help="classification report, AUC, calibration at each stored threshold")
+    p = sub.add_parser(
+        "evaluate", help="classification report, AUC, calibration at each stored threshold",
+        description="Figures of a labelled split at every operating point the model stores. Every image goes "
+                    "through predict's checks: images predict would refuse (not a frontal chest X-ray, outside "
+                    "the training population, unreadable) are listed apart and not counted in the figures. A "
+                    "missing folder for --json or --report is created and said on stderr.")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
     p.add_argument("--split", default="test", help="train | val | test folder of --data, or validation: the run's own patient-grouped split")
@@ -124,4 +140,5 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--shifts", action="store_true",
                    help="score the validation split under fixed acquisition shifts (gamma, contrast, blur, ...)")
     add_model_options(p)
+    add_device_option(p)
     p.set_defaults(func=cmd_evaluate)

@@ -138,3 +138,24 @@ class PredictionWriter:
         line = self.archive.abort()
         if line:
             print(f"pneumoscan: {line}", file=sys.stderr)
+
+
+def create_missing_folders(args, *options: tuple[str, str, bool]) -> list[Path]:
+    """The one rule for output destinations whose folder does not exist yet: create it (with its parents) when
+    the run is about to write, and say so on stderr, so a mistyped folder is seen rather than silently made.
+    ``options``: (attribute of ``args``, option name, whether the option names the folder itself)."""
+    made = []
+    for attribute, option, is_folder in options:
+        value = getattr(args, attribute, None)
+        if not value:
+            continue
+        folder = Path(value) if is_folder else Path(value).parent
+        if folder.exists():
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PneumoscanError(f"{folder}: cannot create the folder for {option} ({exc.strerror or exc})") from None
+        print(f"pneumoscan: created folder {folder} for {option}", file=sys.stderr)
+        made.append(folder)
+    return made

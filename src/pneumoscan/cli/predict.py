@@ -4,61 +4,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..constants import BATCH_SIZE
+from ..data.walk import Walk, walk
 from ..errors import PneumoscanError
-from .args import add_model_options, positive_float, positive_int
-from .output import PREDICT_HEADER, PredictionWriter, failed_summary, json_line, model_line
+from .args import HEATMAP_RULES, add_device_option, add_model_options, positive_float, positive_int
+from .output import (
+    PREDICT_HEADER,
+    PredictionWriter,
+    create_missing_folders,
+    failed_summary,
+    json_line,
+    model_line,
+)
 from .output import row as format_row
 
+# data.images.FORMAT_NAMES, written out so the parser loads no PIL (tests/test_cli_help.py keeps them equal)
+FORMAT_NAMES = "JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM"
 
-class Inputs:
-    """The files a predict run will screen, found before any model is loaded, and what the folder walk left out.
 
-    Files named on the command line are screened whatever their suffix (an unreadable one becomes an error row);
-    inside folders (walked recursively, sorted) only image suffixes and suffix-less files (DICOM often has no
-    suffix) are taken, hidden files and folders are left out, and every left-out file is counted by suffix."""
+class Inputs(Walk):
+    """The files a predict run will screen, found before any model is loaded, and what the walk left out
+    (``pneumoscan.data.walk`` says the rules)."""
 
     def __init__(self, items: list[str]):
-        from collections import Counter
-
-        from ..data.layout import IMAGE_SUFFIXES
-
-        self.files: list[Path] = []
-        self.skipped: Counter[str] = Counter()  # suffix (or "hidden") -> files left out
-        self.folders: list[str] = []
-        for item in items:
-            path = Path(item)
-            if not path.is_dir():
-                self.files.append(path)  # a missing or unreadable file becomes an error row, not a crash
-                continue
-            self.folders.append(item)
-            for child in sorted(path.rglob("*")):
-                if not child.is_file():
-                    continue
-                if any(part.startswith(".") for part in child.relative_to(path).parts):
-                    self.skipped["hidden"] += 1
-                elif child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == "":
-                    self.files.append(child)
-                else:
-                    self.skipped[child.suffix.lower()] += 1
-
-    def skipped_summary(self) -> str:
-        """e.g. '3 files skipped (not images: .txt 2, .csv 1)'; empty when nothing was skipped."""
-        total = sum(self.skipped.values())
-        if not total:
-            return ""
-        kinds = [f"{suffix} {n}" for suffix, n in self.skipped.most_common() if suffix != "hidden"]
-        parts = ([f"not images: {', '.join(kinds)}"] if kinds else []) + (
-            [f"hidden: {self.skipped['hidden']}"] if self.skipped["hidden"] else [])
-        return f"{total} file{'s' if total != 1 else ''} skipped ({'; '.join(parts)})"
+        super().__init__(**vars(walk(items)))
 
 
 def _supported() -> str:
-    from ..data.layout import IMAGE_SUFFIXES
+    from ..data.images import SUFFIXES
 
-    return ", ".join(sorted(IMAGE_SUFFIXES)) + " or no suffix (DICOM)"
+    return ", ".join(sorted(SUFFIXES)) + " or no suffix (DICOM)"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -94,18 +70,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..predict import load_model
 
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
-                       max_pixels=round(args.max_megapixels * 1e6))
+                       max_pixels=round(args.max_megapixels * 1e6), device=args.device)
     model.resolve_threshold(args.threshold)
     from .dicom import dicom_out
 
     write_dicom = dicom_out(args.dicom_out, model)  # SR + SC per DICOM input; None without --dicom-out
     if not inputs.files:
+        if inputs.unlistable:
+            for folder, reason in inputs.unlistable:
+                print(f"pneumoscan: error: {folder}: cannot list this folder ({reason})", file=sys.stderr)
+            return 1
         skipped = inputs.skipped_summary()
         print(f"pneumoscan: error: no image to screen in {', '.join(inputs.folders)}"
               + (f": {skipped}" if skipped else " (empty)") + f"; supported: {_supported()}", file=sys.stderr)
         return 1
-    if inputs.skipped and not args.quiet:
-        print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
+    for folder, reason in inputs.unlistable:  # a failure like an unreadable file: reported even with --quiet
+        print(f"pneumoscan: error: {folder}: cannot list this folder ({reason}): its files were not screened",
+              file=sys.stderr)
+    if not args.quiet:
+        for line in inputs.notices():
+            print(f"pneumoscan: {line}", file=sys.stderr)
+        if inputs.skipped:
+            print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
+    create_missing_folders(args, ("csv", "--csv", False), ("out", "--out", out_kind == "dataset"),
+                           ("heatmaps", "--heatmaps", True), ("dicom_out", "--dicom-out", True))
     table = sys.stdout.isatty() and not args.json
     if table:  # a person reads this: say which model answered and what the columns are
         print(model_line(model))
@@ -115,7 +103,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out_kind == "dataset":
         return _predict_ray_folder(model, inputs, args, write_dicom, table)
     with PredictionWriter(args.csv, args.heatmaps, model, out_path=args.out, files=inputs.files,
-                          threshold=args.threshold, tta=args.tta, resume=args.resume) as writer:
+                          threshold=args.threshold, tta=args.tta, resume=args.resume,
+                          heatmap_rule=args.heatmap_rule) as writer:
         failed = sum(row["status"] == "error" for row in writer.kept)
         if args.resume and not args.quiet:
             print(f"pneumoscan: resuming: {len(writer.kept)} row(s) kept from {writer.archive.path}, "
@@ -134,11 +123,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for pred, row in tqdm(results, desc="screening", unit="img", total=len(writer.todo),
                               disable=args.quiet or not sys.stderr.isatty()):
             failed += pred.status == "error"
-            writer.add(pred, row)
+            pred = writer.add(pred, row)  # with its heatmap's path when one was written
             if write_dicom is not None:
                 write_dicom(pred)
             print(json_line(pred) if args.json else format_row(pred), flush=table)
-    return failed_summary(failed, len(inputs.files))
+    return failed_summary(failed, len(inputs.files)) or int(bool(inputs.unlistable))
 
 
 def _ray_results(model, files: list, args: argparse.Namespace):
@@ -174,7 +163,7 @@ def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_d
                        threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, num_cpus=args.num_cpus,
                        num_gpus=args.num_gpus, concurrency=args.concurrency, backend=args.backend,
                        precision=args.precision, address=args.address, quiet=args.quiet, on_open=resumed)
-    return failed_summary(failed[0], len(inputs.files))
+    return failed_summary(failed[0], len(inputs.files)) or int(bool(inputs.unlistable))
 
 
 
@@ -182,12 +171,15 @@ def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_d
 def add_predict_command(sub) -> None:
     p = sub.add_parser(
         "predict", help="screen images, folders of images, DICOM files",
-        description="Screen JPEG, PNG, TIFF, BMP and DICOM files. Folders are walked recursively for those "
-                    "suffixes and for files without a suffix (DICOM); other and hidden files are skipped and "
-                    "counted on stderr. Output: one tab-separated line per file (path, probability, decision, "
-                    "threshold or reason); on a terminal a model line (name, sha256) and a header line come "
-                    "first, when piped the model line goes to stderr. Exit 0 when every file was read, 1 when "
-                    "one could not be or nothing was found, 2 for bad options.")
+        description=f"Screen {FORMAT_NAMES} files. Folders are walked recursively (symbolic links to folders "
+                    "followed, loops reported) for those suffixes and for files without a suffix (DICOM); other "
+                    "and hidden files are counted on stderr, a file reached under two names is screened once "
+                    "(the second name is reported), a broken link gets an error row. Output: one tab-separated "
+                    "line per file (path, probability, decision, threshold or reason); on a terminal a model line "
+                    "(name, sha256) and a header line come first, when piped the model line goes to stderr. A "
+                    "missing output folder (--csv, --out, --heatmaps, --dicom-out) is created and said on stderr. "
+                    "Exit 0 when every file was read, 1 when one could not be (or a folder could not be listed) "
+                    "or nothing was found, 2 for bad options.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--threshold", default="screening", help="screening | balanced | a number in (0, 1)")
@@ -211,19 +203,25 @@ def add_predict_command(sub) -> None:
     p.add_argument("--num-gpus", type=float, default=0.0, metavar="G", help="GPUs per Ray actor (default 0)")
     p.add_argument("--concurrency", type=positive_int, default=1, metavar="K",
                    help="Ray actors scoring at once, each with its own copy of the model (default 1)")
-    p.add_argument("--heatmaps", metavar="DIR", help="folder for Grad-CAM overlays (PNG)")
+    p.add_argument("--heatmaps", metavar="DIR",
+                   help="folder for Grad-CAM overlays (PNG); each row's heatmap path is in --json and the journal")
+    p.add_argument("--heatmap-rule", choices=HEATMAP_RULES, default="positive",
+                   help="which images get a heatmap: positive (default: those decided PNEUMONIA; a map on a NORMAL "
+                        "image still lights up somewhere and invites a finding the model did not make) or all "
+                        "judged images")
     from .dicom import add_dicom_out_option  # --dicom-out DIR
 
     add_dicom_out_option(p)
     p.add_argument("--json", action="store_true",
                    help="print JSON Lines instead of tab-separated rows: one object per file, the fields of "
                         "pneumoscan.Prediction (path, probability, decision, operating_point, threshold, status, "
-                        "message, guard_score); null where a figure does not apply")
+                        "message, guard_score, heatmap); null where a figure does not apply")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
     p.add_argument("--quiet", action="store_true", help="on stderr only errors: no progress bar, model line or count of skipped files")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an .onnx file from `pneumoscan export` on onnxruntime")
     add_model_options(p)
+    add_device_option(p)
     p.set_defaults(func=cmd_predict)
 

@@ -1,4 +1,5 @@
-"""The data-exploration table: per split and class, images, patients, sizes, modes and balance."""
+"""The data-exploration table: per split and class, images, patients, sizes, modes and balance, for a Kaggle-layout
+folder or a MedMNIST ``.npz`` (which has no patient ids: its patients column says "-")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class ClassSummary:
     split: str
     label: str
     images: int
-    patients: int
+    patients: int | None  # None: the source records no patients (MedMNIST)
     min_size: tuple[int, int]
     median_size: tuple[int, int]
     max_size: tuple[int, int]
@@ -27,6 +28,10 @@ class ClassSummary:
 
 def summarize(data_dir: str | Path) -> list[ClassSummary]:
     """Reads only image headers, so it takes seconds even for the full dataset."""
+    from .medmnist import is_npz
+
+    if is_npz(data_dir):
+        return _summarize_npz(data_dir)
     rows = []
     for split in find_splits(data_dir):
         samples = list_split(data_dir, split)
@@ -48,6 +53,34 @@ def summarize(data_dir: str | Path) -> list[ClassSummary]:
     return rows
 
 
+def _summarize_npz(path: str | Path) -> list[ClassSummary]:
+    """The same table for a MedMNIST file: every image of a split has the array's size and is 8-bit gray."""
+    import zipfile
+
+    from .medmnist import SPLITS, MedMNISTError, read_split
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedMNISTError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise MedMNISTError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    splits = [split for split in SPLITS if f"{split}_images" in keys]
+    if not splits:
+        raise MedMNISTError(f"{path}: no MedMNIST split in this file (expected keys "
+                            f"{', '.join(f'{s}_images, {s}_labels' for s in SPLITS)})")
+    rows = []
+    for split in splits:
+        images, labels = read_split(path, split)
+        size = (int(images.shape[2]), int(images.shape[1]))  # (W, H), as PIL reports sizes
+        for label, name in enumerate(CLASSES):
+            n = int((labels == label).sum())
+            rows.append(ClassSummary(split, name, n, None, size, size, size, {"L": n} if n else {}, 0))
+    return rows
+
+
 def format_summary(rows: list[ClassSummary]) -> str:
     head = f"{'split':<6} {'class':<10} {'images':>6} {'patients':>8} {'share':>6}  {'min WxH':>10} {'median WxH':>11} {'max WxH':>10}  modes"
     lines = [head, "-" * len(head)]
@@ -59,7 +92,8 @@ def format_summary(rows: list[ClassSummary]) -> str:
         size = lambda s: f"{s[0]}x{s[1]}"  # noqa: E731
         modes = ", ".join(f"{m} {n}" for m, n in sorted(r.modes.items()))
         bad = f"  ({r.unreadable} unreadable)" if r.unreadable else ""
-        lines.append(f"{r.split:<6} {r.label:<10} {r.images:>6} {r.patients:>8} {share:>6.1%}  {size(r.min_size):>10} "
+        patients = "-" if r.patients is None else r.patients
+        lines.append(f"{r.split:<6} {r.label:<10} {r.images:>6} {patients:>8} {share:>6.1%}  {size(r.min_size):>10} "
                      f"{size(r.median_size):>11} {size(r.max_size):>10}  {modes}{bad}")
     for split, n in totals.items():
         counts = [r.images for r in rows if r.split == split]
