@@ -141,7 +141,8 @@ def test_cli_predict_with_heatmaps_writes_one_png_per_screened_image(tiny_model_
     save_gray(inputs / "sub" / "two.png", synthetic_xray(64, seed=2), "RGB")
     (inputs / "broken.png").write_text("not an image")
     maps = tmp_path / "maps"
-    code = main(["predict", str(inputs), "--model", str(tiny_model_path), "--heatmaps", str(maps), "--quiet"])
+    code = main(["predict", str(inputs), "--model", str(tiny_model_path), "--heatmaps", str(maps), "--heatmap-rule",
+                 "all", "--quiet"])
     assert code == 1  # the broken file is an error row, and gets no heatmap
     assert sorted(p.name for p in maps.iterdir()) == ["one.png", "two.png"]
     for png in maps.iterdir():
