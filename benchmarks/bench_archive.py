@@ -2,11 +2,15 @@
 
 Builds a folder of N symlinks under /tmp cycling over the Kermany test originals (624 files; nothing is copied),
 then scores it as ``pneumoscan predict --out results.parquet`` does on each engine:
-  1. local: ``Model.predict_files`` through ``archive.predict_local`` (threaded decode overlapping the network),
-     rows appended to the fsynced journal, then one Parquet file written and renamed into place;
-  2. ray: ``archive.predictions_dataset`` on a local Ray instance (``ray.init(num_cpus=--ray-cpus)``): decoding
-     in Ray tasks, scoring in ``--concurrency`` actors of ``--num-cpus`` CPUs each, the rows written by Ray Data
-     (``write_parquet``) into the run's parts folder, then published as the Parquet folder (``RayParquetFolder``).
+  1. local: ``Model.predict_files`` (the pipeline stage) through ``archive.predict_local`` (threaded decode
+     overlapping the network), rows appended to the fsynced journal, then one Parquet file written and renamed
+     into place;
+  2. ray: ``archive.predictions_dataset`` on a local Ray instance (``ray.init(num_cpus=--ray-cpus)``): the stage's
+     ``prepare`` in Ray tasks, its ``decide`` in ``--concurrency`` actors of ``--num-cpus`` CPUs each, the rows
+     written by Ray Data (``write_parquet``) into the run's parts folder, then published as the Parquet folder
+     (``RayParquetFolder``).
+The defaults are the command line's (``pneumoscan predict --engine ray``: one actor of one CPU, batch 32) and a Ray
+instance with every CPU of this machine; ``uptime``'s load average is printed before, between and after the runs.
 Prints images/s for both, the Ray overhead as local/ray throughput, the start-up times (model load; Ray
 ``init`` and the first part file on disk), and the largest |probability difference| between the two outputs.
 
@@ -25,6 +29,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from pneumoscan.constants import BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +73,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: the command line's")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray instance")
     parser.add_argument("--concurrency", type=int, default=1, help="scoring actors")
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per scoring actor")
@@ -92,7 +98,7 @@ def main() -> int:
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
         start = time.perf_counter()
-        model = load_model(args.model, precision="float32")
+        model = load_model(args.model)  # the command line's defaults (precision "auto": the record's arithmetic)
         load_s = time.perf_counter() - start
         timing = {}
 
@@ -141,8 +147,11 @@ def main() -> int:
         diffs = [abs(remote[r["path"]]["probability"] - r["probability"]) for r in local
                  if r["probability"] is not None]
         same_status = sum(remote[r["path"]]["status"] == r["status"] for r in local)
-        print(f"rows: {len(local)} each, same status {same_status}/{len(local)}, max |probability difference| "
-              f"{max(diffs, default=0.0):.2e}; load average at the end {os.getloadavg()[0]:.1f}")
+        made = ("model_sha256", "operating_point", "threshold", "prevalence", "temperature", "bias")
+        same_made = sum(all(remote[r["path"]][k] == r[k] for k in made) for r in local)
+        print(f"rows: {len(local)} each, same status {same_status}/{len(local)}, same model and calibration columns "
+              f"{same_made}/{len(local)}, max |probability difference| {max(diffs, default=0.0):.2e}; load average "
+              f"at the end {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)

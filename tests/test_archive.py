@@ -1,5 +1,6 @@
 """Screening an archive (issue 18): rows survive a SIGKILL, --resume finishes the run with exactly the rows of an
-uninterrupted one, Parquet carries the model sha256 and DICOM UIDs, and bad input is one line each."""
+uninterrupted one and refuses other settings (calibration options included), every row says how it was made (CSV
+and Parquet), every file follows the umask, and bad input is one line each."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,10 +113,17 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
     statuses = {Path(r["path"]).name: r["status"] for r in rows}
     assert statuses["blank.png"] == "not_xray" and statuses["broken.png"] == statuses["empty.jpeg"] == "error"
     assert list(table[0]) == ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
-                              "study_instance_uid", "series_instance_uid", "sop_instance_uid"]
+                              "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                              "operating_point", "prevalence", "temperature", "bias"]  # old columns first
+    assert list(rows[0]) == ["path", "probability", "decision", "threshold", "status", "message",
+                             "operating_point", "prevalence", "temperature", "bias", "model_sha256"]
     sha = sha256_file(tiny_model_path)
     for c, p in zip(rows, table, strict=True):
-        assert p["model_sha256"] == sha
+        assert p["model_sha256"] == c["model_sha256"] == sha
+        assert p["operating_point"] == c["operating_point"] == "screening"
+        assert p["prevalence"] is None and c["prevalence"] == ""  # none given
+        assert p["temperature"] == float(c["temperature"]) == 1.5  # the fixture's calibration, exactly
+        assert p["bias"] == float(c["bias"]) == 0.0
         assert (c["status"], c["message"], c["decision"]) == (p["status"], p["message"], p["decision"] or "")
         assert c["probability"] == ("" if p["probability"] is None else f"{p['probability']:.6f}")
         assert float(c["threshold"]) == pytest.approx(p["threshold"], abs=1e-6)
@@ -139,25 +148,29 @@ def _journal_rows(path: Path) -> int:
         return -1
 
 
-def _kill_when(argv: list[str], journal: Path, rows: int, timeout: float = 240) -> int:
-    """Start a real `pneumoscan predict`, SIGKILL it once its journal holds ``rows`` rows (0: as soon as the
-    journal exists); the number of rows at the kill, or None when the run ended first."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
+def _kill_after(argv: list[str], rows: int, timeout: float = 240) -> int | None:
+    """Start a real `pneumoscan predict`, SIGKILL it once it has printed ``rows`` rows (a row is in the journal
+    before it is printed; stdout unbuffered, so each line is an event as it happens); the run's journal rows at
+    the kill, or None when the run ended first."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    timer = threading.Timer(timeout, proc.kill)  # a run that hangs fails the test instead of blocking it
+    timer.start()
     try:
-        while time.monotonic() < deadline:
-            if _journal_rows(journal) >= rows:
+        for printed, _ in enumerate(proc.stdout, 1):  # blocks until the next row is printed, or the run ends
+            if printed >= rows:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(30)
-                return _journal_rows(journal)
-            if proc.poll() is not None:
-                return None
-            time.sleep(0.005)
-        raise AssertionError("the run never reached the kill point")
+                return printed
+        proc.wait(30)
+        assert not timer.finished.is_set(), "the run never reached the kill point"
+        return None
     finally:
+        timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+        proc.stdout.close()
 
 
 @pytest.mark.slow
@@ -169,14 +182,14 @@ def test_sigkill_at_several_moments_then_resume_gives_the_uninterrupted_rows(arc
             "--out", str(out_pq), "--csv", str(out_csv), "--quiet", "--batch-size", "1", "--precision", "float32"]
     total = len(reference["csv"])
     killed_at = []
-    for i, rows in enumerate((0, 5, total // 2 + 3)):  # before any row, early, past the middle
-        at = _kill_when(argv + (["--resume"] if i else []), journal, rows)
+    for i, rows in enumerate((1, 5, total // 2 + 3)):  # at the first row, early, past the middle
+        at = _kill_after(argv + (["--resume"] if i else []), rows)
         if at is None:
-            break  # this machine outran the poll: the run completed, which the checks below still judge
+            break  # everything left was scored before the kill point: the checks below still judge the run
         killed_at.append(at)
         assert not out_csv.exists() and not out_pq.exists()  # nothing at the final names before the end
         settings, kept = read_journal(journal)
-        assert settings["format"] == JOURNAL_FORMAT and len(kept) >= rows
+        assert settings["format"] == JOURNAL_FORMAT and _journal_rows(journal) >= len(kept) >= rows
     assert len(killed_at) >= 2, killed_at  # at least two real kills mid-run
     if not out_csv.exists():
         proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -221,7 +234,7 @@ def test_resume_rescores_a_file_that_changed_and_drops_a_file_that_left(tmp_path
     assert main(args) == 0
     first = {r["path"]: r for r in csv_rows(out)}
     # a journal holding all four rows, as if the run died just before the final rename
-    from pneumoscan.archive import make_row, run_settings
+    from pneumoscan.archive import how_made, make_row, run_settings
     from pneumoscan.predict import load_model
 
     model = load_model(tiny_model_path)
@@ -229,7 +242,7 @@ def test_resume_rescores_a_file_that_changed_and_drops_a_file_that_left(tmp_path
     preds = list(model.predict_files(files))
     from pneumoscan.archive import file_key
 
-    rows = [make_row(p, *file_key(p.path)) for p in preds]
+    rows = [make_row(p, *file_key(p.path), made=how_made(model)) for p in preds]
     journal = journal_path(out)
     journal.write_text(json.dumps({"format": JOURNAL_FORMAT, **run_settings(model, "screening", False)}) + "\n"
                        + "".join(json.dumps(r) + "\n" for r in rows))
@@ -254,12 +267,13 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def _interrupted_journal(tmp_path, folder, model_path, out) -> Path:
-    """A run killed after its first rows (in process: the journal a SIGKILL leaves behind)."""
+def _interrupted_journal(tmp_path, folder, model_path, out, **options) -> Path:
+    """A run killed after its first rows (in process: the journal a SIGKILL leaves behind); ``options``: of
+    ``load_model``, as the command line passes them (prevalence, max_pixels)."""
     from pneumoscan.archive import ArchiveWriter, predict_local, run_settings
     from pneumoscan.predict import load_model
 
-    model = load_model(model_path)
+    model = load_model(model_path, **options)
     files = sorted(folder.iterdir())
     writer = ArchiveWriter([(out, "csv")], model, run_settings(model, "screening", False), files).open()
     for _, row in predict_local(model, files[:2], batch_size=2):
@@ -298,6 +312,114 @@ def test_resume_with_another_threshold_is_refused(tmp_path, small, tiny_model_pa
     assert code == 2 and "cannot resume" in _one_error_line(capsys) and journal.exists()
 
 
+CALIBRATION_CHANGES = [  # (options of the interrupted run, of the resume, what the refusal says)
+    ({"prevalence": 0.3}, ["--prevalence", "0.6"], "with --prevalence 0.3, this run has --prevalence 0.6; use the "
+                                                   "same --prevalence"),
+    ({"prevalence": 0.3}, [], "with --prevalence 0.3, this run has no --prevalence; use the same --prevalence"),
+    ({}, ["--prevalence", "0.3"], "with no --prevalence, this run has --prevalence 0.3; use the same --prevalence"),
+    ({"max_pixels": 50_000_000}, ["--max-megapixels", "20"],
+     "with --max-megapixels 50, this run has --max-megapixels 20; use the same --max-megapixels"),
+]
+
+
+@pytest.mark.parametrize("first, then, says", CALIBRATION_CHANGES)
+def test_resume_with_other_calibration_options_is_refused_naming_the_option(tmp_path, small, tiny_model_path,
+                                                                            capsys, first, then, says):
+    out = tmp_path / "r.csv"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out, **first)
+    before = journal.read_bytes()
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--resume", "--quiet",
+                 *then])
+    assert code == 2
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {journal}: cannot resume: its rows were written {says}, "
+                                       "or remove the file to start again")
+    assert journal.read_bytes() == before and not out.exists()  # nothing mixed, nothing lost
+
+
+def test_resume_with_the_same_prevalence_finishes_and_every_row_says_how_it_was_made(tmp_path, small,
+                                                                                     tiny_model_path, capsys):
+    from pneumoscan.predict import load_model
+
+    out, out_pq = tmp_path / "r.csv", tmp_path / "r.parquet"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out, prevalence=0.3)
+    journal.rename(journal_path(out_pq))  # the journal sits beside the first destination, --out
+    assert main(["predict", str(small), "--model", str(tiny_model_path), "--out", str(out_pq), "--csv", str(out),
+                 "--resume", "--prevalence", "0.3"]) == 0
+    assert "resuming: 2 row(s) kept" in capsys.readouterr().err
+    model = load_model(tiny_model_path, prevalence=0.3)
+    assert model.bias != 0.0  # re-based: the arithmetic differs from the file's
+    for c, p in zip(csv_rows(out), parquet_rows(out_pq), strict=True):
+        assert c["prevalence"] == "0.3" and p["prevalence"] == 0.3
+        assert float(c["bias"]) == p["bias"] == model.bias and float(c["temperature"]) == p["temperature"] == 1.5
+        assert c["model_sha256"] == p["model_sha256"] == model.sha256
+        assert float(c["threshold"]) == pytest.approx(model.thresholds["screening"], abs=1e-6)
+
+
+def test_a_journal_of_an_older_version_is_refused_not_mixed(tmp_path, small, tiny_model_path, capsys):
+    out = tmp_path / "r.csv"
+    journal = _interrupted_journal(tmp_path, small, tiny_model_path, out)
+    lines = journal.read_text().splitlines(keepends=True)
+    old = json.loads(lines[0])
+    for key in ("prevalence", "max_pixels", "temperature", "bias"):  # what format 1 did not record
+        del old[key]
+    journal.write_text(json.dumps({**old, "format": "pneumoscan-journal/1"}) + "\n" + "".join(lines[1:]))
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--resume", "--quiet"])
+    assert code == 2
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {journal}: cannot resume: written by another pneumoscan "
+                                       "version (pneumoscan-journal/1), which did not record --prevalence and "
+                                       "--max-megapixels; remove it to start again")
+
+
+@pytest.mark.parametrize("then, says", [(["--prevalence", "0.6"], "--prevalence 0.3, this run has --prevalence 0.6"),
+                                        ([], "--prevalence 0.3, this run has no --prevalence")])
+def test_engine_ray_resume_of_parts_with_another_prevalence_is_refused_before_ray_starts(
+        tmp_path, small, tiny_model_path, capsys, then, says):
+    pytest.importorskip("ray")
+    from pneumoscan.archive import RayParquetFolder, parts_path, run_settings
+    from pneumoscan.predict import load_model
+
+    model = load_model(tiny_model_path, prevalence=0.3)
+    dest = tmp_path / "r.parquet"
+    RayParquetFolder(dest, run_settings(model, "screening", False), sorted(small.iterdir())).open()
+    before = sorted(os.listdir(parts_path(dest)))
+    code = main(["predict", str(small), "--model", str(tiny_model_path), "--engine", "ray", "--out", str(dest),
+                 "--resume", "--quiet", *then])
+    assert code == 2
+    assert _one_error_line(capsys) == (f"pneumoscan: error: {parts_path(dest)}: cannot resume: its rows were written "
+                                       f"with {says}; use the same --prevalence, or remove the file to start again")
+    assert sorted(os.listdir(parts_path(dest))) == before and not dest.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
+def test_every_file_of_a_run_follows_the_umask(tmp_path, small, tiny_model_path, monkeypatch, capsys, umask, mode):
+    """The journal of an interrupted run, then the final CSV and Parquet: the umask's mode, no exceptions."""
+    from pneumoscan.predict import Model
+
+    original = Model.predict_files
+
+    def interrupted(self, *args, **kwargs):
+        for n, prediction in enumerate(original(self, *args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield prediction
+
+    out = tmp_path / "out"
+    args = ["predict", str(small), "--model", str(tiny_model_path), "--out", str(out / "r.parquet"), "--csv",
+            str(out / "r.csv"), "--quiet"]
+    previous = os.umask(umask)
+    try:
+        monkeypatch.setattr(Model, "predict_files", interrupted)
+        assert main(args) == 130
+        assert os.listdir(out) == ["r.parquet.partial"]
+        assert oct(os.stat(out / "r.parquet.partial").st_mode & 0o777) == oct(mode)
+        monkeypatch.setattr(Model, "predict_files", original)
+        assert main([*args, "--resume"]) == 0
+    finally:
+        os.umask(previous)
+    assert {name: oct(os.stat(out / name).st_mode & 0o777) for name in os.listdir(out)} == {
+        "r.csv": oct(mode), "r.parquet": oct(mode)}
+
+
 def test_a_new_run_does_not_overwrite_partial_results(tmp_path, small, tiny_model_path, capsys):
     out = tmp_path / "r.csv"
     journal = _interrupted_journal(tmp_path, small, tiny_model_path, out)
@@ -314,9 +436,12 @@ def test_a_new_run_does_not_overwrite_partial_results(tmp_path, small, tiny_mode
 
 def test_files_that_vanish_between_listing_and_reading_are_error_rows(tmp_path, small, tiny_model_path, capsys,
                                                                     monkeypatch):
+    import importlib
+
     import pneumoscan.cli as cli
 
     listed = cli.Inputs
+    cli = importlib.import_module(listed.__module__)  # where the predict command uses it
 
     class Vanishing(listed):
         def __init__(self, items):

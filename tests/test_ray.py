@@ -2,7 +2,8 @@
 same rows as the local engine within 1e-5 (error, not_xray and DICOM rows included), from a list of paths or a
 Dataset of paths, through the Python API and `pneumoscan predict --engine ray --out DIR.parquet` (a Parquet
 folder written by Ray, renamed into place when complete), a complete output after an actor process is SIGKILLed
-mid-run, and --resume from a Ray run's parts or a local run's journal."""
+mid-run, --resume from a Ray run's parts or a local run's journal, and every file of a Ray run (parts, the
+published folder, the CSV) in the umask's mode."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def local_rows(tiny_model, some) -> dict[str, dict]:
 
 def _same(ray_row: dict, local: dict) -> None:
     for key in ("path", "status", "message", "decision", "operating_point", "size", "mtime_ns",
-                "study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+                "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                "model_sha256", "prevalence", "temperature", "bias"):  # how it was made: the same arithmetic
         assert ray_row[key] == local[key], (key, ray_row, local)
     assert ray_row["threshold"] == pytest.approx(local["threshold"], abs=1e-12)
     if local["probability"] is None:
@@ -83,7 +85,7 @@ def _same(ray_row: dict, local: dict) -> None:
 def _rows(ds) -> list[dict]:
     from pneumoscan.archive import ray_row
 
-    return [{**ray_row(item), "model_sha256": item["model_sha256"]} for item in ds.iter_rows()]
+    return [ray_row(item) for item in ds.iter_rows()]
 
 
 def _main(args: list[str]) -> tuple[int, str, str]:
@@ -169,31 +171,46 @@ def test_cli_engine_ray_writes_a_parquet_folder_with_the_local_engines_rows(cli_
             assert float(r["probability"]) == pytest.approx(float(lo["probability"]), abs=2e-6)
 
 
+def _scorer_pids() -> set[int]:
+    """The processes of this machine's scoring actors, by the title Ray gives an actor's process
+    (``ray::MapWorker(MapBatches(_Scorer))``): no hook in the engine needed."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:  # ended meanwhile
+                continue
+            if title.startswith(b"ray::") and b"_Scorer" in title:
+                found.add(int(entry.name))
+    return found
+
+
 def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_instance, tiny_model, tiny_model_path,
                                                                         some, local_rows, tmp_path):
-    """SIGKILL of the scoring actor once it has scored a few batches: the actor is replaced, its batches are
+    """SIGKILL of the scoring actor once Ray has written a few part files: the actor is replaced, its batches are
     retried, and the published folder holds every row once."""
     from pneumoscan.archive import RayParquetFolder, predictions_dataset, run_settings
 
-    pids = tmp_path / "pids"
-    pids.mkdir()
     many = [str(f) for f in some]  # batches of 2: many more than the first ones
     dest = tmp_path / "out.parquet"
     writer = RayParquetFolder(dest, run_settings(tiny_model, "screening", False), many).open()
-    ds = predictions_dataset(many, tiny_model_path, precision="float32", batch_size=2, _pid_dir=str(pids))
+    ds = predictions_dataset(many, tiny_model_path, precision="float32", batch_size=2)
+    before = _scorer_pids()  # another test's actors still shutting down are not this run's
     killed: list[int] = []
+    replaced: set[int] = set()
     done = threading.Event()
 
     def kill_the_actor_once_files_are_written():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not done.is_set():
-            progress = sorted(pids.glob("*.batches"))
-            if progress and int(progress[0].read_text() or 0) >= 3:
-                pid = int(progress[0].stem)
+        while not done.wait(0.005) and time.monotonic() < deadline:  # polls until the run is done
+            actors = _scorer_pids() - before - set(killed)
+            if killed:
+                replaced.update(actors)
+            elif actors and len(list(writer.parts.glob("*.parquet"))) >= 2:
+                pid = min(actors)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-                return
-            time.sleep(0.005)
 
     killer = threading.Thread(target=kill_the_actor_once_files_are_written, daemon=True)
     killer.start()
@@ -201,8 +218,7 @@ def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_inst
     done.set()
     killer.join(5)
     assert killed, "the actor was never killed"
-    restarted = {int(p.stem) for p in pids.glob("*.pid")} - set(killed)
-    assert restarted, "no actor replaced the killed one (the run finished before the kill)"
+    assert replaced, "no actor replaced the killed one (the run finished before the kill)"
     writer.finish()
     rows = pq.read_table(dest).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every file once, none lost or doubled
@@ -212,6 +228,41 @@ def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_inst
         if lo["probability"] is not None:
             assert row["probability"] == pytest.approx(lo["probability"], abs=1e-5)
     assert not writer.parts.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
+def test_every_file_of_a_ray_run_follows_the_umask(ray_instance, tiny_model, some, tmp_path, umask, mode):
+    """Ray's workers write the part files with their own umask (here: the one they started with); the settings
+    file, the kept rows, the parts, the published folder and the CSV all end in the run's mode."""
+    from pneumoscan.archive import (
+        ArchiveWriter,
+        RayParquetFolder,
+        predict_local,
+        predictions_dataset,
+        run_settings,
+    )
+
+    files = [str(f) for f in some[:12]]
+    dest, csv_out = tmp_path / "out" / "r.parquet", tmp_path / "out" / "r.csv"
+    settings = run_settings(tiny_model, "screening", False)
+    previous = os.umask(umask)
+    try:
+        local = ArchiveWriter([(dest, "parquet")], tiny_model, settings, files).open()  # interrupted locally
+        for _, row in predict_local(tiny_model, files[:3], batch_size=4):
+            local.add(row)
+        local.journal.close()
+        writer = RayParquetFolder(dest, settings, files, csv_path=csv_out, resume=True).open()
+        writer.write(predictions_dataset(writer.todo, tiny_model, batch_size=4))
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in writer.parts.iterdir()}
+        assert len(modes) >= 3 and writer.kept_file.name in modes  # settings, kept rows, Ray's parts
+        assert modes == dict.fromkeys(modes, oct(mode))
+        writer.finish()
+    finally:
+        os.umask(previous)
+    published = [dest / name for name in os.listdir(dest)]
+    assert sorted(os.listdir(dest.parent)) == ["r.csv", "r.parquet"] and published
+    assert {oct(p.stat().st_mode & 0o777) for p in [csv_out, *published]} == {oct(mode)}
+    assert len(pq.read_table(dest)) == len(files)
 
 
 def test_an_interrupted_ray_run_resumes_from_its_parts(ray_instance, tiny_model, tiny_model_path, files, tmp_path):
