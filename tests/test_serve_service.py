@@ -3,6 +3,7 @@ Prometheus metrics, dynamic batching and the bounded queue, and the ``serve`` / 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -150,8 +151,17 @@ def test_v1_routes_and_metrics_need_a_bearer_key(secured):
 
 def test_healthz_the_page_and_its_files_stay_open(secured):
     url, _, _ = secured
-    for path in ("/healthz", "/", "/static/app.js", "/openapi.json"):
+    for path in ("/healthz", "/", "/static/app.js"):
         assert httpx.get(url + path).status_code == 200, path
+
+
+def test_the_api_schema_needs_a_key_unless_public_docs(secured, tiny_model, keyfile):
+    url, key, _ = secured
+    assert httpx.get(f"{url}/openapi.json").status_code == 401
+    assert httpx.get(f"{url}/openapi.json", headers=bearer(key)).json()["info"]["title"] == "pneumoscan"
+    with serve_in_thread(create_app(tiny_model, api_keys=keyfile[0], public_docs=True)) as public:
+        assert httpx.get(f"{public}/openapi.json").status_code == 200
+        assert httpx.get(f"{public}/v1/model").status_code == 401  # only the schema is public
 
 
 def test_an_unauthenticated_upload_is_refused_before_it_is_read(secured):
@@ -261,7 +271,9 @@ def test_https_with_a_self_signed_certificate(tiny_model, keyfile, tmp_path):
         assert url.startswith("https://127.0.0.1:")
         trusted = ssl.create_default_context(cafile=str(cert))
         with httpx.Client(verify=trusted, timeout=60) as client:
-            assert client.get(f"{url}/healthz").json()["status"] == "ok"
+            health = client.get(f"{url}/healthz")
+            assert health.json()["status"] == "ok"
+            assert health.headers["strict-transport-security"] == "max-age=31536000"  # HSTS over TLS
             response = client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}, headers=bearer(keyfile[1]))
             assert response.status_code == 200 and response.json()["status"] == "ok"
             assert client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}).status_code == 401
@@ -314,16 +326,17 @@ def test_audit_log_has_one_line_per_request_and_no_patient_data(secured):
 
 
 def test_a_failing_audit_log_never_fails_the_request(tiny_model):
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full to make writes fail")
     app = create_app(tiny_model, audit_log="/dev/full")  # every write: ENOSPC
+    failed = threading.Semaphore(0)
+    counted = app.state.audit.on_failure
+    app.state.audit.on_failure = lambda: (counted(), failed.release())
     with serve_in_thread(app) as url:
         for _ in range(3):
             response = post(url, JPEG)
             assert response.status_code == 200 and response.json()["status"] == "ok"
-        time.sleep(0.2)
-        assert app.state.audit.failures >= 3
+        assert all(failed.acquire(timeout=10) for _ in range(3))  # each line is written after its response
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert app.state.audit.failures >= 3
     assert samples[("pneumoscan_audit_failures_total", ())] >= 3
 
 
@@ -335,7 +348,7 @@ def test_audit_log_rotates_at_its_size_limit(tiny_model, tmp_path):
     with serve_in_thread(app) as url:
         for _ in range(20):
             httpx.get(f"{url}/healthz")
-    time.sleep(0.2)
+    # the server has stopped: every line is written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
 
@@ -401,7 +414,7 @@ def _check_batched_answers(model, app, url):
         if max(b["batch_size"] for b in bodies) > 1:
             break
     assert max(b["batch_size"] for b in bodies) > 1
-    assert app.state.batcher.batches < app.state.batcher.images
+    assert app.state.service.batcher.batches < app.state.service.batcher.images
 
 
 def test_concurrent_distinct_images_share_a_network_call_and_each_gets_its_own_answer(tiny_model):
@@ -411,10 +424,6 @@ def test_concurrent_distinct_images_share_a_network_call_and_each_gets_its_own_a
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("pneumoscan.export") is None,
-    reason="the onnx backend is not installed",
-)
 def test_onnx_backend_batches_the_same_way(tiny_model, tmp_path):
     from pneumoscan import load_model
     from pneumoscan.export import export_onnx
@@ -433,7 +442,7 @@ def test_max_batch_caps_the_images_per_network_call(tiny_model):
     with serve_in_thread(app) as url:
         bodies = _send_together(url, distinct_xrays(6))
     assert max(b["batch_size"] for b in bodies) <= 2
-    assert app.state.batcher.images == 6
+    assert app.state.service.batcher.images == 6
 
 
 def test_a_lone_request_does_not_wait_for_the_window(tiny_model):
@@ -448,53 +457,58 @@ def test_a_lone_request_does_not_wait_for_the_window(tiny_model):
     assert elapsed < 5.0  # anything slower would be the machine, not the window
 
 
-class _SlowModel:
-    """The model with a network that takes ``seconds`` per call."""
+class _HeldModel:
+    """The model, with a network call that waits until the test releases it, and a count of decoded uploads:
+    the tests wait on these events, never on time."""
 
-    def __init__(self, model, seconds: float):
-        self._model, self._seconds = model, seconds
+    def __init__(self, model):
+        self._model = model
+        self.entered = threading.Event()  # a network call has started
+        self.release = threading.Event()  # let network calls finish
+        self.decoded = threading.Semaphore(0)  # one release per upload decoded
+        self.broken = False
 
-    def score(self, images):
-        time.sleep(self._seconds)
-        return self._model.score(images)
+    def score(self, images, **kwargs):
+        if self.broken:
+            raise RuntimeError("simulated network failure")
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the network"
+        return self._model.score(images, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        try:
+            return self._model.decode(*args, **kwargs)
+        finally:
+            self.decoded.release()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
 
-def wait_in_progress(url: str, n: int, timeout: float = 30.0) -> None:
-    """Until the server counts ``n`` screening requests in progress (admitted, not yet answered)."""
-    deadline = time.monotonic() + timeout
-    while metric_samples(httpx.get(f"{url}/metrics").text)[("pneumoscan_requests_in_progress", ())] < n:
-        assert time.monotonic() < deadline, f"{n} requests never were in progress together"
-        time.sleep(0.05)
-
-
 def test_the_event_loop_answers_while_the_network_runs(tiny_model):
-    app = create_app(tiny_model)
-    app.state.batcher.model = _SlowModel(tiny_model, 3.0)
-    with serve_in_thread(app) as url, ThreadPoolExecutor(1) as pool:
+    model = _HeldModel(tiny_model)
+    with serve_in_thread(create_app(model)) as url, ThreadPoolExecutor(1) as pool:
         slow = pool.submit(post, url, JPEG)
-        wait_in_progress(url, 1)
-        time.sleep(0.2)
+        assert model.entered.wait(30)
         start = time.perf_counter()
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
         assert time.perf_counter() - start < 1.0
         assert not slow.done()
+        model.release.set()
         assert slow.result().status_code == 200
 
 
 def test_beyond_max_pending_the_answer_is_503_with_retry_after(tiny_model):
-    app = create_app(tiny_model, max_pending=2)
-    app.state.batcher.model = _SlowModel(tiny_model, 1.5)
-    with serve_in_thread(app) as url, ThreadPoolExecutor(2) as pool:
+    model = _HeldModel(tiny_model)
+    with serve_in_thread(create_app(model, max_pending=2)) as url, ThreadPoolExecutor(2) as pool:
         held = [pool.submit(post, url, JPEG) for _ in range(2)]
-        wait_in_progress(url, 2)
+        assert model.decoded.acquire(timeout=30) and model.decoded.acquire(timeout=30)  # both admitted
         busy = post(url, JPEG)
         assert busy.status_code == 503
         assert busy.json() == {"error": serve_app.BUSY}
         assert busy.headers["retry-after"] == "1"
+        model.release.set()
         assert [f.result().status_code for f in held] == [200, 200]
         assert post(url, JPEG).status_code == 200
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
@@ -502,16 +516,13 @@ def test_beyond_max_pending_the_answer_is_503_with_retry_after(tiny_model):
 
 
 def test_a_failing_network_call_is_a_500_for_its_requests_and_the_batcher_lives_on(tiny_model):
-    class Broken(_SlowModel):
-        def score(self, images):
-            raise RuntimeError("simulated network failure")
-
-    app = create_app(tiny_model)
-    app.state.batcher.model = Broken(tiny_model, 0)
-    with serve_in_thread(app) as url:
+    model = _HeldModel(tiny_model)
+    model.broken = True
+    model.release.set()
+    with serve_in_thread(create_app(model)) as url:
         failed = post(url, JPEG)
         assert (failed.status_code, failed.json()) == (500, {"error": serve_app.INTERNAL})
-        app.state.batcher.model = tiny_model
+        model.broken = False
         assert post(url, JPEG).status_code == 200
 
 
@@ -582,3 +593,370 @@ def test_the_serving_process_threads_sleep_when_idle_and_serve_threads_sets_the_
         assert network_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the app's lifetime ---------------------------------------------------------------------------------------
+
+
+def _service_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("pneumoscan-decode", "pneumoscan-batcher"))]
+
+
+def test_creating_and_closing_many_apps_leaves_no_thread_behind(tiny_model):
+    from fastapi.testclient import TestClient
+
+    baseline = threading.active_count()
+    for _ in range(8):
+        app = create_app(tiny_model, max_concurrency=3)
+        assert _service_threads() == []  # nothing starts before the server runs the app
+        with TestClient(app) as client:
+            assert client.post("/v1/predict", files={"file": ("x.jpeg", JPEG)}).status_code == 200
+            assert _service_threads()
+        assert _service_threads() == []
+    app = create_app(tiny_model)
+    with serve_in_thread(app) as url:
+        assert post(url, JPEG).status_code == 200
+    assert _service_threads() == []
+    assert threading.active_count() == baseline
+
+
+# ---- formats and heatmaps -------------------------------------------------------------------------------------
+
+
+def _xray_pixels() -> np.ndarray:
+    """A real X-ray from the val split when the data is beside the repository (reduced to keep the test quick),
+    else a synthetic one."""
+    from conftest import KERMANY
+
+    real = sorted((KERMANY / "val" / "PNEUMONIA").glob("*.jpeg"))[:1] if KERMANY.is_dir() else []
+    if real:
+        image = Image.open(real[0]).convert("L")
+        image.thumbnail((512, 512))
+        return np.asarray(image)
+    return np.round(synthetic_xray(384, 11) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("fmt", "mode", "suffix"), [("GIF", "L", ".gif"), ("WEBP", "L", ".webp"),
+                                                     ("PPM", "RGB", ".ppm"), ("PPM", "L", ".pgm")])
+def test_gif_webp_and_pnm_xrays_are_screened_like_the_python_api_screens_the_file(server_url, tiny_model,
+                                                                                    tmp_path, fmt, mode, suffix):
+    path = tmp_path / f"xray{suffix}"
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    Image.fromarray(_xray_pixels(), "L").convert(mode).save(path, format=fmt, **options)
+    response = post(server_url, path.read_bytes(), path.name)
+    assert response.status_code == 200, response.text
+    expected = tiny_model.predict(str(path))
+    body = response.json()
+    assert (body["status"], body["message"]) == (expected.status, expected.message)
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
+
+
+def test_the_upload_error_for_an_unreadable_image_is_the_stages_message(server_url, tiny_model):
+    from pneumoscan import pipeline
+
+    cut = JPEG[: len(JPEG) // 2]
+    response = post(server_url, cut, "cut.jpeg")
+    assert response.status_code == 422
+    expected = pipeline.prepare(tiny_model, cut, name="cut.jpeg").error
+    assert expected.startswith("cut.jpeg: ")
+    assert response.json() == {"error": expected}
+
+
+def test_heatmaps_follow_the_one_rule_positive_by_default_all_on_request(server_url):
+    positive = post(server_url, JPEG, params={"heatmap": "true", "threshold": "0.01"}).json()
+    assert positive["decision"] == "PNEUMONIA" and positive["heatmap_png_base64"]
+    assert positive["heatmap_reason"] is None
+    normal = post(server_url, JPEG, params={"heatmap": "true", "threshold": "0.99"}).json()
+    assert normal["decision"] == "NORMAL"
+    assert normal["heatmap_png_base64"] is None
+    assert normal["heatmap_reason"].startswith("no heatmap: drawn for PNEUMONIA decisions only, this one is NORMAL")
+    every = post(server_url, JPEG, params={"heatmap": "true", "threshold": "0.99", "heatmaps": "all"}).json()
+    assert every["decision"] == "NORMAL" and every["heatmap_png_base64"]
+    plain = post(server_url, JPEG).json()
+    assert "heatmap_png_base64" not in plain and "heatmap_reason" not in plain
+    wrong = post(server_url, JPEG, params={"heatmap": "true", "heatmaps": "some"})
+    assert wrong.status_code == 422 and wrong.json()["error"].startswith("invalid request: heatmaps: ")
+
+
+def test_the_schema_documents_every_answer_and_the_accepted_formats(server_url):
+    from pneumoscan.data.images import FORMAT_NAMES
+
+    schema = httpx.get(f"{server_url}/openapi.json").json()
+    predict = schema["paths"]["/v1/predict"]["post"]
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Screening"}
+    for code in ("400", "401", "408", "413", "415", "422", "500", "503"):
+        assert predict["responses"][code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"}, code
+    assert FORMAT_NAMES in predict["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"][
+        "file"]["description"]
+    assert FORMAT_NAMES in predict["responses"]["415"]["description"]
+    for path, model in (("/v1/model", "ModelInfo"), ("/healthz", "Health")):
+        assert schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+    page = httpx.get(f"{server_url}/").text
+    assert FORMAT_NAMES in page
+
+
+# ---- connections: timeouts, limits, rejections ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model):
+    with serve_in_thread(create_app(tiny_model)) as url:
+        yield url
+
+
+@pytest.fixture
+def guarded(tiny_model, tmp_path):
+    """A server with short connection deadlines and an audit log; yields (url, app, audit file)."""
+    audit = tmp_path / "audit.jsonl"
+    app = create_app(tiny_model, audit_log=audit)
+    with serve_in_thread(app, header_timeout=1.0, keep_alive=0.5) as url:
+        yield url, app, audit
+
+
+def _connect(url: str):
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_until_closed(sock, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (recv waits on the socket, bounded)."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_a_client_trickling_its_headers_is_disconnected_while_others_are_answered(guarded):
+    url, app, audit = guarded
+    head = b"Host: 127.0.0.1\r\n" + b"X-Padding: " + b"a" * 400 + b"\r\n\r\n"
+    sock = _connect(url)
+    start = time.monotonic()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the request line at once, then the headers byte by byte
+    sock.settimeout(0.1)  # the slow client: one byte, then up to 0.1 s waiting for the server, then the next
+    received, sent = b"", 0
+    try:
+        for sent in range(len(head)):
+            sock.sendall(head[sent:sent + 1])
+            if sent == 10:  # a normal client meanwhile gets its answer at once
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            received += chunk
+            break  # the server answered, or closed (b"")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    received += _read_until_closed(sock)
+    sock.close()
+    elapsed = time.monotonic() - start
+    assert sent < len(head) - 1, "the whole head went through: the deadline never fired"
+    assert elapsed < 8, elapsed
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1]) == {"error": "request headers not received within 1 s"}
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert samples[("pneumoscan_protocol_rejections_total", (("reason", "header_timeout"),))] == 1
+    line = next(r for r in audit_lines(audit, 3) if r.get("rejected"))
+    assert (line["rejected"], line["status"], line["method"], line["route"]) == ("header_timeout", 408, "GET",
+                                                                                  "/healthz")
+
+
+def test_idle_connections_are_closed_after_the_keep_alive_timeout(guarded):
+    url, *_ = guarded
+    silent = _connect(url)  # connects and sends nothing
+    start = time.monotonic()
+    assert _read_until_closed(silent) == b""  # closed without a word: there was no request to answer
+    assert time.monotonic() - start < 5
+    silent.close()
+    reused = _connect(url)  # one answered request, then idle
+    reused.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = _read_until_closed(reused)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer
+    reused.close()
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "reason", "route"), [
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (40 * 1024) + b"\r\n\r\n", 431, "header_too_large",
+     "/healthz"),
+    (b"GET /v1/model HTTP/1.1\r\nHost: a\r\nthis is no header\r\n\r\n", 400, "malformed", "/v1/model"),
+    (b"\x16\x03\x01 not http at all\r\n\r\n", 400, "malformed", None),
+], ids=["oversize-head", "malformed-header", "no-request-line"])
+def test_requests_the_server_refuses_itself_are_counted_and_audited_with_their_request_line(
+        guarded, request_bytes, status, reason, route):
+    url, app, audit = guarded
+    sock = _connect(url)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it was all sent
+        sock.sendall(request_bytes)
+    answer = _read_until_closed(sock)
+    sock.close()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode())
+    assert "error" in json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert httpx.get(f"{url}/healthz").status_code == 200  # and the server serves on
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert samples[("pneumoscan_protocol_rejections_total", (("reason", reason),))] == 1
+    lines = audit_lines(audit, 2 if route is None else 3)
+    rejected = [r for r in lines if r.get("rejected")]
+    if route is None:  # no request line: nothing to audit, the metric counts it
+        assert rejected == []
+    else:
+        assert [(r["rejected"], r["status"], r["route"]) for r in rejected] == [(reason, status, route)]
+
+
+def test_a_key_in_the_query_string_never_reaches_the_logs(tiny_model, keyfile, tmp_path):
+    """With the access log on (``serve --verbose``), a client that puts a key in the URL (refused) or a key-like
+    parameter beside the API's own ones: the logged request lines show neither."""
+    import logging
+
+    key = keyfile[1]
+    audit = tmp_path / "audit.jsonl"
+    secret = "psk_" + "s3cret" * 6
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    app = create_app(tiny_model, api_keys=keyfile[0], audit_log=audit)
+    with serve_in_thread(app, log_level="info") as verbose:
+        access = logging.getLogger("uvicorn.access")
+        handler = Capture()
+        access.addHandler(handler)
+        try:
+            assert httpx.get(f"{verbose}/v1/model", params={"api_key": secret}).status_code == 401
+            assert post(verbose, JPEG, params={"api_key": secret, "threshold": "balanced"},
+                        headers=bearer(key)).status_code == 200
+        finally:
+            access.removeHandler(handler)
+    assert len(lines) == 2, lines
+    assert all(secret not in line for line in lines)
+    assert "/v1/model?api_key=[redacted]" in lines[0]
+    assert "/v1/predict?api_key=[redacted]&threshold=balanced" in lines[1]
+    assert secret not in audit.read_text()
+
+
+# ---- smaller hardening ----------------------------------------------------------------------------------------
+
+
+def test_head_is_answered_wherever_get_is(secured):
+    url, key, _ = secured
+    for path, headers in [("/", {}), ("/healthz", {}), ("/static/app.js", {}), ("/v1/model", bearer(key)),
+                          ("/v1/model/card", bearer(key)), ("/metrics", bearer(key)), ("/openapi.json", bearer(key))]:
+        get = httpx.get(url + path, headers=headers)
+        head = httpx.head(url + path, headers=headers)
+        assert head.status_code == get.status_code, path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert httpx.head(f"{url}/v1/model").status_code == 401  # and HEAD needs the key where GET does
+
+
+def test_no_redirect_is_built_from_the_host_header(server_url):
+    for path in ("/static", "/v1/model/", "/healthz/"):
+        response = httpx.get(server_url + path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert response.status_code == 404, path
+        assert "location" not in response.headers
+        assert response.json() == {"error": f"not found: {path}"}
+
+
+def test_plain_http_has_no_hsts_header(server_url):
+    assert "strict-transport-security" not in httpx.get(f"{server_url}/healthz").headers
+
+
+@pytest.fixture
+def restore_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
+def _serve_without_serving(monkeypatch, argv: list[str]) -> dict:
+    """Run ``pneumoscan serve`` in this process up to the point where uvicorn would serve; returns what it saw."""
+    import uvicorn
+
+    import pneumoscan.cli.serve as serve_cli
+    import pneumoscan.predict
+
+    seen: dict = {}
+    real_load = pneumoscan.predict.load_model
+
+    def load_model(*args, **kwargs):
+        seen["device"] = kwargs.get("device")
+        return real_load(*args, **{**kwargs, "device": "cpu"})
+
+    def run(server):
+        seen["umask"] = os.umask(0o077)
+        os.umask(seen["umask"])
+        seen["config"] = server.config
+
+    monkeypatch.setattr(pneumoscan.predict, "load_model", load_model)
+    monkeypatch.setattr(serve_cli, "network_threads", lambda threads: 1)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    assert main(["serve", *argv]) == 0
+    return seen
+
+
+def test_serve_sets_an_owner_only_umask_and_its_audit_log_is_0600(monkeypatch, tmp_path, tiny_model_path,
+                                                                     restore_umask):
+    audit = tmp_path / "audit.jsonl"
+    seen = _serve_without_serving(monkeypatch, ["--model", str(tiny_model_path), "--audit-log", str(audit),
+                                                "--device", "cpu"])
+    assert seen["umask"] == 0o077
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+    assert seen["device"] == "cpu"
+    config = seen["config"]
+    assert (config.timeout_keep_alive, config.limit_concurrency, config.h11_max_incomplete_event_size) == (
+        5, 128, 16 * 1024)
+    assert config.http.header_timeout == 30
+
+
+def test_serve_umask_option_and_connection_options_are_passed_on(monkeypatch, tmp_path, tiny_model_path,
+                                                                  restore_umask):
+    audit = tmp_path / "audit.jsonl"
+    seen = _serve_without_serving(monkeypatch, [
+        "--model", str(tiny_model_path), "--audit-log", str(audit), "--umask", "027", "--header-timeout", "7",
+        "--keep-alive", "2", "--max-connections", "9", "--max-header-kb", "8"])
+    assert seen["umask"] == 0o027
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o640
+    import torch
+
+    assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto, the default
+    config = seen["config"]
+    assert (config.timeout_keep_alive, config.limit_concurrency, config.h11_max_incomplete_event_size) == (
+        2, 9, 8 * 1024)
+    assert config.http.header_timeout == 7
+
+
+def test_rotated_audit_logs_keep_the_owner_only_mode_of_the_service_umask(tmp_path, restore_umask):
+    from pneumoscan.durable import SERVICE_UMASK
+    from pneumoscan.serve.audit import AuditLog
+
+    os.umask(SERVICE_UMASK)
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=500, backups=3)
+    for i in range(40):
+        log.write({"request_id": f"{i:032x}", "route": "/healthz", "status": 200})
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert [p.name for p in files] == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+def test_serve_help_shows_every_limit_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]
+    for option, default in [("--max-upload-mb", "default 20"), ("--upload-timeout", "default 60"),
+                            ("--header-timeout", "default 30"), ("--keep-alive", "default 5"),
+                            ("--max-connections", "default 128"), ("--max-header-kb", "default 16"),
+                            ("--max-pending", "default 32"), ("--umask", "default 077"), ("--device", "auto")]:
+        assert default in text.split(f" {option} ", 1)[1][:300], option

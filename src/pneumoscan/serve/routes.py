@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
+import html
 import io
 import logging
 import time
@@ -20,11 +22,11 @@ from typing import Annotated, Literal
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from .. import __version__
-from ..data.images import FORMAT_NAMES
+from ..data.images import FORMAT_NAMES, SUFFIXES
 from ..errors import PneumoscanError
 from ..pipeline import Prediction, Prepared, prepare
 from .models import Health, ModelInfo, Screening, error_responses
@@ -275,6 +277,14 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
-@get(public, "/", include_in_schema=False)
-async def index() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+@functools.cache
+def page() -> str:
+    """The page, with the accepted formats filled in from the one list (``data.images``)."""
+    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    accept = ",".join([*sorted(SUFFIXES), "image/*", "application/dicom"])
+    return text.replace("{{FORMAT_NAMES}}", html.escape(FORMAT_NAMES)).replace("{{ACCEPT}}", html.escape(accept))
+
+
+@get(public, "/", include_in_schema=False, response_class=HTMLResponse)
+async def index() -> HTMLResponse:
+    return HTMLResponse(page())

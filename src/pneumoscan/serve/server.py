@@ -28,7 +28,6 @@ from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H
 
 from .limits import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_KB
 
-HEAD_KEPT = 2048  # bytes of a request head kept to name its request line in a rejection's audit line
 REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (\S{1,2048}) HTTP/\d\.\d")
 LOGGED_PARAMS = frozenset({"threshold", "heatmap", "heatmaps", "preview"})  # the API's own query parameters
 REDACTED = "[redacted]"
@@ -86,8 +85,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer = None
         self._timed_cycle = None  # the request cycle current when the deadline was set; a new one ends it
-        self._head = bytearray()  # the first bytes of the request being received
-        self._head_bytes = 0
+        self._head = bytearray()  # the request head being received, up to the limit
         limit = self.config.h11_max_incomplete_event_size
         self._max_head = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if limit is None else limit
 
@@ -103,10 +101,11 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is not None:  # receiving a request head: keep its start for a rejection's audit line
-            self._head_bytes += len(data)
-            if len(self._head) < HEAD_KEPT:
-                self._head += data[: HEAD_KEPT - len(self._head)]
+        if self.transport.is_closing():
+            return  # refused: whatever else arrives is not read
+        if self._head_timer is not None and self._head_limit_passed(data):
+            self._refuse("header_too_large")
+            return
         limit = self.limit_concurrency
         over = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
         before = self.cycle
@@ -114,6 +113,15 @@ class GuardedH11Protocol(H11Protocol):
         self._check_head_done()
         if over and self.cycle is not before:  # uvicorn answered this request 503 itself
             self._report("connection_limit", 503)
+
+    def _head_limit_passed(self, data: bytes) -> bool:
+        """Keep the request head as it arrives (for a rejection's audit line) and say whether it is past the
+        limit: h11 bounds only a head still incomplete, so one that arrives whole in a single read would pass."""
+        room = self._max_head + 4 - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+        end = self._head.find(b"\r\n\r\n")
+        return end > self._max_head or (end == -1 and len(self._head) > self._max_head)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -126,7 +134,6 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         self._timed_cycle = self.cycle
         self._head.clear()
-        self._head_bytes = 0
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def _disarm(self) -> None:
@@ -147,16 +154,17 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request head h11 cannot parse: ours says which limit, and is reported."""
         self._disarm()
-        self._refuse("header_too_large" if self._head_bytes > self._max_head else "malformed")
+        self._refuse("malformed")
 
     def _refuse(self, reason: str) -> None:
+        self._disarm()
         status, text = _MESSAGES[reason]
         message = text.format(limit=self._max_head, seconds=self.header_timeout)
         body = json.dumps({"error": message}).encode("ascii")
         head = (f"HTTP/1.1 {status} {_STATUS[status]}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii")
         # a client that sent nothing at all gets nothing back: there was no request to answer
-        if reason != "header_timeout" or self._head_bytes:
+        if reason != "header_timeout" or self._head:
             self.transport.write(head + body)
         self.transport.close()
         self._report(reason, status)
