@@ -11,6 +11,8 @@ import sys
 
 from ..errors import PneumoscanError
 
+HEATMAP_CHOICES = ("positive", "all", "none")  # dicom.screen's; kept here so --help imports no numpy
+
 
 def _ae_title(text: str) -> str:
     if not 1 <= len(text) <= 16 or not text.isascii() or "\\" in text or not text.strip():
@@ -26,14 +28,31 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # and this every request
 
 
+OPEN_REFUSED = ("refusing to listen on {host} without an allow-list: any machine that can reach the port could "
+                "send patient data to be screened and answered into the PACS; pass --allow-ae AE[@HOST] (or "
+                "--allow-ae-file FILE), or --allow-open if an open node on this address is intended")
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
+    import os
     import signal
 
-    from ..dicom.node import Destination
+    from ..dicom.node import AllowList, Destination, tls_context
+    from ..durable import SERVICE_UMASK, parse_umask
+    from .serve import is_loopback
 
+    # everything that can be refused without the model is refused first, in one line
     forward = Destination.parse(args.forward) if args.forward else None
     if forward is None and args.out is None:
         raise PneumoscanError("give --forward AET@HOST:PORT and/or --out DIR: results must go somewhere")
+    allow = AllowList.load(args.allow_ae or (), args.allow_ae_file or ())
+    if not allow and not args.allow_open and not is_loopback(args.host):
+        raise PneumoscanError(OPEN_REFUSED.format(host=args.host))
+    try:
+        umask = SERVICE_UMASK if args.umask is None else parse_umask(args.umask)
+    except ValueError as exc:
+        raise PneumoscanError(f"--umask: {exc}") from None
+    tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca)
     try:
         import highdicom  # noqa: F401
         import pynetdicom  # noqa: F401
@@ -42,12 +61,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from ..dicom.node import Node
     from ..predict import load_model
 
+    os.umask(umask)  # the spool and the results hold patient data: owner-only unless --umask says otherwise
     _logging(args.verbose)
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, device=_device(args.device), precision=args.precision)
+    heatmaps = "none" if args.no_heatmaps else args.heatmaps
     node = Node(model, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port, forward=forward,
                 out=args.out, max_instance_bytes=int(args.max_instance_mb * 2**20), batch_size=args.batch_size,
-                retry_max=args.retry_max, heatmaps=not args.no_heatmaps, threshold=args.threshold)
-    logging.getLogger("pneumoscan.dicom").info("model %s (sha256 %s)", model.name, model.sha256)
+                retry_max=args.retry_max, heatmaps=heatmaps, threshold=args.threshold, allow=allow, tls=tls)
+    logging.getLogger("pneumoscan.dicom").info("model %s (sha256 %s) on %s; umask %03o", model.name, model.sha256,
+                                               _device(args.device), umask)
     signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
     node.start()
     try:
@@ -57,6 +79,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         node.stop()
     return 0
+
+
+def _device(name: str) -> str:
+    """``--device``: auto is the first CUDA GPU when PyTorch sees one, else the CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -69,7 +100,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     print(f"pneumoscan: model {model.name} (sha256 {model.sha256})", file=sys.stderr)
     failed = 0
     for item in pull(model, args.dicomweb, args.study, store=args.store, batch_size=args.batch_size,
-                     threshold=args.threshold):
+                     threshold=args.threshold, heatmaps=args.heatmaps):
         if isinstance(item.outcome, str):
             failed += 1
             print(f"{item.sop_instance_uid}\t-\tERROR\t{item.outcome}", flush=True)
@@ -81,7 +112,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def add_dicom_command(sub) -> None:
     """Add ``dicom listen`` and ``dicom pull`` to the main parser's subparsers."""
-    from .args import number_type
+    from .args import add_device_option, number_type
 
     positive_int = number_type(int, lambda v: v > 0, "a number above 0")
     positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")
@@ -92,14 +123,29 @@ def add_dicom_command(sub) -> None:
     p = commands.add_parser(
         "listen", help="DICOM Storage SCP: screen what a PACS sends, send results back",
         description="Receive CR, DX and Secondary Capture images by C-STORE (uncompressed, JPEG, JPEG-LS, "
-                    "JPEG 2000, RLE), answer once each is safely in the spool, screen them, and send a "
-                    "Structured Report and a Grad-CAM Secondary Capture into the same study to --forward "
-                    "and/or write them under --out. Results for a destination that is down wait in the spool "
-                    "and are retried. Instances not assessed (not a frontal chest X-ray, outside the model's "
-                    "population, unreadable pixels) get an SR saying why.")
+                    "JPEG 2000, RLE) from the senders of the allow-list, answer once each is safely in the spool, "
+                    "screen them, and send a Structured Report (and, where --heatmaps says, a Grad-CAM Secondary "
+                    "Capture) into the same study to --forward and/or write them under --out. Results for a "
+                    "destination that is down wait in the spool and are retried. Instances not analysed (no pixel "
+                    "data, unreadable pixels, not a frontal chest X-ray, outside the model's intended population) "
+                    "get an SR saying why. Objects that are no image (SR, presentation states, ...) and "
+                    "pneumoscan's own results are answered Success and never screened.")
     p.add_argument("--port", type=port, default=11112)
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; another address needs --allow-ae or "
+                        "--allow-open)")
     p.add_argument("--ae-title", type=_ae_title, default="PNEUMOSCAN", help="this node's AE title")
+    p.add_argument("--allow-ae", action="append", metavar="AE[@HOST]",
+                   help="take associations only from this calling AE title (from HOST only, an address or a "
+                        "name, when given); repeatable. Anyone else is rejected: calling AE title not recognised")
+    p.add_argument("--allow-ae-file", action="append", metavar="FILE",
+                   help="more allowed senders, one AE or AE@HOST a line ('#' comments); repeatable")
+    p.add_argument("--allow-open", action="store_true",
+                   help="listen on a non-loopback address without an allow-list (an open node, on purpose)")
+    p.add_argument("--tls-cert", metavar="PEM", help="DICOM TLS: this node's certificate (chain), with --tls-key")
+    p.add_argument("--tls-key", metavar="PEM", help="DICOM TLS: the private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="DICOM TLS: senders must present a certificate signed by this CA (mutual TLS)")
     p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE results to this DICOM node (the PACS)")
     p.add_argument("--out", metavar="DIR", help="also write results as OUT/<study UID>/<SOP UID>.dcm")
     p.add_argument("--spool", default="pneumoscan-spool", metavar="DIR",
@@ -110,7 +156,13 @@ def add_dicom_command(sub) -> None:
                    help="instances screened per forward pass (default 8)")
     p.add_argument("--retry-max", type=positive_float, default=60.0, metavar="SECONDS",
                    help="longest wait between delivery attempts to a destination that is down (default 60)")
-    p.add_argument("--no-heatmaps", action="store_true", help="SR only, no Grad-CAM Secondary Capture")
+    p.add_argument("--heatmaps", choices=HEATMAP_CHOICES, default="positive",
+                   help="which instances get a Grad-CAM Secondary Capture: positive (default: those decided "
+                        "PNEUMONIA), all judged ones, or none")
+    p.add_argument("--no-heatmaps", action="store_true", help="the same as --heatmaps none")
+    p.add_argument("--umask", metavar="OCTAL",
+                   help="file creation mask for the spool and results (default 077: owner-only)")
+    add_device_option(p)
     p.add_argument("--verbose", action="store_true", help="pynetdicom's association log too")
     _model_options(p)
     p.set_defaults(func=cmd_listen)
@@ -120,6 +172,8 @@ def add_dicom_command(sub) -> None:
     p.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
     p.add_argument("--store", action="store_true", help="store the SR and Secondary Capture back by STOW-RS")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--heatmaps", choices=HEATMAP_CHOICES, default="positive",
+                   help="which instances get a Grad-CAM Secondary Capture (default: those decided PNEUMONIA)")
     _model_options(p)
     p.set_defaults(func=cmd_pull)
 
@@ -139,7 +193,7 @@ def add_dicom_out_option(p: argparse.ArgumentParser) -> None:
                         "DIR/<Study UID>/<SOP UID>.dcm (needs the dicom extra)")
 
 
-def dicom_out(folder: str | None, model):
+def dicom_out(folder: str | None, model, heatmaps: str = "positive"):
     """A callable writing the SR and SC for each Prediction of a DICOM input under ``folder``; None without one."""
     if not folder:
         return None
@@ -153,4 +207,4 @@ def dicom_out(folder: str | None, model):
 
     from ..dicom.predict_out import DicomOut
 
-    return DicomOut(Path(folder), Screener(model))
+    return DicomOut(Path(folder), Screener(model, heatmaps=heatmaps))

@@ -2,46 +2,53 @@
 
 Three operators, each with one job, joined by the spool folder (``spool.Spool``):
 
-- the receiver (pynetdicom's association threads): C-ECHO; C-STORE of CR, DX and Secondary Capture images (and CT,
-  whose SR says it was not assessed) in uncompressed and compressed transfer syntaxes. A C-STORE is answered
-  Success only once the instance is fsynced under ``incoming/``; too large an instance is refused with 0xA700,
-  one without pixel data with 0xA900. A sender that drops the association mid-transfer leaves nothing: pynetdicom
-  hands over a dataset only once all of it arrived.
-- the screener (one thread, the one model): takes up to ``batch_size`` spooled instances at a time, screens them
-  through ``Screener`` (one ``Model.score`` per batch), writes the SR and SC under ``--out`` and/or queues them in
-  ``outbox/``, and only then removes the instance. After a crash or SIGKILL whatever is still in ``incoming/``
-  is screened at the next start; result UIDs are derived from the instance and the model, so doing it twice
-  makes the same objects.
-- the forwarder (one thread): C-STOREs ``outbox/`` to ``--forward``; a destination that is down or refuses is
-  retried with exponential backoff (1 s doubling to ``retry_max`` s) until it takes them.
+- the receiver (pynetdicom's association threads): only the senders of the allow-list (``--allow-ae``; anyone
+  else gets A-ASSOCIATE-RJ "calling AE title not recognised"), over DICOM TLS when configured; C-ECHO; C-STORE
+  of CR, DX and Secondary Capture images (and CT, whose SR says it was not analysed) in uncompressed and
+  compressed transfer syntaxes, answered Success only once the instance is fsynced under ``incoming/``. Objects
+  that are no image (SR, presentation states, key objects, documents, ...) and pneumoscan's own results are
+  answered Success and never screened (``screen.not_screened``), so routing everything back makes no loop.
+  Too large an instance is refused with 0xA700, one without the UIDs a result must reference with 0xA900. A
+  sender that drops the association mid-transfer leaves nothing: pynetdicom hands over a dataset only once all of
+  it arrived. One log line per association: calling AE, peer address, and the SOP Instance UIDs it sent.
+- the screener (one thread, the one model, warmed up before the first association is accepted): takes up to
+  ``batch_size`` spooled instances at a time, screens them through ``Screener`` (the pipeline stage, one network
+  call per batch), writes the SR (always: an instance it cannot analyse gets one saying why) and the Grad-CAM SC
+  (where the heatmap rule wants one) under ``--out`` and/or queues them in ``outbox/``, and only then removes the
+  instance. After a crash or SIGKILL whatever is still in ``incoming/`` is screened at the next start; result
+  UIDs are derived from the instance and the model, so doing it twice makes the same objects.
+- the forwarder (one thread): C-STOREs ``outbox/`` to ``--forward``. A destination that is down is retried with
+  exponential backoff (1 s doubling to ``retry_max`` s); a result the destination refuses (a status, or no
+  presentation context for its SOP class) is logged and retried on its own backoff while the others go on; a
+  result file that cannot be parsed is moved to ``failed/``. Nothing a peer or a file does ends the thread.
 
-Logs: one line per instance (SOP Instance UID, result, timings) and per delivery; never a patient attribute.
+Logs: one line per association, per instance (SOP Instance UID, result, timings) and per delivery; never a
+patient attribute.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import PneumoscanError
+from .screen import IMAGE_CLASSES, not_screened
 from .spool import Spool, atomic_write, safe_name
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("pneumoscan.dicom")
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-# Accepted storage SOP classes: the radiographs, and CT so that a CT slice sent by mistake gets a "not assessed"
-# SR instead of a silent refusal. Anything else is not negotiated (pynetdicom rejects those contexts).
-STORAGE_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation", DX_PROCESSING: "DX for processing",
-                   SECONDARY_CAPTURE: "Secondary Capture", CT: "CT"}
+STORAGE_CLASSES = IMAGE_CLASSES  # the image classes screened (the name pull.py and older callers use)
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # explicit VR little endian
     "1.2.840.10008.1.2",  # implicit VR little endian
@@ -57,14 +64,29 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE lossless
 ]
-RESULT_CLASSES = ["1.2.840.10008.5.1.4.1.1.88.33", SECONDARY_CAPTURE]  # Comprehensive SR, Secondary Capture
+# What the forwarder proposes: the SR classes pneumoscan writes or wrote (a spool may hold results of an older
+# version: Comprehensive SR before TID 1500), Enhanced SR, and the Secondary Capture.
+RESULT_CLASSES = ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22",
+                  "1.2.840.10008.5.1.4.1.1.7"]
 RESULT_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+def non_image_classes() -> list[str]:
+    """Every storage SOP class pynetdicom knows that is no image (its name has no "Image": SR, presentation
+    states, key objects, encapsulated documents, waveforms, RT objects, ...). The node takes these and answers
+    Success without screening, so a PACS that routes everything to it is not left with failed transfers."""
+    from pydicom.uid import UID
+    from pynetdicom import AllStoragePresentationContexts
+
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+            if "Image" not in UID(cx.abstract_syntax).name and str(cx.abstract_syntax) not in IMAGE_CLASSES]
 
 
 @dataclass(frozen=True)
@@ -84,13 +106,139 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+# ---- who may send ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sender:
+    """One allow-list entry: a calling AE title, from any address or only from ``addresses``."""
+
+    ae_title: str
+    host: str | None = None
+    addresses: frozenset = frozenset()
+
+    def permits(self, ae_title: str, address) -> bool:
+        return ae_title == self.ae_title and (self.host is None or address in self.addresses)
+
+    def __str__(self) -> str:
+        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
+
+
+def _address(text: str):
+    """An IP address, IPv4-mapped IPv6 addresses as their IPv4 one; None for anything else."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
+def parse_sender(text: str, where: str = "--allow-ae") -> Sender:
+    """``AE`` or ``AE@HOST`` (an IP address or a name, resolved now to its addresses)."""
+    title, _, host = text.strip().partition("@")
+    title = title.strip()
+    if not 1 <= len(title) <= 16 or not title.isascii() or "\\" in title:
+        raise PneumoscanError(f"{where}: an allowed sender is AE or AE@HOST with an AE title of 1 to 16 ASCII "
+                              f"characters, got {text.strip()!r}")
+    if not _:
+        return Sender(title)
+    host = host.strip()
+    if not host:
+        raise PneumoscanError(f"{where}: {text.strip()!r} names no host after '@'")
+    ip = _address(host)
+    if ip is not None:
+        return Sender(title, host, frozenset({ip}))
+    try:
+        found = {_address(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError as exc:
+        raise PneumoscanError(f"{where}: cannot resolve host {host!r} of {text.strip()!r} "
+                              f"({exc.strerror or exc})") from None
+    return Sender(title, host, frozenset(a for a in found if a is not None))
+
+
+class AllowList:
+    """The senders the node takes associations from; empty: anyone (an open node)."""
+
+    def __init__(self, senders=()):
+        self.senders = list(senders)
+
+    @classmethod
+    def load(cls, entries=(), files=()) -> AllowList:
+        """``--allow-ae`` values and ``--allow-ae-file`` files (one entry a line; '#' starts a comment)."""
+        senders = [parse_sender(text) for text in entries]
+        for path in files:
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PneumoscanError(f"{path}: cannot read the allow-list ({getattr(exc, 'strerror', None) or exc})"
+                                      ) from None
+            found = [parse_sender(line.split("#", 1)[0], f"{path}:{number}")
+                     for number, line in enumerate(lines, 1) if line.split("#", 1)[0].strip()]
+            if not found:
+                raise PneumoscanError(f"{path}: the allow-list file names no sender (one AE or AE@HOST a line)")
+            senders.extend(found)
+        return cls(senders)
+
+    def permits(self, ae_title: str, host: str) -> bool:
+        address = _address(host)
+        return not self.senders or any(s.permits(ae_title, address) for s in self.senders)
+
+    def __bool__(self) -> bool:
+        return bool(self.senders)
+
+    def __str__(self) -> str:
+        return ", ".join(map(str, self.senders)) if self.senders else "anyone"
+
+
+def tls_context(cert: str | None, key: str | None, ca: str | None = None) -> ssl.SSLContext | None:
+    """The server side of DICOM TLS: this node's certificate and key; with ``ca``, senders must present a
+    certificate it signed (mutual TLS). None without a certificate."""
+    if not (cert or key or ca):
+        return None
+    if not (cert and key):
+        raise PneumoscanError("DICOM TLS needs both --tls-cert and --tls-key (--tls-ca to require client "
+                              "certificates)")
+    import ssl
+
+    for path in (cert, key, ca):
+        if path and not Path(path).is_file():
+            raise PneumoscanError(f"{path}: TLS file not found")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(cafile=ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise PneumoscanError(f"{cert}, {key}{', ' + ca if ca else ''}: not a usable TLS certificate, key and CA "
+                              f"({getattr(exc, 'reason', None) or exc})") from None
+    return context
+
+
+@dataclass
+class _Association:
+    """What one association did, for its one log line."""
+
+    peer: str
+    uids: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def add(self, uid: str, kind: str) -> None:
+        self.uids.append(uid or "(no UID)")
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+
+# ---- the node ----------------------------------------------------------------------------------------------------
+
+
 class Node:
     """The DICOM node: receiver, screener and forwarder around one loaded model."""
 
-    def __init__(self, model, *, spool: str | Path, ae_title: str = "PNEUMOSCAN", host: str = "0.0.0.0",
+    def __init__(self, model, *, spool: str | Path, ae_title: str = "PNEUMOSCAN", host: str = "127.0.0.1",
                  port: int = 11112, forward: Destination | None = None, out: str | Path | None = None,
                  max_instance_bytes: int = 100 * 2**20, batch_size: int = 8, retry_max: float = 60.0,
-                 heatmaps: bool = True, threshold: str | float = "screening"):
+                 heatmaps: str = "positive", threshold: str | float = "screening",
+                 allow: AllowList | None = None, tls: ssl.SSLContext | None = None):
         from .screen import Screener
 
         if forward is None and out is None:
@@ -105,11 +253,16 @@ class Node:
         self.max_instance_bytes = max_instance_bytes
         self.batch_size = batch_size
         self.retry_max = retry_max
+        self.allow = allow or AllowList()
+        self.tls = tls
         self._stop = threading.Event()
         self._work = threading.Event()
         self._send = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
+        self._associations: dict[int, _Association] = {}
+        self._associations_lock = threading.Lock()
+        self._retry: dict[str, tuple[int, float]] = {}  # outbox file name -> (failed attempts, when next)
         self.screened = 0
         self.delivered = 0
 
@@ -122,11 +275,15 @@ class Node:
         ae.require_called_aet = True  # a PACS configured with another title for us is told so (rejected)
         ae.maximum_pdu_size = 256 * 1024  # per P-DATA PDU received: bounded, and few PDUs per radiograph
         ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
+        for sop_class in [*IMAGE_CLASSES, *non_image_classes()]:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ACCEPTED, self._on_accepted)]
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_closed),
+                    (evt.EVT_ABORTED, self._on_closed), (evt.EVT_CONN_CLOSE, self._on_closed)]
+        took = self.screener.warm_up()  # before any association: the first study does not pay for it
+        log.info("model %s warmed up in %.1f s (network%s, result builders)", self.model.name, took,
+                 ", Grad-CAM" if self.screener.heatmaps != "none" else "")
         pending = len(self.spool.pending())
         if pending:
             log.info("%d instance(s) received before the last stop are waiting: screening them first", pending)
@@ -135,9 +292,11 @@ class Node:
             self._threads.append(threading.Thread(target=self._forward_loop, name="pneumoscan-forward", daemon=True))
         for thread in self._threads:
             thread.start()
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=self.tls)
         self.port = self._server.server_address[1]
-        log.info("listening as %s on %s:%d; results to %s", self.ae_title, self.host, self.port,
+        log.info("listening as %s on %s:%d%s; senders: %s; heatmaps: %s; results to %s", self.ae_title, self.host,
+                 self.port, " (DICOM TLS)" if self.tls else "", self.allow, self.screener.heatmaps,
                  " and ".join(x for x in (str(self.forward) if self.forward else "",
                                          str(self.out) if self.out else "") if x))
         return self
@@ -160,13 +319,30 @@ class Node:
         """Nothing left to screen or deliver (for tests and the benchmark)."""
         return not self.spool.pending(1) and not self.spool.outgoing()
 
-    # --- receiver ----------------------------------------------------------------------------------------------
-    def _on_echo(self, event) -> int:
-        log.info("C-ECHO from %s", _peer(event))
-        return SUCCESS
+    def alive(self) -> dict[str, bool]:
+        """Whether each worker thread still runs (a worker that ended would leave the spool to pile up)."""
+        return {thread.name: thread.is_alive() for thread in self._threads}
 
-    def _on_aborted(self, event) -> None:
-        log.warning("association with %s aborted; nothing half-received was kept", _peer(event))
+    # --- associations ------------------------------------------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        """Take the association only from an allowed sender; anyone else gets the standard rejection."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        peer = f"AE {calling!r} at {assoc.requestor.address}:{assoc.requestor.port}" \
+               f"{' (TLS)' if self.tls else ''}"
+        if not self.allow.permits(calling, assoc.requestor.address):
+            assoc.acse.send_reject(*REJECT_CALLING_AE)
+            log.warning("association from %s: rejected (calling AE title not recognised: not in the allow-list)",
+                        peer)
+            return
+        with self._associations_lock:
+            self._associations[id(assoc)] = _Association(peer)
+
+    def _on_rejected(self, event) -> None:
+        record = self._pop(event)
+        primitive = event.assoc.acceptor.primitive
+        reason = getattr(primitive, "reason_str", None) or "rejected"
+        log.warning("association from %s: rejected (%s)", record.peer if record else _peer(event), reason)
 
     def _on_accepted(self, event) -> None:
         assoc = event.assoc
@@ -175,8 +351,31 @@ class Node:
             log.warning("association from %s proposed only SOP classes this node does not take (%s): "
                         "every presentation context rejected", _peer(event), ", ".join(proposed)[:300])
 
-    def _on_rejected(self, event) -> None:
-        log.warning("association from %s rejected", _peer(event))
+    def _on_closed(self, event) -> None:
+        """The association's one line, when it ends (released, aborted, or its connection closed)."""
+        record = self._pop(event)
+        if record is None:
+            return
+        how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(event.event.name, "closed")
+        kinds = ", ".join(f"{count} {kind}" for kind, count in record.kinds.items())
+        (log.warning if how == "aborted" else log.info)(
+            "association from %s %s; %d instance(s)%s%s", record.peer, how, len(record.uids),
+            f" ({kinds})" if kinds else "", f": {' '.join(record.uids)}" if record.uids else "")
+
+    def _pop(self, event) -> _Association | None:
+        with self._associations_lock:
+            return self._associations.pop(id(event.assoc), None)
+
+    def _note(self, event, uid: str, kind: str) -> None:
+        with self._associations_lock:
+            record = self._associations.get(id(event.assoc))
+            if record is not None:
+                record.add(uid, kind)
+
+    # --- receiver ----------------------------------------------------------------------------------------------
+    def _on_echo(self, event) -> int:
+        log.info("C-ECHO from %s", _peer(event))
+        return SUCCESS
 
     def _on_store(self, event) -> int:
         start = time.perf_counter()
@@ -186,45 +385,45 @@ class Node:
         if size > self.max_instance_bytes:
             log.warning("instance %s: refused, %.1f MB is above the %.1f MB limit (status 0xA700)",
                         sop_uid, size / 2**20, self.max_instance_bytes / 2**20)
+            self._note(event, sop_uid, "refused")
             return OUT_OF_RESOURCES
         try:
             ds = event.dataset
-            has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
             uid_in_dataset = str(ds.get("SOPInstanceUID", ""))
-        except Exception as exc:
+            skip = not_screened(ds)
+        except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot parse is that instance's answer
             log.warning("instance %s: refused, the dataset cannot be parsed (%s; status 0xC000)", sop_uid,
                         type(exc).__name__)
+            self._note(event, sop_uid, "refused")
             return CANNOT_UNDERSTAND
-        if not has_pixels:
-            log.warning("instance %s: refused, %s without pixel data (status 0xA900)", sop_uid,
-                        STORAGE_CLASSES.get(sop_class, sop_class))
-            return DOES_NOT_MATCH_SOP_CLASS
+        if skip is not None:
+            log.info("instance %s: accepted without screening: %s", uid_in_dataset or sop_uid, skip)
+            self._note(event, uid_in_dataset or sop_uid, "not screened")
+            return SUCCESS
         if not uid_in_dataset or not ds.get("StudyInstanceUID"):
-            log.warning("instance %s: refused, the dataset lacks its SOP Instance or Study Instance UID "
-                        "(status 0xA900)", sop_uid)
+            log.warning("instance %s: refused, the dataset lacks its SOP Instance or Study Instance UID, so no "
+                        "result could join its study (status 0xA900)", sop_uid)
+            self._note(event, sop_uid, "refused")
             return DOES_NOT_MATCH_SOP_CLASS
         try:
             data = event.encoded_dataset()
             self.spool.receive(safe_name(uid_in_dataset, data), data)
         except OSError as exc:
             log.error("instance %s: cannot be spooled (%s; status 0xA700)", sop_uid, exc.strerror or exc)
+            self._note(event, uid_in_dataset, "refused")
             return OUT_OF_RESOURCES
         took = time.perf_counter() - start
         (log.warning if took > 5 else log.info)(
             "instance %s: received (%s, %.1f MB, spooled in %.3f s)", uid_in_dataset,
-            STORAGE_CLASSES.get(sop_class, sop_class), size / 2**20, took)
+            IMAGE_CLASSES.get(sop_class, sop_class), size / 2**20, took)
+        self._note(event, uid_in_dataset, "to screen")
         self._work.set()
         return SUCCESS
 
     # --- screener ----------------------------------------------------------------------------------------------
     def _screen_loop(self) -> None:
-        # Test hook: instances wait this long in the spool before screening, so a test can kill the node
-        # between receipt and screening for certain.
-        hold = float(os.environ.get("PNEUMOSCAN_DICOM_HOLD_SECONDS", "0") or 0)
         while not self._stop.is_set():
             batch = self.spool.pending(self.batch_size)
-            if hold:
-                batch = [p for p in batch if _age(p) >= hold]
             if not batch:
                 self._work.wait(1.0)
                 self._work.clear()
@@ -238,7 +437,7 @@ class Node:
                         return
                     try:
                         self._screen_batch([path])
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - that instance's failure, kept for a person
                         log.error("instance %s: screening failed (%s: %s); kept in %s", path.stem,
                                   type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
                                   self.spool.failed)
@@ -258,7 +457,7 @@ class Node:
         outcomes = self.screener.screen(items)
         for path, when, outcome in zip(paths, received, outcomes, strict=True):
             if isinstance(outcome, str):
-                log.error("%s; no result can reference it, kept in %s", outcome, self.spool.failed)
+                log.error("%s; kept in %s", outcome, self.spool.failed)
                 self.spool.fail(path)
                 continue
             for ds in outcome.results:
@@ -284,22 +483,49 @@ class Node:
     def _forward_loop(self) -> None:
         delay = 0.0
         while not self._stop.is_set():
-            files = self.spool.outgoing()
-            if not files:
-                self._send.wait(1.0)
-                self._send.clear()
-                continue
-            if self._deliver(files):
+            try:
+                due, wait = self._due()
+                if not due:
+                    self._send.wait(wait)
+                    self._send.clear()
+                    continue
+                reached = self._deliver(due)
+            except Exception as exc:  # noqa: BLE001 - whatever a peer or a library does: logged, retried
+                log.error("delivering results to %s failed (%s: %s); retrying", self.forward, type(exc).__name__,
+                          _first_line(exc))
+                reached = False
+            if reached:
                 delay = 0.0
                 continue
             delay = min(self.retry_max, max(1.0, delay * 2))
-            log.warning("%d result(s) wait in %s; retrying %s in %.0f s", len(files), self.spool.outbox,
-                        self.forward, delay)
+            log.warning("%d result(s) wait in %s; retrying %s in %.0f s", len(self.spool.outgoing()),
+                        self.spool.outbox, self.forward, delay)
             self._stop.wait(delay)
 
+    def _due(self) -> tuple[list[Path], float]:
+        """Outbox files whose turn it is (not waiting on their own backoff), and how long until the next one."""
+        files = self.spool.outgoing()
+        names = {p.name for p in files}
+        for name in [n for n in self._retry if n not in names]:
+            del self._retry[name]  # delivered, or removed by a person
+        now = time.monotonic()
+        due = [p for p in files if self._retry.get(p.name, (0, 0.0))[1] <= now]
+        later = [when - now for attempts, when in self._retry.values() if when > now]
+        return due, min([1.0, *later])
+
+    def _later(self, path: Path, uid: str, why: str) -> None:
+        """One result's own backoff: it waits, the others go on."""
+        attempts = self._retry.get(path.name, (0, 0.0))[0] + 1
+        delay = min(self.retry_max, 2.0 ** (attempts - 1))
+        self._retry[path.name] = (attempts, time.monotonic() + delay)
+        log.warning("result %s: not delivered to %s (%s); kept, retrying in %.0f s (attempt %d)", uid,
+                    self.forward, why, delay, attempts)
+
     def _deliver(self, files: list[Path]) -> bool:
-        """C-STORE the files over one association; True when all were taken."""
+        """C-STORE the files over one association; False when the destination could not be reached (then all
+        wait), True otherwise (a result it refused waits on its own backoff)."""
         import pydicom
+        from pydicom.errors import InvalidDicomError
         from pynetdicom import AE
 
         ae = AE(ae_title=self.ae_title)
@@ -309,39 +535,57 @@ class Node:
         dest = self.forward
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        except Exception as exc:  # name resolution and socket errors
-            log.warning("cannot reach %s (%s)", dest, exc)
+        except Exception as exc:  # noqa: BLE001 - name resolution and socket errors
+            log.warning("cannot reach %s (%s)", dest, _first_line(exc) or type(exc).__name__)
             return False
         if not assoc.is_established:
             log.warning("%s did not accept an association (down, or it does not know AE title %s)", dest,
                         self.ae_title)
             return False
-        all_taken = True
         try:
             for path in files:
                 if self._stop.is_set():
-                    return False
+                    return True
                 try:
                     ds = pydicom.dcmread(path)
+                    uid = str(ds.SOPInstanceUID)
                 except FileNotFoundError:
                     continue
-                status = assoc.send_c_store(ds)
+                except (InvalidDicomError, ValueError, EOFError, KeyError, AttributeError, TypeError) as exc:
+                    log.error("result file %s cannot be parsed (%s: %s); moved to %s, the others go on", path.name,
+                              type(exc).__name__, _first_line(exc), self.spool.failed)
+                    self.spool.fail(path)
+                    continue
+                except OSError as exc:
+                    self._later(path, path.stem, f"cannot read its file: {exc.strerror or exc}")
+                    continue
+                try:
+                    status = assoc.send_c_store(ds)
+                except Exception as exc:  # noqa: BLE001 - e.g. ValueError: no accepted context for its SOP class
+                    self._later(path, uid, f"{type(exc).__name__}: {_first_line(exc)}")
+                    if not assoc.is_established:
+                        return False
+                    continue
                 code = getattr(status, "Status", None)
                 if code is not None and (code == SUCCESS or 0xB000 <= code <= 0xBFFF):
                     path.unlink(missing_ok=True)
+                    self._retry.pop(path.name, None)
                     self.delivered += 1
-                    log.info("result %s (%s) for study %s delivered to %s", ds.SOPInstanceUID, ds.Modality,
-                             ds.StudyInstanceUID, dest)
+                    log.info("result %s (%s) for study %s delivered to %s", uid, ds.get("Modality", ""),
+                             ds.get("StudyInstanceUID", ""), dest)
+                elif code is None or not assoc.is_established:
+                    log.warning("result %s: %s answered nothing (connection lost); kept for retry", uid, dest)
+                    return False
                 else:
-                    all_taken = False
-                    log.warning("result %s: %s answered %s; kept for retry", ds.SOPInstanceUID, dest,
-                                f"status 0x{code:04X}" if code is not None else "nothing (connection lost)")
-                    if code is None or not assoc.is_established:
-                        return False
+                    self._later(path, uid, f"status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
-        return all_taken
+        return True
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
 
 
 def _same_file(path: Path, stat: os.stat_result) -> bool:
@@ -352,17 +596,9 @@ def _same_file(path: Path, stat: os.stat_result) -> bool:
     return (now.st_ino, now.st_mtime_ns, now.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
 def _peer(event) -> str:
     try:
         requestor = event.assoc.requestor
-        return f"{requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else requestor.ae_title} at " \
-               f"{requestor.address}:{requestor.port}"
-    except Exception:
+        return f"AE {str(requestor.ae_title).strip()!r} at {requestor.address}:{requestor.port}"
+    except Exception:  # noqa: BLE001
         return "a peer"

@@ -1,8 +1,9 @@
 """``pneumoscan predict --dicom-out DIR``: the node's SR and Secondary Capture for every DICOM input of a batch run.
 
-The Prediction comes from ``predict_files`` (the batch run's own answer); this only reads the file's header again
-(and, for a Secondary Capture, its pixels through ``Model.decode``) to make the objects. Non-DICOM inputs and
-files without the identifiers a result must reference are left out, with one line on stderr for the latter.
+The Prediction comes from ``predict_files`` (the batch run's own answer); this reads the file's first 132 bytes
+to see whether it is DICOM at all, then parses it once: its header only, or the whole dataset when the heatmap
+rule wants a Secondary Capture (then decoded from that parse). Non-DICOM inputs are left out; a DICOM file
+without the identifiers a result must reference gets one line on stderr.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import sys
 from pathlib import Path
 
 from ..data.images import is_dicom
-from .screen import Screener, UnreadableInstance, read_header
+from .screen import Screener, UnreadableInstance, parse
 from .spool import atomic_write, safe_name
+
+PREAMBLE = 132  # 128-byte preamble and "DICM"
 
 
 class DicomOut:
@@ -24,24 +27,24 @@ class DicomOut:
     def __call__(self, prediction) -> list[Path]:
         path = Path(prediction.path)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                head = handle.read(PREAMBLE + 1)
         except OSError:
             return []
-        if not is_dicom(data):
+        if not is_dicom(head):
             return []
+        heatmap = self.screener.wants_heatmap(prediction)
         try:
-            header = read_header(data, str(path))
+            header = parse(path, str(path), pixels=heatmap)
         except UnreadableInstance as exc:
             print(f"pneumoscan: --dicom-out: {exc}; no SR written", file=sys.stderr)
             return []
-        decoded = None
-        if prediction.status == "ok" and self.screener.heatmaps:
-            decoded = self.screener.model.decode(data, str(path))
         written = []
         try:
+            decoded = self.screener.model.decode(header, str(path)) if heatmap else None
             made = self.screener.results_for(header, prediction, decoded)
-        except Exception as exc:  # a header highdicom cannot build on: that file's results, not the run
-            print(f"pneumoscan: --dicom-out: {path}: cannot build its SR ({type(exc).__name__}: "
+        except Exception as exc:  # noqa: BLE001 - a header highdicom cannot build on: that file's results, not the run
+            print(f"pneumoscan: --dicom-out: {path}: cannot build its results ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); none written", file=sys.stderr)
             return []
         for ds in made:

@@ -1,20 +1,18 @@
 """``pneumoscan dicom pull``: screen a study held by a DICOMweb server, and with ``store`` send the results back.
 
-QIDO-RS lists the study's instances, WADO-RS retrieves the image ones (the SOP classes the node accepts), the
+QIDO-RS lists the study's instances, WADO-RS retrieves the image ones (the SOP classes the node screens), the
 ``Screener`` screens them in batches, and STOW-RS stores the SR and Secondary Capture in the same study. Results
-made by pneumoscan itself (Manufacturer "pneumoscan") are never screened again.
+made by pneumoscan itself are never screened again (the node's rule, ``screen.not_screened``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import PneumoscanError
-from .node import STORAGE_CLASSES
-from .results import MANUFACTURER
+from .screen import IMAGE_CLASSES, made_by_pneumoscan
 
 log = logging.getLogger("pneumoscan.dicom")
 
@@ -33,7 +31,8 @@ def _value(item: dict, tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
-def _to_bytes(ds) -> bytes:
+def _with_meta(ds):
+    """WADO-RS datasets may come without file meta; pixel decoding needs their transfer syntax."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -41,15 +40,11 @@ def _to_bytes(ds) -> bytes:
         meta = FileMetaDataset()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return ds
 
 
 def pull(model, url: str, study_uid: str, *, store: bool = False, batch_size: int = 8,
-         threshold: str | float = "screening", client=None) -> Iterator[Pulled]:
+         threshold: str | float = "screening", heatmaps: str = "positive", client=None) -> Iterator[Pulled]:
     """Screen every image instance of ``study_uid`` on the DICOMweb server at ``url``; one Pulled each."""
     from .screen import Screener
 
@@ -57,14 +52,14 @@ def pull(model, url: str, study_uid: str, *, store: bool = False, batch_size: in
         from dicomweb_client.api import DICOMwebClient
 
         client = DICOMwebClient(url)
-    screener = Screener(model, threshold=threshold)
+    screener = Screener(model, threshold=threshold, heatmaps=heatmaps)
     try:
         listed = client.search_for_instances(study_instance_uid=study_uid, get_remaining=True)
     except Exception as exc:  # requests' HTTP and connection errors
         raise PneumoscanError(f"{url}: cannot search study {study_uid} (QIDO-RS: {_short(exc)})") from None
     if not listed:
         raise PneumoscanError(f"{url}: study {study_uid} has no instances (or is not there)")
-    images = [i for i in listed if _value(i, SOP_CLASS) in STORAGE_CLASSES]
+    images = [i for i in listed if _value(i, SOP_CLASS) in IMAGE_CLASSES]
     skipped = len(listed) - len(images)
     if skipped:
         log.info("study %s: %d instance(s) that are no image the node screens (SR, presentation states, ...) "
@@ -78,9 +73,9 @@ def pull(model, url: str, study_uid: str, *, store: bool = False, batch_size: in
             except Exception as exc:
                 yield Pulled(sop, f"{sop}: cannot retrieve (WADO-RS: {_short(exc)})")
                 continue
-            if str(ds.get("Manufacturer", "")) == MANUFACTURER:
+            if made_by_pneumoscan(ds):
                 continue  # our own Secondary Capture from an earlier run
-            items.append((sop, _to_bytes(ds)))
+            items.append((sop, _with_meta(ds)))  # screened as retrieved: no second encoding and parse
             headers.append(sop)
         for sop, outcome in zip(headers, screener.screen(items), strict=True):
             pulled = Pulled(sop, outcome)

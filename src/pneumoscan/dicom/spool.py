@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..durable import fsync_dir
+from ..durable import file_mode, fsync_dir
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
@@ -31,7 +31,8 @@ def safe_name(uid: str | None, data: bytes | None = None) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[object], None] | bytes, tmp_dir: Path | None = None) -> Path:
-    """Write ``path`` so that it appears complete or not at all: ``write(fileobj)`` or bytes."""
+    """Write ``path`` so that it appears complete or not at all, and durably (fsynced, with its folder):
+    ``write(fileobj)`` or bytes. ``durable.atomic_write`` does not fsync; the spool's promise to a sender needs it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tmp_dir) if tmp_dir is not None else path.parent
@@ -45,6 +46,7 @@ def atomic_write(path: Path, write: Callable[[object], None] | bytes, tmp_dir: P
                 write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp made it owner-only; the umask decides (durable's one policy)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
