@@ -257,3 +257,52 @@ def test_a_count_or_size_that_is_not_positive_is_refused_by_the_parser(tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"argument {option}: must be" in err and "Traceback" not in err
+
+
+# --- model files and devices: plain words and the next step ---------------------------------------------------
+
+def test_an_onnx_file_without_backend_onnx_says_to_add_it(tmp_path, xrays, capsys):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07onnx-ish bytes")
+    line = run_cli(capsys, "predict", xrays, "--model", model)
+    assert line == (f"pneumoscan: error: {model}: an ONNX model file: add --backend onnx to run it "
+                    "(in Python: load_model(path, backend='onnx'))")
+
+
+def test_backend_onnx_without_a_model_says_to_run_export_first(xrays, capsys):
+    line = run_cli(capsys, "predict", xrays, "--backend", "onnx")
+    assert "pneumoscan export --onnx model.onnx" in line and "--model model.onnx" in line
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_a_misspelt_device_is_a_usage_error_before_any_model_loads(xrays, capsys, device):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(xrays), "--device", device])
+    assert exc.value.code == 2
+    assert f"argument --device: must be auto, cpu, cuda or cuda:N, got {device!r}" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_one_line_naming_the_way_out(tiny_model_path, xrays, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this test's machine has no GPU, whatever runs it
+    for command in (["predict", xrays], ["evaluate", "--data", xrays]):
+        line = run_cli(capsys, *command, "--model", tiny_model_path, "--device", "cuda")
+        assert line == "pneumoscan: error: device cuda: PyTorch sees no CUDA GPU on this machine; use --device cpu " \
+                       "(or auto)"
+
+
+def test_device_cuda_with_the_onnx_backend_says_onnx_runs_on_the_cpu(xrays, tmp_path, capsys):
+    line = run_cli(capsys, "predict", xrays, "--backend", "onnx", "--model", tmp_path / "m.onnx", "--device", "cuda")
+    assert "the onnx backend runs on the CPU" in line
+
+
+def test_device_auto_runs_where_pytorch_says(tiny_model_path):
+    import torch
+
+    from pneumoscan import load_model
+
+    model = load_model(tiny_model_path)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.backend.device.type == expected
+    assert load_model(tiny_model_path, device="cpu").backend.device.type == "cpu"

@@ -82,3 +82,29 @@ def test_parser_defaults_are_the_ones_prediction_uses():
     assert constants.BATCH_SIZE == predict.BATCH_SIZE
     args = build_parser().parse_args(["predict", "x.png"])
     assert args.batch_size == predict.BATCH_SIZE and args.precision == "auto"
+
+
+def test_names_the_parser_writes_out_are_the_ones_the_heavy_modules_use():
+    from pneumoscan import explain
+    from pneumoscan.cli import args, predict
+    from pneumoscan.data import images
+
+    assert args.HEATMAP_RULES == explain.HEATMAP_RULES
+    assert predict.FORMAT_NAMES == images.FORMAT_NAMES
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_commands_that_run_the_network_take_a_device(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE" in text and "auto (default: the first CUDA GPU when PyTorch sees one" in text
+    given = ["x"] if command == "predict" else ["--data", "d"]
+    assert build_parser().parse_args([command, *given, "--device", "CUDA:1"]).device == "cuda:1"
+
+
+def test_no_help_page_prints_a_doubled_percent_sign():
+    """argparse formats help strings with %, so they write %%; descriptions are printed as written."""
+    proc = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "adapt", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "95% confidence" in proc.stdout and "%%" not in proc.stdout

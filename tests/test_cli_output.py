@@ -226,3 +226,59 @@ def test_evaluate_shifts_writes_the_shift_table_as_json(tiny_model_path, sha256,
         assert set(shift["screening"]) >= {"threshold", "sensitivity", "specificity", "tn", "fp", "fn", "tp"}
     assert set(table["mean_of_shifts"]) == {"auc", "screening_sensitivity", "screening_specificity",
                                             "balanced_accuracy"}
+
+
+def _json_rows(text: str) -> dict[str, dict]:
+    return {row["path"]: row for row in map(json.loads, text.splitlines())}
+
+
+def test_two_inputs_with_one_file_name_get_their_own_heatmap_named_in_their_row(tiny_model_path, tmp_path,
+                                                                                 capsys):
+    first = save_gray(tmp_path / "ward1" / "scan.png", synthetic_xray(64, seed=1))
+    second = save_gray(tmp_path / "ward2" / "scan.png", synthetic_xray(64, seed=2))
+    maps = tmp_path / "maps"
+    assert main(["predict", str(first), str(second), "--model", str(tiny_model_path), "--heatmaps", str(maps),
+                 "--threshold", "0.01", "--json", "--quiet"]) == 0  # every image decided PNEUMONIA: every one mapped
+    rows = _json_rows(capsys.readouterr().out)
+    heatmaps = {path: row["heatmap"] for path, row in rows.items()}
+    assert set(heatmaps) == {str(first), str(second)} and len(set(heatmaps.values())) == 2
+    for path, heatmap in heatmaps.items():
+        assert Path(heatmap).parent == maps
+        with Image.open(heatmap) as png:
+            assert png.info["Source"] == str(Path(path).resolve())  # the file says which input it shows
+
+
+def test_heatmaps_by_default_only_for_images_decided_pneumonia(tiny_model_path, images, tmp_path, capsys):
+    maps = tmp_path / "maps"
+    assert main(["predict", str(images), "--model", str(tiny_model_path), "--heatmaps", str(maps), "--json",
+                 "--threshold", "0.99", "--quiet"]) == 0  # nothing decided PNEUMONIA
+    rows = _json_rows(capsys.readouterr().out)
+    assert [row["decision"] for row in rows.values()] == ["NORMAL"] * 3
+    assert all(row["heatmap"] is None for row in rows.values()) and list(maps.iterdir()) == []
+    assert main(["predict", str(images), "--model", str(tiny_model_path), "--heatmaps", str(maps), "--json",
+                 "--threshold", "0.99", "--heatmap-rule", "all", "--quiet"]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    assert sorted(Path(row["heatmap"]).name for row in rows.values()) == ["a.png", "b.png", "c.png"]
+
+
+def test_a_missing_output_folder_is_created_and_said_on_stderr_for_every_option(tiny_model_path, images,
+                                                                                tiny_dataset, tmp_path, capsys):
+    """One rule for --csv, --out, --heatmaps, --json and --report: create the folder, say so once."""
+    new = tmp_path / "new"
+    assert main(["predict", str(images), "--model", str(tiny_model_path), "--csv", str(new / "a" / "rows.csv"),
+                 "--out", str(new / "b" / "rows.csv"), "--heatmaps", str(new / "maps"), "--threshold", "0.01"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    for folder, option in (("a", "--csv"), ("b", "--out"), ("maps", "--heatmaps")):
+        assert f"pneumoscan: created folder {new / folder} for {option}" in err
+    assert (new / "a" / "rows.csv").is_file() and (new / "b" / "rows.csv").is_file()
+    assert len(list((new / "maps").iterdir())) == 3
+    assert main(["evaluate", "--model", str(tiny_model_path), "--data", str(tiny_dataset),
+                 "--json", str(new / "c" / "figures.json"), "--report", str(new / "plots")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"pneumoscan: created folder {new / 'c'} for --json" in err
+    assert f"pneumoscan: created folder {new / 'plots'} for --report" in err
+    assert (new / "c" / "figures.json").is_file()
+    # an existing folder gets no line
+    assert main(["predict", str(images), "--model", str(tiny_model_path), "--csv", str(new / "a" / "again.csv"),
+                 "--quiet"]) == 0
+    assert "created folder" not in capsys.readouterr().err

@@ -128,3 +128,30 @@ def test_folds_are_a_patient_grouped_k_fold_whose_validation_sets_cover_train_on
     assert patient_split(samples, 0.2, seed=0, fold=0) == patient_split(samples, 0.2, seed=0)  # runs before folds
     with pytest.raises(ValueError, match="fold must be in 0..4"):
         patient_split(samples, 0.2, seed=0, fold=5)
+
+
+def test_data_summary_reads_a_medmnist_npz_per_split_and_class(tmp_path, capsys):
+    """`pneumoscan data summary x.npz` once said "data folder not found"; MedMNIST has no patients ("-")."""
+    from pneumoscan.cli import main
+
+    arrays = {}
+    for split, n in (("train", 6), ("val", 4), ("test", 2)):
+        arrays[f"{split}_images"] = np.zeros((n, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3 == 0).astype(np.uint8)[:, None]  # a third PNEUMONIA
+    np.savez(tmp_path / "m.npz", **arrays)
+    assert main(["data", "summary", str(tmp_path / "m.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {tuple(line.split()[:2]): line.split() for line in lines[2:8]}
+    assert table[("train", "NORMAL")][2:4] == ["4", "-"] and table[("train", "PNEUMONIA")][2:4] == ["2", "-"]
+    assert table[("test", "PNEUMONIA")][5:8] == ["28x28"] * 3 and table[("val", "NORMAL")][-2:] == ["L", "2"]
+    assert "train: 6 images, class ratio 2.00:1" in lines
+
+
+def test_data_summary_of_an_npz_without_medmnist_keys_is_one_line(tmp_path, capsys):
+    from pneumoscan.cli import main
+
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    assert main(["data", "summary", str(tmp_path / "other.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pneumoscan: error: {tmp_path / 'other.npz'}: no MedMNIST split in this file")
+    assert len(err.splitlines()) == 1

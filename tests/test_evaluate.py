@@ -158,3 +158,80 @@ def test_evaluation_json_has_null_not_nan_for_undefined_figures():
     result = Evaluation("test", 3, 1.0, 1.0, 0.1, 0.2, {"balanced": point}, {"balanced": ""}, False, 0)
     text = json.dumps(result.to_dict(), allow_nan=False)
     assert json.loads(text)["balanced"]["precision"] is None
+
+
+def test_a_colour_photo_in_a_labelled_folder_is_refused_as_predict_refuses_it_not_counted(tiny_model_path,
+                                                                                          tiny_dataset, tmp_path,
+                                                                                          capsys):
+    """Evaluate applies predict's checks: the photo would otherwise be one more NORMAL image in the figures."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "test", data / "test")
+    photo = data / "test" / "NORMAL" / "holiday.png"
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = 180
+    rgb[:32, :, 2] = 200  # a blue sky over a red field
+    Image.fromarray(rgb, "RGB").save(photo)
+    out = tmp_path / "figures.json"
+    assert main(["evaluate", "--model", str(tiny_model_path), "--data", str(data), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test split: 48 images" in printed
+    assert "refused as predict would refuse them, not in these figures: 1 not a frontal chest X-ray" in printed
+    assert f"refused (not_xray): {photo}: not a frontal chest X-ray: colour image" in printed
+    figures = json.loads(out.read_text())
+    assert figures["n"] == 48 and figures["refused_counts"] == {"not_xray": 1, "out_of_distribution": 0, "error": 0}
+    assert figures["refused"]["not_xray"][0]["path"] == str(photo)
+    assert figures["screening"]["tn"] + figures["screening"]["fp"] == 24  # the NORMAL images that were judged
+
+    from pneumoscan import load_model
+    from pneumoscan.evaluate import evaluate
+
+    model = load_model(tiny_model_path)
+    with_photo, without = evaluate(model, data, "test"), evaluate(model, tiny_dataset, "test")
+    assert with_photo.n == without.n == 48 and with_photo.auc == without.auc
+    assert np.allclose(with_photo.probabilities, without.probabilities, atol=1e-6)  # batches differ: rounding
+
+
+def test_images_outside_the_training_population_are_refused_apart_from_the_figures(tiny_model_path,
+                                                                                    tiny_dataset, tmp_path):
+    """A guard threshold at the median distance of the split: half its images are refused, listed, not scored."""
+    import numpy as np
+
+    from pneumoscan import load_model, pipeline
+    from pneumoscan.evaluate import evaluate
+
+    base = load_model(tiny_model_path)
+    files = sorted(str(p) for p in (tiny_dataset / "test").rglob("*.jpeg"))
+    scores = {s.prediction.path: s.prediction.guard_score for s in pipeline.screen(base, files)}
+    tensors, meta = read_model_file(tiny_model_path)
+    meta["guard"]["threshold"] = float(np.median(list(scores.values())))
+    strict = tmp_path / "strict.safetensors"
+    save_model_file(strict, tensors, meta)
+
+    result = evaluate(load_model(strict), tiny_dataset, "test")
+    refused = {item["path"] for item in result.refused["out_of_distribution"]}
+    assert refused == {path for path, score in scores.items() if score > meta["guard"]["threshold"]}
+    assert result.guard_rejected == len(refused) == 48 - result.n and len(result.probabilities) == result.n
+
+
+def test_an_npz_split_is_scored_through_the_stage_and_its_images_named_by_index(tiny_model, tmp_path):
+    import numpy as np
+
+    from pneumoscan import pipeline
+    from pneumoscan.evaluate import evaluate
+
+    arrays = {}
+    for split in ("train", "val", "test"):
+        labels = np.array([0, 1] * 4)
+        arrays[f"{split}_images"] = np.stack([np.full((28, 28), 60 + 10 * i, np.uint8) for i in range(8)])
+        arrays[f"{split}_labels"] = labels[:, None]
+    np.savez(tmp_path / "m.npz", **arrays)
+    result = evaluate(tiny_model, tmp_path / "m.npz", "test")
+    cache = tiny_model.preprocessing.to_uint8
+    direct = pipeline.decide(tiny_model, [pipeline.from_array(f"test[{i}]", cache(im))
+                                          for i, im in enumerate(arrays["test_images"])],
+                             tiny_model.resolve_threshold("screening"))
+    judged = [s.prediction for s in direct if s.status == "ok"]
+    assert result.n == len(judged)
+    assert np.allclose(result.probabilities, [p.probability for p in judged], atol=1e-6)
