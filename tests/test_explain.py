@@ -148,3 +148,117 @@ def test_cli_predict_with_heatmaps_writes_one_png_per_screened_image(tiny_model_
     for png in maps.iterdir():
         with Image.open(png) as picture:
             assert picture.mode == "RGB" and picture.size == (64, 64)
+
+
+# ---- batched Grad-CAM ----------------------------------------------------------------------------------------
+
+
+def varied_images() -> list[np.ndarray]:
+    """Sizes, aspects and depths a batch mixes: float and uint8, square and not, smaller and larger than the
+    network input."""
+    return [synthetic_xray(64, seed=1),
+            synthetic_xray(120, seed=2, opacity=0.5)[:, 10:100],
+            np.round(synthetic_xray(96, seed=3) * 255).astype(np.uint8),
+            synthetic_xray(40, seed=4, opacity=0.3),
+            synthetic_xray(200, seed=5)[20:180, :]]
+
+
+@pytest.fixture
+def passes(evidence_model, monkeypatch):
+    """Counts the explainer network's forward passes and the backward passes run while explaining."""
+    counts = {"forward": 0, "backward": 0}
+    net = explain._explainer(evidence_model).network
+    handle = net.register_forward_hook(lambda *_: counts.__setitem__("forward", counts["forward"] + 1))
+    backward = torch.Tensor.backward
+
+    def counting_backward(self, *args, **kwargs):
+        counts["backward"] += 1
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    yield counts
+    handle.remove()
+
+
+def test_batched_heatmaps_equal_single_image_heatmaps(evidence_model):
+    """Tolerance 1e-4 on maps in [0, 1]: a batch changes only the summation order inside the convolutions."""
+    images = varied_images()
+    single = [explain.gradcam(evidence_model, image) for image in images]
+    batched = explain.gradcams(evidence_model, images, batch_size=3)  # a full batch and a partial one
+    assert [h.shape for h in batched] == [image.shape for image in images]
+    for one, many in zip(single, batched, strict=True):
+        assert many.dtype == np.float32 and np.abs(one - many).max() < 1e-4
+    assert max(float(h.max()) for h in batched) > 0.5  # the maps are not trivially zero
+
+
+def test_a_batch_takes_one_forward_and_one_backward_pass(evidence_model, passes):
+    explain.gradcams(evidence_model, varied_images(), batch_size=8)
+    assert passes == {"forward": 1, "backward": 1}
+    passes.update(forward=0, backward=0)
+    explain.gradcams(evidence_model, varied_images(), batch_size=2)
+    assert passes == {"forward": 3, "backward": 3}  # 2 + 2 + 1
+
+
+def test_batched_overlays_equal_single_overlays(evidence_model):
+    """Equal up to one step of the colour map: a map value within 1e-4 of a bin edge of the 256-entry jet table
+    may fall in the neighbouring bin, which moves a channel by up to 3 levels at the overlay's opacity."""
+    images = varied_images()
+    single = [explain.gradcam_overlay(evidence_model, image, max_side=100) for image in images]
+    batched = explain.gradcam_overlays(evidence_model, images, max_side=100, batch_size=4)
+    for one, many in zip(single, batched, strict=True):
+        assert one.size == many.size and many.mode == "RGB"
+        diff = np.abs(np.asarray(one, np.int16) - np.asarray(many, np.int16))
+        assert diff.max() <= 3 and (diff > 0).mean() < 0.01
+    assert [p.size for p in batched] == [(64, 64), (75, 100), (96, 96), (40, 40), (100, 80)]  # capped at 100
+    assert explain.gradcam_overlays(evidence_model, []) == []
+
+
+def test_gradcams_refuses_a_colour_image_and_mismatched_sizes(evidence_model):
+    with pytest.raises(ValueError, match="grayscale"):
+        explain.gradcams(evidence_model, [np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(ValueError, match="2 images but 1 sizes"):
+        explain.gradcams(evidence_model, [synthetic_xray(32), synthetic_xray(32)], [(32, 32)])
+
+
+# ---- the legend a heatmap carries -----------------------------------------------------------------------------
+
+
+def test_legend_states_the_result_the_colours_and_the_ai_label():
+    from pneumoscan import __version__
+    from pneumoscan.pipeline import Prediction
+
+    positive = explain.legend_lines(Prediction("x", 0.8125, "PNEUMONIA", "screening", 0.3, "ok"))
+    assert positive[0] == "pneumoscan: PNEUMONIA  probability 0.812  (screening threshold 0.300)"
+    assert any("Grad-CAM" in line for line in positive)
+    assert positive[-1].startswith(f"AI-generated (pneumoscan {__version__})")
+    refused = explain.legend_lines(Prediction("x", None, None, "screening", 0.3, "not_xray", "lateral"))
+    assert refused[0] == "pneumoscan: NOT ASSESSED (not_xray)" and "probability" not in refused[0]
+
+
+def test_annotated_heatmap_has_a_colour_scale_and_text_band():
+    from matplotlib import colormaps
+
+    picture = Image.fromarray(np.full((300, 200, 3), 90, np.uint8), "RGB")
+    lines = ["pneumoscan: PNEUMONIA  probability 0.812  (screening threshold 0.300)", "AI-generated (pneumoscan)"]
+    out = np.asarray(explain.annotate(picture, lines))
+    band = out.shape[0] - 300
+    assert band > 0 and out.shape[1] > 200
+    assert np.array_equal(out[band:, :200], np.asarray(picture))  # the picture is kept, unchanged
+    assert (out[:band] > 0).any()  # text drawn on the band (narrow picture: the long line wraps, not cut off)
+    scale = out[band:, 200:]
+    columns = np.where((scale.reshape(-1, 3) > 0).any(axis=1).reshape(scale.shape[:2]).sum(axis=0) > 250)[0]
+    bar = scale[:, columns[0] + 1]  # a column inside the colour bar
+    top, bottom = bar[np.nonzero(bar.any(axis=1))[0][[0, -1]]]
+    jet = colormaps["jet"]
+    assert np.abs(top.astype(int) - np.round(np.asarray(jet(1.0)[:3]) * 255)).max() <= 3  # high at the top
+    assert np.abs(bottom.astype(int) - np.round(np.asarray(jet(0.0)[:3]) * 255)).max() <= 3  # low at the bottom
+
+
+def test_saved_heatmap_with_its_prediction_carries_the_legend(evidence_model, tmp_path):
+    from pneumoscan.pipeline import Prediction
+
+    src = save_gray(tmp_path / "in" / "child.png", synthetic_xray(64))
+    pred = Prediction(str(src), 0.9, "PNEUMONIA", "screening", 0.3, "ok")
+    out = explain.save_heatmap(evidence_model, src, tmp_path / "maps", pred)
+    with Image.open(out) as png:
+        assert png.width > 64 and png.height > 64
