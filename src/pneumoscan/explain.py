@@ -1,8 +1,12 @@
 """Grad-CAM heatmaps: where in the X-ray the network found evidence of pneumonia.
 
-The map is always for the PNEUMONIA class (index 1), whatever the decision, so a NORMAL result still shows what
-little the network found suspicious. It comes from the maintained ``grad-cam`` package on the arch's last spatial
-feature map (``models.cam_layer``).
+The map is always for the PNEUMONIA class (index 1), whatever the decision; which images get one is
+``wants_heatmap``'s rule (by default only those decided PNEUMONIA). It comes from the maintained ``grad-cam``
+package on the arch's last spatial feature map (``models.cam_layer``). ``gradcams`` / ``gradcam_overlays`` explain
+a batch with one forward and one backward pass (grad-cam sums the batch's class scores before its one backward),
+which is what makes heatmaps affordable at scoring speed; ``gradcam`` / ``gradcam_overlay`` are a batch of one.
+``annotate`` gives a picture its legend (the result, a colour scale, "AI-generated (pneumoscan ...)") so that it
+explains itself where no page surrounds it (a DICOM Secondary Capture).
 
 State and threads: Grad-CAM registers hooks and runs a backward pass. Doing that on ``model.network`` would let a
 concurrent inference call in another thread (the server) feed its activations into our hooks, and would leave
