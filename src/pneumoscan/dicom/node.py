@@ -559,6 +559,10 @@ class Node:
                 except OSError as exc:
                     self._later(path, path.stem, f"cannot read its file: {exc.strerror or exc}")
                     continue
+                sop_class = str(ds.get("SOPClassUID", ""))
+                if not any(str(cx.abstract_syntax) == sop_class for cx in assoc.accepted_contexts):
+                    self._later(path, uid, f"it accepted no presentation context for SOP class {sop_class}")
+                    continue
                 try:
                     status = assoc.send_c_store(ds)
                 except Exception as exc:  # noqa: BLE001 - e.g. ValueError: no accepted context for its SOP class
@@ -568,9 +572,9 @@ class Node:
                     continue
                 code = getattr(status, "Status", None)
                 if code is not None and (code == SUCCESS or 0xB000 <= code <= 0xBFFF):
+                    self.delivered += 1
                     path.unlink(missing_ok=True)
                     self._retry.pop(path.name, None)
-                    self.delivered += 1
                     log.info("result %s (%s) for study %s delivered to %s", uid, ds.get("Modality", ""),
                              ds.get("StudyInstanceUID", ""), dest)
                 elif code is None or not assoc.is_established:
