@@ -332,6 +332,7 @@ class Node:
                f"{' (TLS)' if self.tls else ''}"
         if not self.allow.permits(calling, assoc.requestor.address):
             assoc.acse.send_reject(*REJECT_CALLING_AE)
+            assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is sent
             log.warning("association from %s: rejected (calling AE title not recognised: not in the allow-list)",
                         peer)
             return
