@@ -112,11 +112,13 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
     assert len(rows) == len({r["path"] for r in rows}) == len(list(p for p in archive.rglob("*") if p.is_file()))
     statuses = {Path(r["path"]).name: r["status"] for r in rows}
     assert statuses["blank.png"] == "not_xray" and statuses["broken.png"] == statuses["empty.jpeg"] == "error"
+    facts = ["input_mean", "input_std", "width", "height", "format", "modality", "manufacturer", "view",
+             "photometric", "age_band"]  # pipeline.Screened.facts(), beyond status, probability, guard_score
     assert list(table[0]) == ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
-                              "study_instance_uid", "series_instance_uid", "sop_instance_uid",
-                              "operating_point", "prevalence", "temperature", "bias"]  # old columns first
+                              "study_instance_uid", "series_instance_uid", "sop_instance_uid",  # old columns first
+                              "operating_point", "prevalence", "temperature", "bias", *facts]
     assert list(rows[0]) == ["path", "probability", "decision", "threshold", "status", "message",
-                             "operating_point", "prevalence", "temperature", "bias", "model_sha256"]
+                             "operating_point", "prevalence", "temperature", "bias", "model_sha256", *facts]
     sha = sha256_file(tiny_model_path)
     for c, p in zip(rows, table, strict=True):
         assert p["model_sha256"] == c["model_sha256"] == sha
@@ -130,6 +132,15 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
         is_dicom = "/dicom/" in p["path"]
         assert all((p[k] is not None) == is_dicom for k in ("study_instance_uid", "series_instance_uid",
                                                             "sop_instance_uid"))
+    by_name = {Path(p["path"]).name: p for p in table}
+    assert by_name["a.dcm"]["format"] == "dicom" and by_name["a.dcm"]["modality"] == "CR"
+    assert (by_name["x000.png"]["width"], by_name["x000.png"]["format"]) == (64, "png")
+    assert 0 < by_name["x000.png"]["input_mean"] < 1 and by_name["x000.png"]["modality"] is None
+    assert all(by_name["broken.png"][k] is None for k in facts)  # unreadable: nothing known
+    from pneumoscan import pipeline
+
+    every = pipeline.Screened(pipeline.Prediction("x", None, None, "screening", 0.5, "error")).facts()
+    assert set(facts) == set(every) - {"status", "probability", "guard_score"}  # a new fact needs its column
     dicom = {Path(p["path"]).name: p for p in table if "/dicom/" in p["path"]}
     import pydicom
 
@@ -234,15 +245,12 @@ def test_resume_rescores_a_file_that_changed_and_drops_a_file_that_left(tmp_path
     assert main(args) == 0
     first = {r["path"]: r for r in csv_rows(out)}
     # a journal holding all four rows, as if the run died just before the final rename
-    from pneumoscan.archive import how_made, make_row, run_settings
+    from pneumoscan.archive import predict_local, run_settings
     from pneumoscan.predict import load_model
 
     model = load_model(tiny_model_path)
     files = sorted(folder.iterdir())
-    preds = list(model.predict_files(files))
-    from pneumoscan.archive import file_key
-
-    rows = [make_row(p, *file_key(p.path), made=how_made(model)) for p in preds]
+    rows = [row for _, row in predict_local(model, files, batch_size=4)]
     journal = journal_path(out)
     journal.write_text(json.dumps({"format": JOURNAL_FORMAT, **run_settings(model, "screening", False)}) + "\n"
                        + "".join(json.dumps(r) + "\n" for r in rows))
@@ -393,26 +401,26 @@ def test_engine_ray_resume_of_parts_with_another_prevalence_is_refused_before_ra
 @pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
 def test_every_file_of_a_run_follows_the_umask(tmp_path, small, tiny_model_path, monkeypatch, capsys, umask, mode):
     """The journal of an interrupted run, then the final CSV and Parquet: the umask's mode, no exceptions."""
-    from pneumoscan.predict import Model
+    from pneumoscan import pipeline
 
-    original = Model.predict_files
+    original = pipeline.screen
 
-    def interrupted(self, *args, **kwargs):
-        for n, prediction in enumerate(original(self, *args, **kwargs)):
+    def interrupted(*args, **kwargs):
+        for n, screened in enumerate(original(*args, **kwargs)):
             if n == 2:
                 raise KeyboardInterrupt
-            yield prediction
+            yield screened
 
     out = tmp_path / "out"
     args = ["predict", str(small), "--model", str(tiny_model_path), "--out", str(out / "r.parquet"), "--csv",
             str(out / "r.csv"), "--quiet"]
     previous = os.umask(umask)
     try:
-        monkeypatch.setattr(Model, "predict_files", interrupted)
+        monkeypatch.setattr(pipeline, "screen", interrupted)
         assert main(args) == 130
         assert os.listdir(out) == ["r.parquet.partial"]
         assert oct(os.stat(out / "r.parquet.partial").st_mode & 0o777) == oct(mode)
-        monkeypatch.setattr(Model, "predict_files", original)
+        monkeypatch.setattr(pipeline, "screen", original)
         assert main([*args, "--resume"]) == 0
     finally:
         os.umask(previous)
@@ -517,24 +525,24 @@ def test_missing_pyarrow_or_ray_is_one_line_naming_what_to_install(tmp_path, sma
 
 def test_run_stopped_by_an_exception_keeps_its_rows_and_says_how_to_resume(tmp_path, small, tiny_model_path,
                                                                           capsys, monkeypatch):
-    from pneumoscan.predict import Model
+    from pneumoscan import pipeline
 
-    original = Model.predict_files
+    original = pipeline.screen
     out = tmp_path / "r.csv"
 
-    def interrupted(self, *args, **kwargs):
-        for n, prediction in enumerate(original(self, *args, **kwargs)):
+    def interrupted(*args, **kwargs):
+        for n, screened in enumerate(original(*args, **kwargs)):
             if n == 2:
                 raise KeyboardInterrupt
-            yield prediction
+            yield screened
 
-    monkeypatch.setattr(Model, "predict_files", interrupted)
+    monkeypatch.setattr(pipeline, "screen", interrupted)
     args = ["predict", str(small), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert f"pneumoscan: 2 finished row(s) kept in {journal_path(out)}: rerun the same command with --resume" in err
     assert not out.exists()
-    monkeypatch.setattr(Model, "predict_files", original)
+    monkeypatch.setattr(pipeline, "screen", original)
     assert main(args + ["--resume"]) == 0
     assert [Path(r["path"]).name for r in csv_rows(out)] == ["x0.png", "x1.png", "x2.png"]
 

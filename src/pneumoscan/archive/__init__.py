@@ -44,6 +44,7 @@ from .outputs import (
 )
 from .rows import (
     CSV_COLUMNS,
+    FACT_COLUMNS,
     MADE_KEYS,
     PARQUET_COLUMNS,
     ROW_KEYS,
@@ -51,6 +52,7 @@ from .rows import (
     csv_cells,
     how_made,
     make_row,
+    screened_row,
 )
 
 _LAZY = {
@@ -62,11 +64,11 @@ _LAZY = {
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
-    "ArchiveWriter", "CSV_COLUMNS", "FSYNC_ROWS", "FSYNC_SECONDS", "JOURNAL_FORMAT", "JOURNAL_SUFFIX", "Journal",
+    "ArchiveWriter", "CSV_COLUMNS", "FACT_COLUMNS", "FSYNC_ROWS", "FSYNC_SECONDS", "JOURNAL_FORMAT", "JOURNAL_SUFFIX", "Journal",
     "MADE_KEYS", "OUTPUT_SUFFIXES", "PARQUET_COLUMNS", "PARQUET_HINT", "ROW_KEYS", "UID_COLUMNS",
     "check_output_folder", "check_resumable", "csv_cells", "file_key", "how_made", "journal_path", "make_row",
     "ordered", "output_kind", "parquet_schema", "parquet_table", "plan_resume", "predict_local", "read_journal",
-    "require_pyarrow", "run_settings", "write_csv", "write_parquet", *_LAZY_NAMES,
+    "require_pyarrow", "run_settings", "screened_row", "write_csv", "write_parquet", *_LAZY_NAMES,
 ]
 
 

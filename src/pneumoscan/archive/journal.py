@@ -27,10 +27,11 @@ JOURNAL_FORMAT = "pneumoscan-journal/2"  # 2: the settings record the calibratio
 FSYNC_ROWS = 64
 FSYNC_SECONDS = 2.0
 
-# run settings a resume must match: (key, the option that sets it); the model's sha256 is checked first
-RESUME_OPTIONS = (("operating_point", "--threshold"), ("threshold", "--threshold"), ("tta", "--tta"),
-                  ("runtime", "--backend/--precision"), ("prevalence", "--prevalence"),
-                  ("max_pixels", "--max-megapixels"))
+# run settings a resume must match: (key, the option that sets it), after the model's sha256; the prevalence
+# before the threshold, as it moves the named thresholds too: the refusal names the option that differs
+RESUME_OPTIONS = (("prevalence", "--prevalence"), ("max_pixels", "--max-megapixels"),
+                  ("operating_point", "--threshold"), ("threshold", "--threshold"), ("tta", "--tta"),
+                  ("runtime", "--backend/--precision"))
 
 
 def file_key(path: str | Path) -> tuple[int | None, int | None]:

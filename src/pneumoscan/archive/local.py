@@ -1,8 +1,8 @@
 """The local engine: the pipeline stage on this machine, its rows into the journal, the final files at the end.
 
-``predict_local`` adds to ``Model.predict_files`` (the stage) only what a row needs beyond the decision: the file's
-identity, read before the file is, and its DICOM identifiers, from the stage's decoded header. ``ArchiveWriter``
-owns a run's journal and final files.
+``predict_local`` streams files through ``pipeline.screen`` (what ``Model.predict_files`` wraps) and adds only
+what a row needs beyond the decision: the file's identity, read before the file is; its DICOM identifiers and
+facts come with the stage's result. ``ArchiveWriter`` owns a run's journal and final files.
 """
 
 from __future__ import annotations
@@ -12,34 +12,30 @@ from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
+from .. import pipeline
 from ..errors import PneumoscanError
 from .journal import Journal, check_resumable, file_key, journal_path, ordered, plan_resume, read_journal
 from .outputs import write_csv, write_parquet
-from .rows import MADE_KEYS, how_made, make_row
+from .rows import MADE_KEYS, how_made, screened_row
 
 
 def predict_local(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False
                   ) -> Iterator[tuple[object, dict]]:
-    """(Prediction, journal row) per file, in order, through ``model.predict_files``.
+    """(Prediction, journal row) per file, in order, through the pipeline stage.
 
     A file's size and mtime are read as it is handed to decoding (before it is read, so a file that changes
     later is scored again on --resume), its DICOM identifiers as it is decoded."""
     keys: dict[str, list] = defaultdict(list)
-    headers: dict[str, list] = defaultdict(list)
     made = how_made(model)
 
     def listed():
         for path in paths:
             keys[str(path)].append(file_key(path))
-            yield path
+            yield str(path)
 
-    def seen(item) -> None:
-        headers[item.name].append(item.decoded.dicom if item.decoded is not None else None)
-
-    for pred in model.predict_files(listed(), threshold=threshold, batch_size=batch_size, tta=tta,
-                                    on_prepared=seen):
-        size, mtime = _first(keys, pred.path) or file_key(pred.path)
-        yield pred, make_row(pred, size, mtime, _first(headers, pred.path), made)
+    for screened in pipeline.screen(model, listed(), threshold=threshold, batch_size=batch_size, tta=tta):
+        path = screened.prediction.path
+        yield screened.prediction, screened_row(screened, *(_first(keys, path) or file_key(path)), made)
 
 
 def _first(entries: dict[str, list], path: str):

@@ -25,15 +25,22 @@ from ..durable import atomic_write, file_mode, fsync_dir
 from ..errors import PneumoscanError
 from .journal import check_resumable, journal_path, ordered, plan_resume, read_journal
 from .outputs import parquet_schema, write_csv
-from .rows import CSV_COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, PARQUET_COLUMNS, ROW_KEYS, UID_COLUMNS
+from .rows import (
+    CSV_COLUMNS,
+    FACT_COLUMNS,
+    FLOAT_COLUMNS,
+    INT_COLUMNS,
+    PARQUET_COLUMNS,
+    ROW_KEYS,
+    UID_COLUMNS,
+)
 
 PARTS_SUFFIX = ".parts"
 PARTS_FORMAT = "pneumoscan-parts/2"  # 2: as the journal's format 2
 PARTS_SETTINGS = "_pneumoscan.json"  # "_" prefix: pyarrow's and Ray's dataset readers skip it
 KEPT_PREFIX = "kept-"
 RAY_COLUMNS = ROW_KEYS  # what a part file holds
-_NULLABLE_STR_KEYS = ("decision", *UID_COLUMNS)
-_NULLABLE_FLOAT_KEYS = ("probability", "guard_score", "prevalence")
+_NULLABLE_STR_KEYS = ("decision", *UID_COLUMNS, *(k for k in FACT_COLUMNS if k not in FLOAT_COLUMNS + INT_COLUMNS))
 
 
 def parts_path(destination: str | Path) -> Path:
@@ -104,8 +111,10 @@ def _published(table):
     columns = []
     for name in PARQUET_COLUMNS:
         col = table.column(name)
-        if name in _NULLABLE_FLOAT_KEYS:
+        if name in FLOAT_COLUMNS:
             col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)
+        elif name in INT_COLUMNS:
+            col = pc.if_else(pc.equal(col, -1), pa.scalar(None, pa.int64()), col)
         elif name in _NULLABLE_STR_KEYS:
             col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
         columns.append(col)

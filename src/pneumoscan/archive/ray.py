@@ -11,19 +11,23 @@ Only what needs Ray imports this module (``pneumoscan.archive`` exports its name
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict, fields
 from pathlib import Path
+
+import numpy as np
 
 from .. import pipeline
 from ..errors import PneumoscanError
 from .journal import file_key, run_settings
 from .parts import RAY_COLUMNS, RayParquetFolder, ray_row, typed
-from .rows import UID_COLUMNS, how_made, make_row, uids
+from .rows import how_made, screened_row
 
 CLUSTER_HINT = "pip install 'pneumoscan[cluster]' (Ray Data and pyarrow)"
 # seconds a TCP connection to an explicit --address may take: ray.init itself retries an absent GCS forever
@@ -47,18 +51,45 @@ def require_ray() -> None:
 
 def _prepare_row(row: dict, shim, size: int) -> dict:
     """Ray task body: ``pipeline.prepare`` for one file on ``shim`` (the model without its network), as columns
-    of one type each (a file that cannot be read: its message, and blank pixels that are never scored)."""
-    import numpy as np
-
+    of one type each: the ``Prepared`` item's fields, its decoded image's header without the pixels, and the
+    network input (blank for a file that is not to be scored: unreadable or refused)."""
     path = str(row["path"])
     st_size, mtime = file_key(path)  # before the file is read, as the local engine
     item = pipeline.prepare(shim, path)
-    header = item.decoded.dicom if item.decoded is not None else None
+    image = np.zeros((size, size), np.uint8) if item.image is None else item.image
     return {"path": path, "size": -1 if st_size is None else st_size, "mtime_ns": -1 if mtime is None else mtime,
             "reason": item.reason or "", "has_reason": item.reason is not None, "error": item.error or "",
-            **{k: v or "" for k, v in uids(header).items()},
-            "pixels": np.ascontiguousarray(np.zeros((size, size), np.uint8) if item.image is None else item.image,
-                                           dtype=np.uint8)}
+            "refused": item.refused or "", "decoded": _described(item.decoded),
+            "pixels": np.ascontiguousarray(image, dtype=np.uint8)}
+
+
+def _described(decoded) -> str:
+    """What the file said (``DecodedImage`` but its pixels: size, format, colour, DICOM header) as JSON; "" for
+    none. Generic over the fields, so whatever the stage learns from a file reaches the actor."""
+    if decoded is None:
+        return ""
+    meta = {f.name: getattr(decoded, f.name) for f in fields(decoded) if f.name != "data"}
+    meta["dicom"] = asdict(decoded.dicom) if decoded.dicom is not None else None
+    return json.dumps(meta, default=_scalar)
+
+
+def _scalar(value):
+    """numpy scalars as Python numbers; anything else is not JSON and fails loudly."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in a decoded image's header")
+
+
+def _decoded(text: str):
+    """The ``DecodedImage`` a decoding task described (``_described``), its pixels left behind in the task."""
+    from ..data.images import DecodedImage, DicomHeader
+
+    if not text:
+        return None
+    meta = json.loads(text)
+    header = meta.pop("dicom")
+    return DecodedImage(np.zeros((0, 0), np.uint8), **meta,
+                        dicom=None if header is None else DicomHeader(**header))
 
 
 def _prepared(batch: dict, i: int) -> pipeline.Prepared:
@@ -66,7 +97,11 @@ def _prepared(batch: dict, i: int) -> pipeline.Prepared:
     name = str(batch["path"][i])
     if batch["error"][i]:
         return pipeline.Prepared(name, error=str(batch["error"][i]))
-    return pipeline.from_array(name, batch["pixels"][i], str(batch["reason"][i]) if batch["has_reason"][i] else None)
+    decoded = _decoded(str(batch["decoded"][i]))
+    if batch["refused"][i]:
+        return pipeline.Prepared(name, decoded, refused=str(batch["refused"][i]))
+    reason = str(batch["reason"][i]) if batch["has_reason"][i] else None
+    return pipeline.Prepared(name, decoded, np.asarray(batch["pixels"][i], dtype=np.uint8), reason)
 
 
 class _Scorer:
@@ -93,8 +128,7 @@ class _Scorer:
         screened = pipeline.decide(self.model, [_prepared(batch, i) for i in range(n)], self.op, tta=self.tta)
         out: dict[str, list] = {k: [] for k in RAY_COLUMNS}
         for i, result in enumerate(screened):
-            row = make_row(result.prediction, int(batch["size"][i]), int(batch["mtime_ns"][i]), None, self.made)
-            row.update({k: str(batch[k][i]) for k in UID_COLUMNS})
+            row = screened_row(result, int(batch["size"][i]), int(batch["mtime_ns"][i]), self.made)
             for k in RAY_COLUMNS:
                 out[k].append(row[k])
         return typed(out)

@@ -6,6 +6,10 @@ when none was given) and the calibration arithmetic in force (temperature and bi
 sigmoid((z1 - z0) / temperature + bias)). With those in every row, an output that mixed two calibrations could be
 seen for what it is afterwards, and a row can be recomputed from its logits by anyone.
 
+A row also holds the result's ``Screened.facts()`` (``FACT_COLUMNS``: network-input statistics, the image's size
+and format, the DICOM categories and an age band; no name or identifier), what drift monitoring reads, recorded
+by every route alike.
+
 The journal keeps ``ROW_KEYS``; the CSV and Parquet files show ``CSV_COLUMNS`` and ``PARQUET_COLUMNS`` (their
 older columns first, in their old order; the newer ones after, so scripts that read by position keep working).
 """
@@ -15,17 +19,21 @@ from __future__ import annotations
 UID_COLUMNS = ["study_instance_uid", "series_instance_uid", "sop_instance_uid"]
 # how a row was made (beside its operating point and threshold, which every row has had)
 MADE_KEYS = ["model_sha256", "prevalence", "temperature", "bias"]
+# ``pipeline.Screened.facts()`` beyond what a row already has (status, probability, guard_score)
+FACT_COLUMNS = ["input_mean", "input_std", "width", "height", "format", "modality", "manufacturer", "view",
+                "photometric", "age_band"]
 CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message",
-               "operating_point", "prevalence", "temperature", "bias", "model_sha256"]
+               "operating_point", "prevalence", "temperature", "bias", "model_sha256", *FACT_COLUMNS]
 PARQUET_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
-                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias"]
+                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias", *FACT_COLUMNS]
 # what the journal keeps per row: everything any output needs, and the file's identity for --resume
 ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
-            "size", "mtime_ns", *UID_COLUMNS, *MADE_KEYS]
+            "size", "mtime_ns", *UID_COLUMNS, *MADE_KEYS, *FACT_COLUMNS]
 
 # Arrow types of the columns (every other column is a string)
-FLOAT_COLUMNS = ("probability", "threshold", "guard_score", "prevalence", "temperature", "bias")
-INT_COLUMNS = ("size", "mtime_ns")
+FLOAT_COLUMNS = ("probability", "threshold", "guard_score", "prevalence", "temperature", "bias", "input_mean",
+                 "input_std")
+INT_COLUMNS = ("size", "mtime_ns", "width", "height")
 
 
 def how_made(model) -> dict:
@@ -39,13 +47,23 @@ def uids(header) -> dict[str, str | None]:
     return {k: (getattr(header, k, None) if header is not None else None) for k in UID_COLUMNS}
 
 
-def make_row(pred, size: int | None, mtime_ns: int | None, header=None, made: dict | None = None) -> dict:
+def make_row(pred, size: int | None, mtime_ns: int | None, header=None, made: dict | None = None,
+             facts: dict | None = None) -> dict:
     """The journal row of one Prediction (``header``: the file's DicomHeader, or None; ``made``: ``how_made``
-    of the model that scored it; without it the writer adds its run's, see ``ArchiveWriter.add``)."""
+    of the model that scored it, without it the writer adds its run's, see ``ArchiveWriter.add``; ``facts``:
+    the result's ``Screened.facts()``, None where not known)."""
+    facts = facts or {}
     return {"path": pred.path, "probability": pred.probability, "decision": pred.decision,
             "operating_point": pred.operating_point, "threshold": pred.threshold, "status": pred.status,
             "message": pred.message, "guard_score": pred.guard_score, "size": size, "mtime_ns": mtime_ns,
-            **uids(header), **(made or {})}
+            **uids(header), **(made or {}), **{k: facts.get(k) for k in FACT_COLUMNS}}
+
+
+def screened_row(screened, size: int | None, mtime_ns: int | None, made: dict) -> dict:
+    """The journal row of one ``pipeline.Screened`` result: its decision, DICOM UIDs and facts."""
+    decoded = screened.decoded
+    return make_row(screened.prediction, size, mtime_ns, decoded.dicom if decoded is not None else None, made,
+                    screened.facts())
 
 
 def _number(value) -> str:
@@ -58,4 +76,5 @@ def csv_cells(row: dict) -> list[str]:
     probability = "" if row["probability"] is None else f"{row['probability']:.6f}"
     return [row["path"], probability, row["decision"] or "", f"{row['threshold']:.6f}", row["status"],
             row["message"], row["operating_point"], _number(row["prevalence"]), _number(row["temperature"]),
-            _number(row["bias"]), row["model_sha256"]]
+            _number(row["bias"]), row["model_sha256"],
+            *(_number(row[k]) if k in FLOAT_COLUMNS else "" if row[k] is None else str(row[k]) for k in FACT_COLUMNS)]
