@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pneumoscan import train as train_module  # noqa: E402
 from pneumoscan.augment import build_augment  # noqa: E402
 from pneumoscan.calibrate import softmax_pneumonia  # noqa: E402
 from pneumoscan.config import load_config  # noqa: E402
@@ -175,16 +176,21 @@ def run_pneumoscan(cfg, train_s: list[Sample], val_s: list[Sample], args, name: 
         state["t"] = time.perf_counter()  # after the evaluation: it is not training time
         return state["stop"]
 
-    for epoch in range(10_000):  # the budget ends the loop; epochs beyond cfg.epochs run at the final lr
-        loader = epoch_loader(cfg, dataset, rt, epoch)
-        state["t"] = time.perf_counter()
-        train_one_epoch(net, criterion, opt, scaler, loader, prep, rt, frozen=frozen,
-                        schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps,
-                                                                 warmup, cfg.lr),
-                        channels_last=cfg.channels_last, desc="", progress=False, on_step=on_step,
-                        batches_at_one_thread=not before)
-        if state["stop"]:
-            return result
+    original = train_module.one_thread
+    if before:  # batches made at the training thread count: fit()'s helper replaced for this arm only
+        train_module.one_thread = lambda batches: batches
+    try:
+        for epoch in range(10_000):  # the budget ends the loop; epochs beyond cfg.epochs run at the final lr
+            loader = epoch_loader(cfg, dataset, rt, epoch)
+            state["t"] = time.perf_counter()
+            train_one_epoch(net, criterion, opt, scaler, loader, prep, rt, frozen=frozen,
+                            schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps,
+                                                                     warmup, cfg.lr),
+                            channels_last=cfg.channels_last, desc="", progress=False, on_step=on_step)
+            if state["stop"]:
+                return result
+    finally:
+        train_module.one_thread = original
     return result
 
 

@@ -280,26 +280,81 @@ def test_thresholds_are_fitted_on_what_prediction_computes_in_float32(trained_ru
     np.testing.assert_allclose(scores.guard.numpy(), [float(r["guard_score"]) for r in rows], atol=1e-4)
 
 
-def test_validation_scores_through_the_torch_backend_in_float32(monkeypatch):
-    """One scoring function: training's validation calls TorchBackend.forward in float32 on uint8 batches."""
+def test_validation_scores_through_the_stage_in_float32(monkeypatch):
+    """Training's validation goes through the screening stage (pipeline.decide on the uint8 cache) and so through
+    the one scoring function, TorchBackend.forward, in float32 on uint8 batches."""
+    from pneumoscan import pipeline
     from pneumoscan.backends.torch import TorchBackend
+    from pneumoscan.constants import BATCH_SIZE
     from pneumoscan.models import create_model
 
     assert not hasattr(train_mod, "infer")
-    seen = []
-    real = TorchBackend.forward
+    seen, decided = [], []
+    real, real_decide = TorchBackend.forward, pipeline.decide
 
     def spy(self, images, **kwargs):
         seen.append((self.precision, images.dtype))
         return real(self, images, **kwargs)
 
+    def spy_decide(model, items, op, **kwargs):
+        decided.append(len(items))
+        return real_decide(model, items, op, **kwargs)
+
     monkeypatch.setattr(TorchBackend, "forward", spy)
+    monkeypatch.setattr(pipeline, "decide", spy_decide)
     cfg = fast_config()
     net = create_model(cfg.arch, pretrained="none")
-    logits, feats = train_mod.score_images(net, train_mod.preprocessing_for(cfg), np.zeros((3, 64, 64), np.uint8),
-                                           batch_size=2)
-    assert logits.shape == (3, 2) and len(feats) == 3
-    assert seen == [("float32", torch.uint8)] * 2
+    n = BATCH_SIZE + 3
+    logits, feats = train_mod.score_images(net, train_mod.preprocessing_for(cfg), np.zeros((n, 64, 64), np.uint8))
+    assert logits.shape == (n, 2) and len(feats) == n
+    assert decided == [BATCH_SIZE, 3] and seen == [("float32", torch.uint8)] * 2
+
+
+def test_the_model_file_is_written_through_the_typed_record_with_its_version(trained_run):
+    """The raw safetensors header holds the record as ModelRecord.to_dict writes it, record_version included."""
+    from pneumoscan.record import RECORD_VERSION, ModelRecord
+
+    with safe_open(str(trained_run / "model.safetensors"), framework="pt") as f:
+        raw = json.loads(f.metadata()["pneumoscan"])
+    assert raw["record_version"] == RECORD_VERSION
+    assert json.loads(ModelRecord.from_dict(raw).to_json()) == raw
+
+
+def test_loading_a_model_imports_nothing_of_training():
+    """In a fresh interpreter, loading the bundled model leaves the training modules and TensorBoard unimported,
+    and works with YAML made unimportable (timm's huggingface_hub imports YAML when it can; timm works without
+    it, so the block shows that nothing of pneumoscan's needs it)."""
+    code = ("import sys\nsys.modules['yaml'] = None\nfrom pneumoscan.predict import load_model\n"
+            "model = load_model()\nprint(model.name, sorted(m for m in ('pneumoscan.train', 'pneumoscan.config', "
+            "'pneumoscan.augment', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "pneumoscan-default []", out.stdout + out.stderr
+
+
+def test_quick_mode_trains_on_an_image_sample_for_a_step_budget(tiny_dataset, tmp_path):
+    """max_train_images samples the training split (each class keeps its share; validation stays whole) and
+    max_steps ends the run after that many optimizer steps, whatever epochs says."""
+    run = tmp_path / "quick"
+    fit(fast_config(epochs=5, max_train_images=16, max_steps=3), tiny_dataset, run, progress=False)
+    meta = read_model_file(run / "model.safetensors")[1]
+    train, val = RunFolder(run).split()
+    assert len(train) == meta["training"]["train_images"] == 16 and {s.label for s in train} == {0, 1}
+    with (run / "metrics.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]  # 16 images / batch 8 = 2 steps an epoch
+    full, _ = RunFolder(run).source().training_split(0.2, 0)
+    assert len(val) == 48 - len(full)  # the validation split is not sampled
+
+
+def test_the_quick_config_loads_with_a_budget():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "quick.yaml")
+    assert cfg.max_steps is not None and cfg.max_train_images is not None and cfg.epochs >= 1
+
+
+def test_device_cuda_without_a_gpu_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PneumoscanError, match="no CUDA GPU"):
+        train_mod.setup_runtime("auto", "cuda")
+    assert train_mod.setup_runtime("auto", "auto").device.type == "cpu"
 
 
 def test_an_old_run_whose_config_records_removed_options_at_neutral_values_still_loads(trained_run, tmp_path):

@@ -4,12 +4,15 @@ The loop is plain PyTorch in the style of torchvision's references/classificatio
 ``load_data``, ``build_optimizer``, then ``train_one_epoch`` and ``validate`` per epoch, and ``finalize``. What makes
 it fast on a CPU: every image is decoded once into a uint8 cache, batches are augmented at one intra-op thread
 (``one_thread``), the early high-resolution stages stay frozen (no backward through them), channels_last and bf16
-autocast for the training steps where the CPU supports it. Under
-torchrun it runs DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 evaluates, logs and writes files.
+autocast for the training steps where the CPU supports it. It runs on CUDA when a GPU is visible (config ``device``:
+auto), with bf16 or fp16 autocast there. Under torchrun it runs DistributedDataParallel (gloo on CPU, nccl on CUDA);
+rank 0 evaluates, logs and writes files. ``max_train_images`` and ``max_steps`` give a quick run for trying things
+(configs/quick.yaml).
 
-Validation is scored through the one scoring function, ``TorchBackend(...).forward``, in float32: the epoch is
-selected, and calibration, thresholds and guard are fitted, on the arithmetic the model file records as its
-``precision``, so prediction computes exactly the numbers the thresholds were chosen on.
+Validation is scored through the screening stage (``calibrate.stage_scores``: ``pipeline.decide`` on the uint8
+cache), in float32: the epoch is selected, and calibration, thresholds and guard are fitted, on the arithmetic the
+model file records as its ``precision``, so prediction computes exactly the numbers the thresholds were chosen on.
+The model file is written through the typed ``ModelRecord``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from . import __version__
 from .augment import build_augment
 from .backends.torch import TorchBackend
-from .calibrate import fit_decision_rule, softmax_pneumonia
+from .calibrate import fit_decision_rule, softmax_pneumonia, stage_scores
 from .config import TrainConfig
 from .data.layout import CLASSES, Sample
 from .data.sources import DataSource, ImageCache, open_source
@@ -43,7 +46,9 @@ from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
 from .modelfile import atomic_write, save_model_file
 from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages
+from .predict import Model
 from .preprocess import STANDARD_INTENSITY, Preprocessing
+from .record import GuardSettings, ModelRecord
 from .run import RunFolder
 
 # The arithmetic validation is scored in and the thresholds are fitted on; the model file records it as "precision".
@@ -67,12 +72,18 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(amp: str) -> Runtime:
-    """Single process, or one rank of a torchrun job (the env vars WORLD_SIZE/RANK/LOCAL_RANK)."""
+def setup_runtime(amp: str, device: str = "auto") -> Runtime:
+    """Single process, or one rank of a torchrun job (the env vars WORLD_SIZE/RANK/LOCAL_RANK).
+
+    device: "auto" trains on CUDA when a GPU is visible, else on the CPU; "cpu" and "cuda" ask for one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device not in ("auto", "cpu", "cuda"):
+        raise TrainError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device cuda asked for, but PyTorch sees no CUDA GPU (use device: auto or cpu)")
+    if device != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -150,13 +161,21 @@ def epoch_indices(labels: np.ndarray, sampler: str, seed: int, epoch: int, rank:
     return order[rank * per_rank:(rank + 1) * per_rank].tolist()
 
 
-def score_images(net: nn.Module, prep: Preprocessing, images: np.ndarray, *,
-                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, 2), features (N, D)) of cached uint8 images through the one scoring function, in float32."""
-    backend = TorchBackend(net, prep, SCORING_PRECISION)
-    outputs = [backend.forward(torch.from_numpy(images[start:start + batch_size]))
-               for start in range(0, len(images), batch_size)]
-    return torch.cat([o[0] for o in outputs]).numpy(), torch.cat([o[1] for o in outputs]).numpy()
+def scoring_model(net: nn.Module, prep: Preprocessing) -> Model:
+    """The network as prediction runs it (``TorchBackend`` in ``SCORING_PRECISION``: the BatchNorm-folded float32
+    copy), with no calibration, thresholds or guard yet: those are what is being fitted."""
+    record = ModelRecord(name="training", arch="", classes=tuple(CLASSES), preprocessing=prep, thresholds={},
+                         precision=SCORING_PRECISION)
+    return Model(record, TorchBackend(net, prep, SCORING_PRECISION), None, Path("."), "")
+
+
+def score_images(net: nn.Module, prep: Preprocessing, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, 2), features (N, D)) of cached uint8 images, through the screening stage in float32.
+
+    The caches hold network inputs that ``prepare`` already made, so they enter the stage as
+    ``pipeline.from_array`` items (``calibrate.stage_scores``)."""
+    logits, feats, _ = stage_scores(scoring_model(net, prep), images)
+    return logits.numpy(), feats.numpy()
 
 
 def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
@@ -234,9 +253,27 @@ def prepare_run(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
         train, val = run.split(data_dir)
     else:
         train, val = source.training_split(cfg.val_fraction, cfg.validation_seed, cfg.fold)
+    if cfg.max_train_images is not None:
+        train = subsample(train, cfg.max_train_images, cfg.seed)
     for name, items in (("train", train), ("validation", val)):
         _need_both_classes([s.label for s in items], name, data_dir)
     return run, source, train, val
+
+
+def subsample(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """At most ``limit`` of ``samples``, drawn without replacement with each class keeping its share (seeded, in
+    the original order), for a quick run. The validation split is never subsampled: the epoch, calibration and
+    thresholds are still chosen on all of it."""
+    if len(samples) <= limit:
+        return list(samples)
+    labels = np.array([s.label for s in samples])
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        share = max(1, round(limit * len(members) / len(samples)))
+        keep += rng.choice(members, size=min(share, len(members)), replace=False).tolist()
+    return [samples[i] for i in sorted(keep)]
 
 
 def _need_both_classes(labels, name: str, data_dir) -> None:
@@ -318,17 +355,17 @@ def epoch_loader(cfg: TrainConfig, dataset: CachedImages, rt: Runtime, epoch: in
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loader, prep: Preprocessing, rt: Runtime, *,
                     frozen: list[nn.Module], schedule, channels_last: bool, desc: str,
-                    progress: bool, on_step=None, batches_at_one_thread: bool = True) -> tuple[float, float]:
+                    progress: bool, on_step=None, max_steps: int | None = None) -> tuple[float, float]:
     """One pass over ``loader``; (mean training loss, last learning rate). ``schedule(step)``: the learning rate.
 
     ``on_step(batch_size)``, if given, runs after every optimizer step; the epoch ends early when it returns True
-    (benchmarks/bench_train.py measures time to a validation AUC with it). ``batches_at_one_thread=False``: the
-    batches are made at the training thread count, as before ``one_thread`` (for the benchmark's before arm)."""
+    (benchmarks/bench_train.py measures time to a validation AUC with it). ``max_steps``: end the epoch after
+    that many steps (the quick mode's step budget)."""
     model.train()
     for module in frozen:  # frozen stages keep their ImageNet BatchNorm statistics
         module.eval()
     total, count, lr = 0.0, 0, 0.0
-    in_process = batches_at_one_thread and getattr(loader, "num_workers", 1) == 0
+    in_process = getattr(loader, "num_workers", 1) == 0
     bar = tqdm(one_thread(loader) if in_process else loader, desc=desc, disable=not progress, leave=False,
                total=len(loader))
     for step, (x, y) in enumerate(bar):
@@ -349,6 +386,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         count += len(y)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
         if on_step is not None and on_step(len(y)):
+            break
+        if max_steps is not None and step + 1 >= max_steps:
             break
     return total / max(1, count), lr
 
@@ -406,7 +445,7 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         progress: bool = True) -> Path:
     """Train, select the best epoch by validation AUC, calibrate on validation, write out_dir/model.safetensors."""
     started = time.time()
-    rt = setup_runtime(cfg.amp)
+    rt = setup_runtime(cfg.amp, cfg.device)
     run, source, train_s, val_s = prepare_run(cfg, data_dir, out_dir, resume)
     torch.manual_seed(cfg.seed)
     prep = preprocessing_for(cfg)
@@ -432,20 +471,27 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     model = nn.parallel.DistributedDataParallel(net) if rt.world > 1 else net
     dataset = CachedImages(data.train.images, data.train.labels, training_augment(cfg))
     steps_per_epoch = max(1, len(dataset) // rt.world // cfg.batch_size)
-    total_steps, warmup = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)  # cfg.epochs unless the step budget ends the run sooner
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.max_steps is not None:  # a step budget keeps half of itself for the decay
+        warmup = min(warmup, max(1, total_steps // 2))
     log = EpochLog(run, resume) if rt.main else None
 
     best_scores = None  # validation (logits, features) of the best epoch of this process (none after a resume)
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], epochs):
         t0 = time.time()
         train_loss, lr = train_one_epoch(
             model, criterion, optimizer, scaler, epoch_loader(cfg, dataset, rt, epoch), prep, rt, frozen=frozen,
             schedule=lambda step, epoch=epoch: lr_at(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr),
-            channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress and rt.main)
+            channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{epochs}", progress=progress and rt.main,
+            max_steps=total_steps - epoch * steps_per_epoch)
         stop = torch.zeros(1)
         if rt.main:
             val_loss, val_auc, scores = validate(net, prep, data.val)
-            log.write(epoch + 1, cfg.epochs, train_loss, val_loss, val_auc, lr, time.time() - t0)
+            log.write(epoch + 1, epochs, train_loss, val_loss, val_auc, lr, time.time() - t0)
             keep_if_best(state, net, run, epoch + 1, val_loss, val_auc)
             if state["best_epoch"] == epoch + 1:
                 best_scores = scores
@@ -525,17 +571,17 @@ def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime,
     }
     if wall_seconds is None:
         wall_seconds = time.time() - started
-    meta = {
-        "name": run.path.name, "arch": cfg.arch, "classes": list(CLASSES), "preprocessing": prep.to_dict(),
-        "precision": SCORING_PRECISION,  # the arithmetic the calibration and thresholds below were fitted on
-        "temperature": temperature, "bias": bias, "thresholds": thresholds,
-        "target_sensitivity": cfg.target_sensitivity,
-        "guard": {"threshold": guard.threshold, "quantile": cfg.guard_quantile},
-        "validation": validation,
-        "training": _training_summary(cfg, run, source, data, state, rt, wall_seconds),
-        "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    sha = save_model_file(run.model_path, {**net.state_dict(), **guard.to_tensors()}, meta)
+    record = ModelRecord(
+        name=run.path.name, arch=cfg.arch, classes=tuple(CLASSES), preprocessing=prep,
+        thresholds=thresholds, temperature=temperature, bias=bias,
+        precision=SCORING_PRECISION,  # the arithmetic the calibration and thresholds above were fitted on
+        target_sensitivity=cfg.target_sensitivity,
+        guard=GuardSettings(guard.threshold, cfg.guard_quantile),
+        validation=validation,
+        training=_training_summary(cfg, run, source, data, state, rt, wall_seconds),
+        version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    sha = save_model_file(run.model_path, {**net.state_dict(), **guard.to_tensors()}, record.to_dict())
     op = validation["operating_points"]
     print(f"model: {run.model_path} (sha256 {sha[:12]}); validation AUC {validation['auc']:.4f}, "
           f"screening sens {op['screening']['sensitivity']:.3f} spec {op['screening']['specificity']:.3f}, "
