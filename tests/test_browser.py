@@ -17,6 +17,7 @@ from conftest import KERMANY, synthetic_xray
 from PIL import Image
 
 from pneumoscan import load_model
+from pneumoscan.data.images import FORMAT_NAMES
 from pneumoscan.serve import create_app, serve_in_thread
 
 pytestmark = pytest.mark.browser
@@ -129,10 +130,11 @@ def test_a_file_that_is_not_an_xray_shows_the_servers_reason(page, server, tmp_p
     notes = tmp_path / "notes.png"
     notes.write_text("not an image\n")
     page.goto(server + "/")
+    assert FORMAT_NAMES in page.locator("#dropzone").inner_text()  # the page names the formats the API accepts
     page.set_input_files("#file-input", str(notes))
     error = page.locator("#result-error")
     error.wait_for(state="visible", timeout=30_000)
-    assert "notes.png: unsupported file type; expected a JPEG, PNG, TIFF, BMP or DICOM image" in error.inner_text()
+    assert f"notes.png: unsupported file type; expected a {FORMAT_NAMES} image" in error.inner_text()
     assert page.locator("#dropzone").is_visible()  # nothing to show: back to the drop zone
     save_screenshot(page, tmp_path, "serve-error.png")
 
@@ -182,3 +184,28 @@ def test_the_page_asks_for_the_key_and_keeps_it_only_in_the_tab(browser, keyed_s
     other.goto(url + "/")
     other.locator("#key-form").wait_for(state="visible", timeout=30_000)
     context.close()
+
+
+@pytest.fixture(scope="module")
+def normal_server(tiny_model_path):
+    """The tiny model made to decide NORMAL on everything: the page must say why no heatmap is drawn."""
+    model = load_model(tiny_model_path)
+    head = model.network.get_classifier()
+    with torch.no_grad():
+        head.weight[1].fill_(-0.05)
+        head.weight[0].fill_(0.05)
+    with serve_in_thread(create_app(model)) as url:
+        yield url
+
+
+def test_a_normal_decision_shows_why_no_heatmap_is_drawn(page, normal_server, tmp_path):
+    image = xray_file(tmp_path)
+    page.goto(normal_server + "/")
+    page.get_by_text("tiny-test-model").wait_for()
+    page.set_input_files("#file-input", str(image))
+    page.locator("#result").wait_for(state="visible", timeout=60_000)
+    assert page.locator('#decisions tr[data-operating-point="screening"]').inner_text().split()[-1] == "NORMAL"
+    note = page.locator("#heatmap-note")
+    assert note.is_visible()
+    assert note.inner_text().startswith("no heatmap: drawn for PNEUMONIA decisions only, this one is NORMAL")
+    assert page.locator("#heatmap").is_hidden()

@@ -58,8 +58,9 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 }}}}}
 
 
-def service(request: Request) -> Service:
-    """The running app's ``Service`` (opened by the lifespan)."""
+async def service(request: Request) -> Service:
+    """The running app's ``Service`` (opened by the lifespan). Async: FastAPI would run a plain function in a
+    worker thread."""
     return request.app.state.service
 
 

@@ -165,6 +165,7 @@ async function screen(file) {
   const heat = $("heatmap");
   heat.hidden = true;
   show("heatmap-tools", false);
+  show("heatmap-note", false);
   // Show the file at once where the browser can decode it; the server's preview replaces it (DICOM too).
   if (/^image\/(jpeg|png)$/.test(file.type)) {
     if (xray.dataset.url) URL.revokeObjectURL(xray.dataset.url);
@@ -190,6 +191,10 @@ async function screen(file) {
       heat.src = "data:image/png;base64," + body.heatmap_png_base64;
       heat.hidden = false;
       show("heatmap-tools", true);
+    } else if (body.heatmap_reason) {
+      // the server's one heatmap rule: drawn for PNEUMONIA decisions only (it says why not)
+      $("heatmap-note").textContent = body.heatmap_reason;
+      show("heatmap-note", true);
     }
     render(body);
     show("choose-another", true);
