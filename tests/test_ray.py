@@ -135,6 +135,39 @@ def test_dataset_of_paths_in_and_a_loaded_model(ray_instance, tiny_model, some, 
         _same(row, local_rows[row["path"]])
 
 
+def test_refused_ages_and_facts_are_the_same_on_both_engines(ray_instance, tiny_model_path, tmp_path):
+    """A model for ages 1 to 5: a 40-year-old's DICOM is answered outside_population without a network call on
+    both engines (the decoding task hands the refusal to the actor), a 3-year-old's is scored; every row's facts
+    (header categories, age band, input statistics) equal the local engine's."""
+    from conftest import synthetic_xray
+    from test_archive import write_dicom
+
+    from pneumoscan.archive import FACT_COLUMNS, predict_local, predictions_dataset
+    from pneumoscan.modelfile import read_model_file, save_model_file
+    from pneumoscan.predict import load_model
+
+    tensors, meta = read_model_file(tiny_model_path)
+    children = tmp_path / "children.safetensors"
+    save_model_file(children, tensors, {**meta, "population": {"min_age_years": 1, "max_age_years": 6,
+                                                              "description": "ages 1 to 5"}})
+    pixels = (synthetic_xray(64, seed=7) * 255).round().astype("uint8")
+    paths = [str(write_dicom(tmp_path / f"{age}.dcm", pixels, PatientAge=age, Manufacturer="ACME"))
+             for age in ("040Y", "003Y")]
+    local = {row["path"]: row for _, row in predict_local(load_model(children, precision="float32"), paths,
+                                                          batch_size=2)}
+    remote = {row["path"]: row for row in _rows(predictions_dataset(paths, children, precision="float32",
+                                                                    batch_size=2))}
+    assert [local[p]["status"] for p in paths] == ["outside_population", "ok"]
+    for path in paths:
+        _same(remote[path], local[path])
+        for key in FACT_COLUMNS:
+            if isinstance(local[path][key], float):
+                assert remote[path][key] == pytest.approx(local[path][key], abs=1e-6), key
+            else:
+                assert remote[path][key] == local[path][key], key
+    assert remote[paths[0]]["age_band"] == "18+" and remote[paths[1]]["manufacturer"] == "ACME"
+
+
 def test_cli_engine_ray_writes_a_parquet_folder_with_the_local_engines_rows(cli_runs, files):
     out = cli_runs["dir"]
     for engine in ("local", "ray"):
