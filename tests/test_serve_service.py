@@ -542,9 +542,10 @@ def test_serve_command_with_keys_tls_audit_and_batching_options(tiny_model_path,
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(tiny_model_path), "--port", str(port),
                "--api-keys", str(keys), "--audit-log", str(audit), "--ssl-certfile", str(cert), "--ssl-keyfile",
-               str(tls_key), "--batch-window-ms", "2", "--max-batch", "4", "--max-pending", "8"]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+               str(tls_key), "--batch-window-ms", "2", "--max-batch", "4", "--max-pending", "8", "--verbose"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"https://127.0.0.1:{port}"
+    secret = "psk_" + "in-the-url" * 4
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=60) as client:
             deadline = time.monotonic() + 120
@@ -561,13 +562,17 @@ def test_serve_command_with_keys_tls_audit_and_batching_options(tiny_model_path,
             assert info["batching"] == {"batch_window_ms": 2.0, "max_batch": 4, "max_pending": 8}
             response = client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}, headers=bearer(key))
             assert response.status_code == 200
-        lines = audit_lines(audit, 4)
-        assert [(line["route"], line["status"]) for line in lines][-3:] == [
-            ("/v1/model", 401), ("/v1/model", 200), ("/v1/predict", 200)]
-        assert lines[-1]["key"] == "cli" and lines[-1]["request_id"] == response.headers["x-request-id"]
+            assert client.get(f"{url}/v1/model", params={"api_key": secret}).status_code == 401
+        lines = audit_lines(audit, 5)
+        assert [(line["route"], line["status"]) for line in lines][-4:] == [
+            ("/v1/model", 401), ("/v1/model", 200), ("/v1/predict", 200), ("/v1/model", 401)]
+        assert lines[-2]["key"] == "cli" and lines[-2]["request_id"] == response.headers["x-request-id"]
+        assert stat.S_IMODE(audit.stat().st_mode) == 0o600  # the service's umask: owner-only
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        out, err = server.communicate(timeout=30)
+    assert "/v1/model?api_key=[redacted]" in out  # --verbose logs every request line, the key's value redacted
+    assert secret not in out + err + audit.read_text()
 
 
 def test_the_serving_process_threads_sleep_when_idle_and_serve_threads_sets_the_network_threads():
