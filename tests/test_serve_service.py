@@ -319,6 +319,10 @@ def test_audit_log_has_one_line_per_request_and_no_patient_data(secured):
     assert good["time"].endswith("Z")
     assert body["request_id"] == sent[0].headers["x-request-id"]
     assert dcm["upload_sha256"] == hashlib.sha256(dicom).hexdigest() and dcm["prediction"] == "ok"
+    # the stage's facts for drift monitoring, the same as every route records them: no identifier in them
+    assert (good["facts"]["format"], dcm["facts"]["format"], dcm["facts"]["modality"]) == ("jpeg", "dicom", "DX")
+    assert good["facts"]["probability"] == body["probability"] and good["facts"]["guard_score"] is not None
+    assert notes["facts"] is None and nokey["facts"] is None
     assert (notes["status"], notes["prediction"], notes["upload_bytes"]) == (415, None, len(TEXT))
     assert (nokey["status"], nokey["key"], nokey["upload_sha256"]) == (401, None, None)
     assert (wrongkey["status"], wrongkey["key"]) == (401, None)

@@ -182,7 +182,7 @@ async def predict(
         raise HTTPError(503, BUSY, headers={"Retry-After": "1"}) from None
     svc.metrics.predictions.labels(pred.status).inc()
     audit.update(prediction=pred.status, probability=pred.probability, decision=pred.decision,
-                 operating_point=pred.operating_point, threshold=pred.threshold)
+                 operating_point=pred.operating_point, threshold=pred.threshold, facts=scored.screened.facts())
     timing["total"] = time.perf_counter() - started
     thresholds = ordered(model.thresholds)
     decisions = None
