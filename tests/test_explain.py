@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from pneumoscan import explain, load_model
 from pneumoscan.cli import main
+from pneumoscan.models import cam_layer
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +52,11 @@ def test_heatmap_explains_pneumonia_even_when_the_network_says_normal(evidence_m
     small = torch.from_numpy(prep.to_uint8(image))[None]  # the very input scoring gives the network
     logits = evidence_model.score(small).logits
     assert logits[0, 1] > logits[0, 0]  # the rigged head predicts PNEUMONIA; explaining class 0 would differ
-    net = explain._explainer(evidence_model).network
+    # the textbook Grad-CAM: a plain copy of the network, the graph from the input through every layer (explain
+    # records from the explained layer on only; the activations and gradients there are the same)
+    net = copy.deepcopy(evidence_model.network).eval()
     batch = prep.normalize(small).requires_grad_(True)
-    with torch.enable_grad(), GradCAM(model=net, target_layers=[explain._explainer(evidence_model).layer]) as cam:
+    with torch.enable_grad(), GradCAM(model=net, target_layers=[cam_layer(net, evidence_model.record.arch)]) as cam:
         expected = cam(input_tensor=batch, targets=[ClassifierOutputTarget(1)])[0]
     heat = explain.gradcam(evidence_model, image)
     assert np.allclose(heat, np.clip(expected, 0, 1), atol=1e-5)
