@@ -88,6 +88,7 @@ class ModelRecord:
     # a site-adapted model's EM estimate or labelled sample. None: as fitted on validation.
     prevalence: float | None = None
     population: Population | None = None  # the intended population (ages); None: not recorded, not checked
+    drift_reference: dict | None = None  # monitor.Reference.to_dict() of the validation results; None: not recorded
     record_version: int = RECORD_VERSION
 
     @property
