@@ -266,3 +266,22 @@ def test_saved_heatmap_with_its_prediction_carries_the_legend(evidence_model, tm
     out = explain.save_heatmap(evidence_model, src, tmp_path / "maps", pred)
     with Image.open(out) as png:
         assert png.width > 64 and png.height > 64
+
+
+def test_resnet_heatmaps_equal_textbook_gradcam(tmp_path):
+    """The other arch family (the explained layer is a residual block, not a batch norm): the recorded-from-the-
+    layer maps, single and batched, equal Grad-CAM with the graph from the input."""
+    from conftest import make_model_file
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = load_model(make_model_file(tmp_path / "resnet.safetensors", arch="resnet18"), precision="float32")
+    images = [synthetic_xray(64, seed=s, opacity=0.4 * (s % 2)) for s in range(3)]
+    net = copy.deepcopy(model.network).eval()
+    batch = model.preprocessing.normalize(torch.from_numpy(np.stack([model.preprocessing.to_uint8(i)
+                                                                     for i in images]))).requires_grad_(True)
+    with torch.enable_grad(), GradCAM(model=net, target_layers=[cam_layer(net, "resnet18")]) as cam:
+        expected = cam(input_tensor=batch, targets=[ClassifierOutputTarget(1)] * 3)
+    for got in (explain.gradcams(model, images), [explain.gradcam(model, i) for i in images]):
+        for heat, want in zip(got, expected, strict=True):
+            assert np.abs(heat - np.clip(want, 0, 1)).max() < 1e-4
