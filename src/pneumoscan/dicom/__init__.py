@@ -3,11 +3,14 @@
 Operators with one job each (in the spirit of MONAI Deploy):
 
 - ``spool``: received instances and results waiting for delivery, written safely (temp name, fsync, rename);
-- ``results``: the highdicom Structured Report and the Grad-CAM Secondary Capture for one screened instance;
-- ``screen``: decode -> prepare -> ``Model.score`` (batched) -> ``Model.result`` -> results, through the core API;
-- ``node``: the pynetdicom Storage SCP (``pneumoscan dicom listen``), a screening worker and a forwarding worker;
+- ``results``: the TID 1500 Structured Report and the Grad-CAM Secondary Capture for one screened instance;
+- ``screen``: the pipeline stage (``pipeline.prepare`` per instance, ``pipeline.decide`` per batch) around one
+  parse per instance, the heatmap rule, and the rule for what is never screened (no image, pneumoscan's own);
+- ``node``: the pynetdicom Storage SCP (``pneumoscan dicom listen``): allow-list, DICOM TLS, a screening worker
+  and a forwarding worker;
 - ``pull``: DICOMweb (QIDO-RS / WADO-RS, STOW-RS back) for ``pneumoscan dicom pull``;
+- ``predict_out``: the SR and SC of ``pneumoscan predict --dicom-out``;
 - the command line, ``pneumoscan dicom``, is in ``pneumoscan.cli.dicom``.
 
-Nothing here decodes pixels or judges an image itself: ``pneumoscan.data.images.decode`` and ``Model`` do.
+Nothing here decodes pixels or judges an image itself: ``pneumoscan.pipeline`` does.
 """

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pneumoscan.dicom")
 
-STORAGE_CLASSES = IMAGE_CLASSES  # the image classes screened (the name pull.py and older callers use)
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # explicit VR little endian
     "1.2.840.10008.1.2",  # implicit VR little endian
