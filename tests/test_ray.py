@@ -221,14 +221,15 @@ def _scorer_pids() -> set[int]:
 
 def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_instance, tiny_model, tiny_model_path,
                                                                         some, local_rows, tmp_path):
-    """SIGKILL of the scoring actor once Ray has written a few part files: the actor is replaced, its batches are
-    retried, and the published folder holds every row once."""
+    """SIGKILL of the scoring actor as soon as it is ready (titled after its class: its constructor has run)
+    while nearly every batch is still to come: the actor is replaced, its batches are retried, and the published
+    folder holds every row once. (Part files are no sign of progress: the writing tasks lag behind the actor.)"""
     from pneumoscan.archive import RayParquetFolder, predictions_dataset, run_settings
 
-    many = [str(f) for f in some]  # batches of 2: many more than the first ones
+    many = [str(f) for f in some] * 2  # batches of 1: far more than the actor scores before the kill
     dest = tmp_path / "out.parquet"
     writer = RayParquetFolder(dest, run_settings(tiny_model, "screening", False), many).open()
-    ds = predictions_dataset(many, tiny_model_path, precision="float32", batch_size=2)
+    ds = predictions_dataset(many, tiny_model_path, precision="float32", batch_size=1)
     before = _scorer_pids()  # another test's actors still shutting down are not this run's
     killed: list[int] = []
     replaced: set[int] = set()
@@ -240,7 +241,7 @@ def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_inst
             actors = _scorer_pids() - before - set(killed)
             if killed:
                 replaced.update(actors)
-            elif actors and len(list(writer.parts.glob("*.parquet"))) >= 2:
+            elif actors:
                 pid = min(actors)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -254,7 +255,7 @@ def test_a_killed_actor_is_restarted_and_the_written_folder_is_complete(ray_inst
     assert replaced, "no actor replaced the killed one (the run finished before the kill)"
     writer.finish()
     rows = pq.read_table(dest).to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every file once, none lost or doubled
+    assert sorted(r["path"] for r in rows) == sorted(many)  # complete: every listing once, none lost or doubled
     for row in rows:
         lo = local_rows[row["path"]]
         assert row["status"] == lo["status"] and row["message"] == lo["message"]
