@@ -202,23 +202,25 @@ _PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")  # hig
 def _library_view(image: Dataset) -> Dataset | None:
     """What highdicom's image library (TID 1601) is given of ``image``: its identifiers, size, modality and, for a
     projection radiograph, orientation and pixel spacing (TID 1603) only when the header has them all; no value
-    is made up. None for an instance without a size (no pixel data): it stays referenced by the group."""
-    from highdicom.sr.templates import _get_coded_modality
+    is made up. None for an instance the library cannot describe (no size, as without pixel data, or a SOP class
+    highdicom does not know as an image): the measurement group still references it."""
+    from highdicom.sr import ImageLibraryEntryDescriptors
 
     if not image.get("Rows") or not image.get("Columns"):
-        return None
-    try:
-        _get_coded_modality(str(image.SOPClassUID))
-    except ValueError:  # not an image SOP class highdicom knows
         return None
     view = Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID",
                     *_PROJECTION_DESCRIPTORS):
         if image.get(keyword) not in (None, ""):
             setattr(view, keyword, image.get(keyword))
-    complete = all(keyword in view and len(view[keyword].value) == 2 for keyword in _PROJECTION_DESCRIPTORS)
+    complete = all(keyword in view and not isinstance(view[keyword].value, str) and len(view[keyword].value) == 2
+                   for keyword in _PROJECTION_DESCRIPTORS)
     modality = str(image.get("Modality", ""))
     view.Modality = modality if complete and modality in _PROJECTION_MODALITIES else ""
+    try:
+        ImageLibraryEntryDescriptors(view)
+    except ValueError:  # not an image SOP class highdicom knows
+        return None
     return view
 
 
