@@ -47,8 +47,9 @@ def screened(model) -> dict[str, list]:
 
 
 def write_audit(path: Path, results, model_sha256: str) -> Path:
-    """The service's audit lines (serve.audit.AuditLog): HTTP status in ``status``, the result's in
-    ``prediction``; one health check line that is no screening result."""
+    """The service's audit lines (serve.audit.AuditLog), as serve/routes.py fills them: HTTP status in ``status``,
+    the result's in ``prediction``, ``Screened.facts()`` under ``facts``; one health check line that is no
+    screening result."""
     from pneumoscan.serve.audit import AuditLog
 
     log = AuditLog(path)
@@ -58,34 +59,32 @@ def write_audit(path: Path, results, model_sha256: str) -> Path:
         log.write({"time": 1764979200.0 + 60 * i, "method": "POST", "route": "/predict", "status": 200,
                    "model_sha256": model_sha256, "prediction": p.status, "probability": p.probability,
                    "decision": p.decision, "operating_point": p.operating_point, "threshold": p.threshold,
-                   **s.facts()})
+                   "facts": s.facts()})
     log.close()
     return path
 
 
 def write_archive_csv(path: Path, results, model) -> Path:
-    """The archive's CSV (archive.rows: its columns and cells), then the facts' columns after them."""
-    from pneumoscan.archive.rows import CSV_COLUMNS, csv_cells, how_made, make_row
+    """The archive's CSV: its columns and cells (archive.rows), facts included."""
+    from pneumoscan.archive.rows import CSV_COLUMNS, csv_cells, how_made, screened_row
 
-    extra = ["guard_score", "input_mean", "input_std", "format"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS + extra)
+        writer.writerow(CSV_COLUMNS)
         for s in results:
-            facts = s.facts()
-            writer.writerow(csv_cells(make_row(s.prediction, 1, 1, None, how_made(model)))
-                            + ["" if facts[k] is None else facts[k] for k in extra])
+            writer.writerow(csv_cells(screened_row(s, 1, 1, how_made(model))))
     return path
 
 
 def write_parquet(path: Path, results, model) -> Path:
+    """The archive's Parquet columns (archive.rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pneumoscan.archive.rows import how_made, make_row
+    from pneumoscan.archive.rows import PARQUET_COLUMNS, how_made, screened_row
 
-    rows = [{**make_row(s.prediction, 1, 1, None, how_made(model)), **s.facts()} for s in results]
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    rows = [screened_row(s, 1, 1, how_made(model)) for s in results]
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in PARQUET_COLUMNS} for r in rows]), path)
     return path
 
 
@@ -104,10 +103,11 @@ def run_monitor(*args: str) -> subprocess.CompletedProcess:
 
 # --- the reference ------------------------------------------------------------------------------------------------
 
-def test_bundled_reference_is_the_bundled_models_validation_and_is_found_by_its_sha256():
+def test_bundled_reference_is_the_bundled_models_validation_and_is_found_by_its_sha256(model):
     from pneumoscan.predict import BUNDLED_SHA256
 
     ref = monitor.reference_of_model()
+    assert monitor.reference_for(model) == ref  # what a service loads beside the model
     assert ref.model_sha256 == BUNDLED_SHA256
     assert ref.n == 1043 and ref.statuses["ok"] == ref.counts["probability"]
     assert abs(ref.prior - 775 / 1043) < 1e-9  # the validation share the calibration was fitted at
@@ -157,7 +157,8 @@ def test_records_of_every_route_read_the_same_and_missing_figures_are_none(scree
         for r, s in zip(rows, results, strict=True):
             p = s.prediction.probability
             assert (r["probability"] is None and p is None) or abs(r["probability"] - p) < 1e-6
-    assert [r["guard_score"] for r in node] == pytest.approx([s.prediction.guard_score for s in results])
+    for rows in (audit, node):
+        assert [r["guard_score"] for r in rows] == pytest.approx([s.prediction.guard_score for s in results])
     assert {r["format"] for r in table} == {"jpeg"} and {r["manufacturer"] for r in table} == {None}
 
 

@@ -165,6 +165,18 @@ def bundled_reference() -> Reference:
     return Reference.load(BUNDLED_REFERENCE)
 
 
+def reference_for(model) -> Reference | None:
+    """The drift reference of a loaded ``Model``: its record's, or the bundled one for the bundled file; None
+    when it has none (a service then exports no drift gauges rather than failing to start)."""
+    from .predict import BUNDLED_SHA256
+
+    if model.record.drift_reference is not None:
+        return Reference.from_dict(model.record.drift_reference, f"{model.path}: drift_reference")
+    if model.sha256 == BUNDLED_SHA256 or getattr(model.record, "source_sha256", None) == BUNDLED_SHA256:
+        return bundled_reference()
+    return None
+
+
 def reference_of_model(path: str | Path | None = None) -> Reference:
     """The drift reference of a model file: its record's ``drift_reference``, or the bundled model's (keyed on
     the bundled file's sha256, as the code supplies its population). None: the bundled model's. Reads the file's
@@ -178,6 +190,8 @@ def reference_of_model(path: str | Path | None = None) -> Reference:
         return bundled_reference()
     meta = _record_header(path)
     data = meta.get("drift_reference")
+    if data is None and meta.get("source_sha256") == BUNDLED_SHA256:  # an ONNX export of the bundled model
+        return bundled_reference()
     if data is None:
         raise MonitorError(f"{path}: the model record has no drift reference (models calibrated before drift "
                            "monitoring); give one with --reference")
