@@ -134,7 +134,7 @@ def test_a_file_that_is_not_an_xray_shows_the_servers_reason(page, server, tmp_p
     page.set_input_files("#file-input", str(notes))
     error = page.locator("#result-error")
     error.wait_for(state="visible", timeout=30_000)
-    assert f"notes.png: unsupported file type; expected a {FORMAT_NAMES} image" in error.inner_text()
+    assert f"notes.png: not a readable image (expected {FORMAT_NAMES})" in error.inner_text()
     assert page.locator("#dropzone").is_visible()  # nothing to show: back to the drop zone
     save_screenshot(page, tmp_path, "serve-error.png")
 

@@ -244,7 +244,7 @@ def test_text_file_named_png_is_unsupported_media_type(server):
     response = post(server, TEXT, "notes.png")
     assert response.status_code == 415
     assert response.json() == {
-        "error": f"notes.png: unsupported file type; expected a {FORMAT_NAMES} image"
+        "error": f"notes.png: not a readable image (expected {FORMAT_NAMES})"  # the stage's message
     }
 
 
@@ -290,10 +290,10 @@ def test_missing_file_field_is_unprocessable(server):
     assert response.json() == {"error": "missing form field 'file' (the image to screen)"}
 
 
-def test_empty_file_is_bad_request(server):
+def test_empty_file_is_unprocessable_with_the_stages_message(server):
     response = post(server, b"", "empty.jpeg")
-    assert response.status_code == 400
-    assert response.json() == {"error": "the uploaded file is empty"}
+    assert response.status_code == 422
+    assert response.json() == {"error": "empty.jpeg: empty file"}
 
 
 def test_invalid_parameters_are_unprocessable(server):

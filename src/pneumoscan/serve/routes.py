@@ -31,7 +31,7 @@ from ..errors import PneumoscanError
 from ..pipeline import Prediction, Prepared, prepare
 from .models import Health, ModelInfo, Screening, error_responses
 from .state import Busy, Service
-from .upload import NOT_AN_IMAGE, HTTPError, Upload, read_upload
+from .upload import HTTPError, Upload, read_upload
 
 logger = logging.getLogger("pneumoscan.serve")
 
@@ -208,18 +208,16 @@ async def _receive(request: Request, svc: Service, audit: dict, started: float) 
         raise HTTPError(408, SLOW_UPLOAD.format(seconds=s.upload_timeout)) from None
     uploaded = time.perf_counter()
     audit["upload_bytes"] = len(upload.data)
-    if upload.format is None:
-        audit["upload_sha256"] = hashlib.sha256(upload.data).hexdigest()
-        raise HTTPError(415, NOT_AN_IMAGE.format(name=upload.filename))
     prepared, seconds = await asyncio.wrap_future(svc.decoders.submit(_prepare, svc.model, upload, audit))
-    if prepared.error is not None:
+    if prepared.error is not None:  # the stage's message; 415 when the bytes are none of the accepted formats
         svc.metrics.predictions.labels("error").inc()
-        raise HTTPError(422, prepared.error)
+        raise HTTPError(415 if upload.format is None and upload.data else 422, prepared.error)
     return upload, prepared, {"upload": uploaded - started, "decode": seconds}
 
 
 def _prepare(model, upload: Upload, audit: dict) -> tuple[Prepared, float]:
-    """Decode and check one upload with the stage (decode pool; blocking, CPU-bound)."""
+    """Decode and check one upload with the stage (decode pool; blocking, CPU-bound). Bytes of none of the accepted
+    formats go in too: ``decode`` opens only those formats, so they fail at once, with the stage's message."""
     start = time.perf_counter()
     audit["upload_sha256"] = hashlib.sha256(upload.data).hexdigest()
     prepared = prepare(model, upload.data, name=upload.filename)

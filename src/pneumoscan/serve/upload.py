@@ -4,7 +4,8 @@ Why the body is parsed here and not by Starlette's form parser: that parser spoo
 the handler sees it, so a 1 GB upload would cost a 1 GB temporary file. Here the body goes through python-multipart
 chunk by chunk and is refused (413) the moment the file passes the limit; nothing bigger than the limit is ever
 held. What the file is comes from its first bytes (``data.images.sniff``, the one list of accepted formats), never
-from the client's file name or content type.
+from the client's file name or content type; why a file cannot be screened is the stage's message, as on every
+route.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from ..data.images import FORMAT_NAMES, sniff
+from ..data.images import sniff
 
 MULTIPART_SLACK = 64 * 1024  # part headers, boundaries and small extra fields on top of the file itself
 MAX_PARTS = 16
@@ -30,9 +31,7 @@ MALFORMED = "malformed multipart body ({reason})"
 TRUNCATED = "malformed multipart body: it ended before the closing boundary"
 TOO_MANY_PARTS = f"malformed multipart body: more than {MAX_PARTS} parts"
 MISSING_FILE = "missing form field 'file' (the image to screen)"
-EMPTY_FILE = "the uploaded file is empty"
 TOO_LARGE = "upload is larger than the {limit} limit"
-NOT_AN_IMAGE = "{name}: unsupported file type; expected a " + FORMAT_NAMES + " image"
 DISCONNECTED = "client disconnected during the upload"
 
 
@@ -125,7 +124,8 @@ class _MultipartFile:
 
 async def read_upload(request: Request, max_bytes: int) -> Upload:
     """The ``file`` field of a multipart request, read in chunks and refused as soon as it passes ``max_bytes``;
-    ``HTTPError`` (400, 413, 415, 422) for anything else. The caller checks ``Upload.format``."""
+    ``HTTPError`` (400, 413, 415, 422) for a request that does not carry one. What the file holds (empty, not an
+    image, unreadable) is the screening stage's to say."""
     too_large = HTTPError(413, TOO_LARGE.format(limit=mib(max_bytes)))
     body_limit = max_bytes + MULTIPART_SLACK
     declared = request.headers.get("content-length")
@@ -170,7 +170,5 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         raise HTTPError(400, TRUNCATED)
     if sink.data is None:
         raise HTTPError(422, MISSING_FILE)
-    if not sink.data:
-        raise HTTPError(400, EMPTY_FILE)
     data = bytes(sink.data)
     return Upload(clean_filename(sink.filename), data, sniff(data))
