@@ -53,6 +53,25 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+def test_the_export_check_images_are_the_stages_network_inputs_with_unreadable_files_named(tiny_model, tiny_data,
+                                                                                           tmp_path):
+    """check_images prepares the check images through the screening stage (pipeline.prepare), and an unreadable
+    file is left out with the stage's own message in the description, never silently."""
+    from pneumoscan import pipeline
+    from pneumoscan.export import check_images
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    broken = data / "val" / "NORMAL" / "person999_x_0.jpeg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    images, described = check_images(tiny_model, data)
+    files = sorted((data / "val").rglob("*.jpeg"))
+    expected = [pipeline.prepare(tiny_model, str(f)) for f in files]
+    assert np.array_equal(images, np.stack([e.image for e in expected if e.image is not None]))
+    assert len(images) == 8 and "1 left out" in described
+    assert next(e.error for e in expected if e.error) in described
+
+
 def test_export_check_reports_runtimes_agree_within_1e4(exported):
     assert exported.path.is_file()
     assert exported.max_logit_diff < 1e-4

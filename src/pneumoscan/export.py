@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import pipeline
 from .data.cache import decode_file
 from .data.images import ImageReadError
 from .data.layout import Sample
@@ -90,6 +91,27 @@ def read_images(paths: Iterable[str | Path], preprocessing: Preprocessing) -> tu
     return (np.stack(images) if images else np.zeros((0, size, size), np.uint8)), kept
 
 
+def network_inputs(model: Model, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 network inputs (N, S, S), labels, why each left-out file was left out) of ``samples``, as the
+    screening stage prepares them for every route (``pipeline.prepare``: decoding, pixel limit, the model's input
+    size, the stage's messages). A MedMNIST file holds arrays, not image files: its images enter as its training
+    cache holds them (they are network inputs already, ``pipeline.from_array``'s case)."""
+    size = model.preprocessing.size
+    if any(p.suffix.lower() == ".npz" for s in samples for p in s.path.parents):
+        cache = decode_samples(list(samples), model.preprocessing)
+        return cache.images, cache.labels, list(cache.skipped)
+    items = [(pipeline.prepare(model, str(s.path)), s.label) for s in samples]
+    ready = [(item.image, label) for item, label in items if item.image is not None]
+    left_out = [item.error or f"{item.name}: {item.refused}" for item, _ in items if item.image is None]
+    if not ready:
+        return np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64), left_out
+    return np.stack([r[0] for r in ready]), np.array([r[1] for r in ready], dtype=np.int64), left_out
+
+
+def _left_out(messages: list[str]) -> str:
+    return f" ({len(messages)} left out, e.g. {messages[0]})" if messages else ""
+
+
 def run_split(model: Model) -> tuple[list[Sample], list[Sample]] | None:
     """(train, val) samples of the run that produced this model, when its split.csv sits beside the model file."""
     # a split.csv from another run (another sha256 than recorded) is not used: its validation images may be this
@@ -113,7 +135,8 @@ def validation_samples(model: Model, data_dir: str | Path | None) -> tuple[list[
 
 
 def check_images(model: Model, data_dir: str | Path | None, limit: int = 64) -> tuple[np.ndarray, str]:
-    """Real images to compare the runtimes on: DATA_DIR/val (or test), else the run's validation images.
+    """Real images to compare the runtimes on: DATA_DIR/val (or test), else the run's validation images, as the
+    screening stage prepares them (``network_inputs``).
 
     Reading the test split is fine here: nothing is chosen on this comparison.
     """
@@ -122,17 +145,17 @@ def check_images(model: Model, data_dir: str | Path | None, limit: int = 64) -> 
         source = open_source(data_dir)
         for split in ("val", "test"):
             try:
-                images = source.decode(_spread(source.samples(split), limit), prep).images
+                images, _, left_out = network_inputs(model, _spread(source.samples(split), limit))
             except PneumoscanError:
                 continue
             if len(images):
-                return images, f"{len(images)} images from {Path(data_dir) / split}"
+                return images, f"{len(images)} images from {Path(data_dir) / split}{_left_out(left_out)}"
         raise ExportError(f"{data_dir}: no readable images in its val or test split")
     split = run_split(model)
     if split is not None:
-        images = decode_samples(_spread(split[1], limit), prep).images
+        images, _, left_out = network_inputs(model, _spread(split[1], limit))
         if len(images):
-            return images, f"{len(images)} validation images of the run"
+            return images, f"{len(images)} validation images of the run{_left_out(left_out)}"
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, prep.size, prep.size), dtype=np.uint8)
     return images, "8 random images (no --data given: pass --data DATA_DIR to check on X-rays)"
@@ -374,12 +397,11 @@ def int8_inputs(
     train, val, source = validation_samples(model, data_dir)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False) if train else []
-    calibration = decode_samples([train[i] for i in sorted(pick)], model.preprocessing).images
-    decoded = decode_samples(val, model.preprocessing)
-    images, labels = decoded.images, decoded.labels
+    calibration, _, skipped = network_inputs(model, [train[i] for i in sorted(pick)])
+    images, labels, left_out = network_inputs(model, val)
     if not len(calibration) or not len(images):
         raise ExportError(
             f"no readable {'calibration' if not len(calibration) else 'validation'} images "
             f"for --int8 ({source})"
         )
-    return calibration, images, labels, f"{len(images)} images, {source}"
+    return calibration, images, labels, f"{len(images)} images, {source}{_left_out(skipped + left_out)}"
