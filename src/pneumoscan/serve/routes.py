@@ -102,7 +102,7 @@ api = APIRouter(prefix="/v1", responses=error_responses((401, "missing or invali
 
 
 @get(api, "/model", response_model=ModelInfo,
-               summary="metadata of the served model: thresholds, calibration, preprocessing, validation")
+     summary="metadata of the served model: thresholds, calibration, preprocessing, validation")
 async def model_info(svc: ServiceDep) -> dict:
     model, s = svc.model, svc.settings
     record = model.record.to_dict()
@@ -120,7 +120,7 @@ async def model_info(svc: ServiceDep) -> dict:
 
 
 @get(api, "/model/card", response_class=Response, summary="the bundled model's model card",
-               responses={200: {"content": {"text/markdown": {}}}, **error_responses((404, "not the bundled model"))})
+     responses={200: {"content": {"text/markdown": {}}}, **error_responses((404, "not the bundled model"))})
 async def model_card(svc: ServiceDep) -> Response:
     card = bundled_model_card(svc.model)
     if card is None:

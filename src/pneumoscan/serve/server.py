@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import parse_qsl, quote
 
+import h11
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
@@ -83,8 +84,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._head_timer = None
-        self._timed_cycle = None  # the request cycle current when the deadline was set; a new one ends it
+        self._head_timer = None  # set while the connection waits for a request head
         self._head = bytearray()  # the request head being received, up to the limit
         limit = self.config.h11_max_incomplete_event_size
         self._max_head = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if limit is None else limit
@@ -94,7 +94,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         # a new connection that sends nothing is idle like one between requests
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-        self._arm()
+        self._sync_deadline()
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -110,7 +110,7 @@ class GuardedH11Protocol(H11Protocol):
         over = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
         before = self.cycle
         super().data_received(data)
-        self._check_head_done()
+        self._sync_deadline()
         if over and self.cycle is not before:  # uvicorn answered this request 503 itself
             self._report("connection_limit", 503)
 
@@ -125,25 +125,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()  # the next request's head has the same deadline
-            self._check_head_done()  # a pipelined request may have been read already
+        self._sync_deadline()  # the next request's head has the same deadline
 
     # --- the head deadline ------------------------------------------------------------------------------------
-    def _arm(self) -> None:
-        self._disarm()
-        self._timed_cycle = self.cycle
-        self._head.clear()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+    def _sync_deadline(self) -> None:
+        """The deadline runs exactly while the connection waits for a request head: h11 expects a new request
+        (after a response, once any unread body of the last one has gone by) and no request is being answered."""
+        waiting = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if waiting and self._head_timer is None and not self.transport.is_closing():
+            self._head.clear()
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        elif not waiting:
+            self._disarm()  # a request's head arrived complete: the app's own timeouts take over
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-
-    def _check_head_done(self) -> None:
-        if self._head_timer is not None and self.cycle is not self._timed_cycle:
-            self._disarm()  # a request's head arrived complete: the app's own timeouts take over
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -152,7 +150,7 @@ class GuardedH11Protocol(H11Protocol):
 
     # --- rejections -------------------------------------------------------------------------------------------
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request head h11 cannot parse: ours says which limit, and is reported."""
+        """uvicorn's answer to a request head h11 cannot parse, as JSON like every refusal, and reported."""
         self._disarm()
         self._refuse("malformed")
 
