@@ -79,3 +79,15 @@ def test_the_bundled_model_file_still_loads_with_its_recorded_preprocessing():
     meta = read_model_file(Path(__file__).parents[1] / "src/pneumoscan/weights/default.safetensors")[1]
     prep = Preprocessing.from_dict(meta["preprocessing"])
     assert prep.size == 224 and prep.standardize == (0.5, 0.25)
+
+
+def test_preprocessing_imports_neither_the_training_config_nor_yaml():
+    """A model file's preprocessing is read at every model load; the training configuration is not needed there."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['yaml'] = None\nimport pneumoscan.preprocess as p\n"
+            "p.Preprocessing.from_dict({'size': 64, 'equalize': False})\n"
+            "print('pneumoscan.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -25,9 +25,15 @@ thresholds are refit on the site's labelled images with ``calibrate.fit_decision
 when ``--images`` is given too. The screening threshold keeps its sensitivity lower bound at 95% confidence, so a
 sample with too few positives for the requested sensitivity is refused.
 
-Images the checks call no chest X-ray, or the base model's guard rejects, are left out and counted. The output is a
-normal model file: its record's ``adaptation`` says what was refit, on how many images, a digest of their sha256
-list, and the base model's sha256; ``name`` is ``<base>-site-<digest>``.
+The site's images are screened by the base model through the screening stage (``pipeline.screen``), exactly as
+``predict`` screens them: those it does not answer "ok" (unreadable, no chest X-ray, outside the intended
+population, rejected by the guard) are left out and counted with the stage's message. Every score adapt computes
+afterwards (EM, thresholds, the labelled refit, the guard's features) goes through the stage too
+(``calibrate.stage_scores``), on the BatchNorm-folded copy every route runs, so the adapted file predicts exactly
+the numbers it was fitted on; only AdaBN's statistics pass runs the network as trained. The output is a normal
+model file: its record's ``adaptation`` says what was refit, on how many images, a digest of their sha256 list,
+and the base model's sha256, and its ``prevalence`` the pneumonia share its calibration now holds at; ``name`` is
+``<base>-site-<digest>``. Parsing and printing live in ``pneumoscan.cli.adapt``; this module returns values.
 """
 
 from __future__ import annotations
