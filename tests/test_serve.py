@@ -7,7 +7,6 @@ each kind of bad request.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import socket
@@ -30,7 +29,6 @@ from pneumoscan.guard import OUTSIDE_POPULATION
 from pneumoscan.serve import app as serve_app
 from pneumoscan.serve import create_app, serve_in_thread
 
-HAS_EXPLAIN = importlib.util.find_spec("pneumoscan.explain") is not None
 MiB = 2**20
 
 
@@ -141,7 +139,7 @@ def test_model_endpoint_reports_metadata_from_the_model_file(server, tiny_model)
     assert body["prevalence"] == {"fitted": 0.75, "used": 0.75}  # the fixture's validation: 75 of 100 pneumonia
     assert body["preprocessing"] == json.loads(json.dumps(tiny_model.record.preprocessing.to_dict()))
     assert body["validation"] == {"n": 0, "auc": 0.5}
-    assert body["heatmap"] is HAS_EXPLAIN
+    assert body["heatmap"] is True
     assert body["max_upload_bytes"] == 20 * MiB
 
 
@@ -211,7 +209,6 @@ def test_preview_is_the_decoded_image_for_display(server):
     assert (preview.mode, preview.size) == ("L", (80, 80))
 
 
-@pytest.mark.skipif(not HAS_EXPLAIN, reason="pneumoscan.explain is not installed yet")
 def test_heatmap_is_an_rgb_overlay_at_the_image_size(server):
     response = post(server, image_bytes("JPEG", size=120), params={"heatmap": "true"})
     assert response.status_code == 200, response.text
@@ -226,15 +223,15 @@ def test_image_outside_the_training_distribution_gets_no_probability(tiny_model_
     model = load_model(tiny_model_path)
     model.guard.threshold = -1.0  # every image is now unlike the training X-rays
     with serve_in_thread(create_app(model)) as url:
-        response = post(url, JPEG, params={"heatmap": str(HAS_EXPLAIN).lower()})
+        response = post(url, JPEG, params={"heatmap": "true"})
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "out_of_distribution"
     assert body["message"].startswith(f"{OUTSIDE_POPULATION}: features far from the training X-rays: distance ")
     assert body["probability"] is None and body["decision"] is None and body["decisions"] is None
     assert body["guard_score"] > -1.0
-    if HAS_EXPLAIN:
-        assert body["heatmap_png_base64"] is None
+    assert body["heatmap_png_base64"] is None
+    assert body["heatmap_reason"] == "no heatmap: the model did not judge this image (status out_of_distribution)"
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -400,10 +397,6 @@ def test_concurrent_good_and_bad_requests_all_get_their_answer(server):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("pneumoscan.export") is None,
-    reason="the onnx backend is not installed",
-)
 def test_onnx_backend_serves_predictions_but_no_heatmaps(tiny_model, tmp_path):
     from pneumoscan.export import export_onnx
 
