@@ -19,7 +19,7 @@ from pneumoscan.guard import NOT_XRAY, OUTSIDE_POPULATION, image_check
 from pneumoscan.modelfile import read_model_file, save_model_file
 from pneumoscan.predict import DEFAULT_MODEL
 
-CSV_HEADER = ["path", "probability", "decision", "threshold", "status", "message"]
+CSV_HEADER = ["path", "probability", "decision", "threshold", "status", "message"]  # the first columns
 XRAYS = [synthetic_xray(64, seed=s, opacity=0.5 * (s % 2)) for s in range(200, 204)]
 BLANK = np.zeros((64, 64), np.float32)
 
@@ -53,8 +53,9 @@ def folder(tmp_path) -> Path:
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         reader = csv.reader(f)
-        assert next(reader) == CSV_HEADER
-        return [dict(zip(CSV_HEADER, row, strict=True)) for row in reader]
+        header = next(reader)
+        assert header[:len(CSV_HEADER)] == CSV_HEADER  # the first columns as scripts always read them; more may follow
+        return [dict(zip(header, row, strict=True)) for row in reader]
 
 
 # --- Python API -----------------------------------------------------------------------------------------------
@@ -293,9 +294,9 @@ def test_cli_csv_has_ok_not_xray_and_error_rows_and_exit_code_1(strict_model_pat
     assert code == 1
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert set(rows) == {"a.jpeg", "b.png", "c.png", "d.png", "blank.png", "broken.png", "empty.jpeg", "gone.jpeg"}
-    assert rows["blank.png"] == {"path": str(folder / "blank.png"), "probability": "", "decision": "",
-                                 "threshold": "0.300000", "status": "not_xray",
-                                 "message": f"{NOT_XRAY}: image is blank or nearly uniform; no probability reported"}
+    assert {k: rows["blank.png"][k] for k in CSV_HEADER} == {
+        "path": str(folder / "blank.png"), "probability": "", "decision": "", "threshold": "0.300000",
+        "status": "not_xray", "message": f"{NOT_XRAY}: image is blank or nearly uniform; no probability reported"}
     assert rows["broken.png"]["status"] == "error"
     assert rows["broken.png"]["message"] == f"{folder / 'broken.png'}: not a readable image (expected JPEG, PNG, TIFF, BMP, GIF, WebP, PNM (PGM/PPM) or DICOM)"
     assert rows["empty.jpeg"]["message"] == f"{folder / 'empty.jpeg'}: empty file"
@@ -318,18 +319,20 @@ def test_cli_not_xray_alone_is_not_a_failure(strict_model_path, tmp_path):
 def test_interrupted_run_leaves_no_complete_looking_csv_and_keeps_an_older_one(tiny_model_path, folder, tmp_path,
                                                                                monkeypatch):
     """The finished rows survive in RESULTS.partial (for --resume); the final name appears only when complete."""
+    from pneumoscan import pipeline
+
     out = tmp_path / "results.csv"
     calls = {"n": 0}
-    original = Model.predict_files
+    original = pipeline.screen  # what every local route screens through
 
-    def failing(self, *args, **kwargs):
-        for prediction in original(self, *args, **kwargs):
+    def failing(*args, **kwargs):
+        for prediction in original(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("disk on fire")
             yield prediction
 
-    monkeypatch.setattr(Model, "predict_files", failing)
+    monkeypatch.setattr(pipeline, "screen", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"])
     assert not out.exists()
@@ -339,30 +342,32 @@ def test_interrupted_run_leaves_no_complete_looking_csv_and_keeps_an_older_one(t
     out.write_text("previous complete results\n")
     calls["n"] = 0
 
-    def interrupted(self, *args, **kwargs):
-        for prediction in original(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
+        for prediction in original(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
             yield prediction
 
-    monkeypatch.setattr(Model, "predict_files", interrupted)
+    monkeypatch.setattr(pipeline, "screen", interrupted)
     assert main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 130
     assert out.read_text() == "previous complete results\n"
     assert sorted(os.listdir(tmp_path)) == ["in", "results.csv", "results.csv.partial"]
 
 
 def test_csv_appears_only_complete(tiny_model_path, folder, tmp_path, monkeypatch):
+    from pneumoscan import pipeline
+
     out = tmp_path / "results.csv"
     seen = []
-    original = Model.predict_files
+    original = pipeline.screen
 
-    def watching(self, *args, **kwargs):
-        for prediction in original(self, *args, **kwargs):
+    def watching(*args, **kwargs):
+        for screened in original(*args, **kwargs):
             seen.append(out.exists())  # while rows are being written, the final name does not exist yet
-            yield prediction
+            yield screened
 
-    monkeypatch.setattr(Model, "predict_files", watching)
+    monkeypatch.setattr(pipeline, "screen", watching)
     assert main(["predict", str(folder), "--model", str(tiny_model_path), "--csv", str(out), "--quiet"]) == 0
     assert seen == [False] * 4
     assert len(_rows(out)) == 4

@@ -236,6 +236,16 @@ def evaluate_shifts(model: Model, images: np.ndarray, labels: np.ndarray, *,
     return results
 
 
+def mean_of_shifts(results: list[ShiftResult]) -> dict[str, float]:
+    """The figures averaged over the shifted versions (every result but the first, "none"): one number per figure
+    for comparing recipes."""
+    shifted = results[1:]
+    return {"auc": float(np.mean([r.auc for r in shifted])),
+            "screening_sensitivity": float(np.mean([r.screening.sensitivity for r in shifted])),
+            "screening_specificity": float(np.mean([r.screening.specificity for r in shifted])),
+            "balanced_accuracy": float(np.mean([r.balanced_accuracy for r in shifted]))}
+
+
 def validation_images(model: Model, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 network inputs and labels of the model's own validation split (its run folder's split.csv, found from
     any working directory), or the official val split of a MedMNIST .npz given as ``data_dir``."""

@@ -9,9 +9,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-# adapt.py still imports the output check from here; its home is durable (remove once adapt imports it there)
-from .durable import check_output_dir, check_output_file  # noqa: F401
-
 # ---- evaluation plots -------------------------------------------------------------------------------------
 # matplotlib's object API (Figure, no pyplot): no global state, no display needed, safe in servers and tests.
 

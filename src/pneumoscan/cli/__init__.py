@@ -1,7 +1,7 @@
 """Command-line layer: parse arguments, call the Python API, print. No logic of its own.
 
 One module per command group (``data``, ``train`` (train, calibrate), ``evaluate``, ``predict``, ``export``,
-``serve`` (serve, keys), ``dicom``, ``adapt``); argument types in ``args`` (torch-free, like every module here at
+``serve`` (serve, keys), ``dicom``, ``adapt``, ``monitor``); argument types in ``args`` (torch-free, like every module here at
 import); what commands print and write in ``output``. This module builds the parser and runs a command.
 """
 
@@ -52,53 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_adapt_command(sub) -> None:
-    """``pneumoscan adapt``: registered by cli/adapt.py when it exists (its parser and printing live there)."""
-    try:
-        from .adapt import add_adapt_command
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.adapt":  # a broken cli/adapt.py must fail, not fall back
-            raise
-        _add_adapt_command_here(sub)
-    else:
-        add_adapt_command(sub)
+    """``pneumoscan adapt``: its parser and printing live in cli/adapt.py."""
+    from .adapt import add_adapt_command
 
-
-def cmd_adapt(args: argparse.Namespace) -> int:
-    from ..adapt import cmd_adapt as run
-
-    return run(args)
-
-
-def _add_adapt_command_here(sub) -> None:
-    p = sub.add_parser(
-        "adapt", help="fit a model to a site's own X-rays (unlabelled: --images; labelled: --data)",
-        description="Write a site-adapted model file. --images DIR (no labels): estimate the site's pneumonia "
-                    "prevalence by EM and re-base the calibration to it, refit the thresholds from the EM "
-                    "posteriors and the guard on the site's features; --bn-layers re-estimates BatchNorm "
-                    "statistics on the site's images (AdaBN; off by default). --data DIR "
-                    "(DIR/NORMAL, DIR/PNEUMONIA): refit calibration and the screening and balanced thresholds on "
-                    "the site's labelled images, after the unlabelled step when --images is given too. Images "
-                    "that are no chest X-ray or that the base model's guard rejects are left out and counted. "
-                    "Needs at least 25 usable unlabelled images, and enough PNEUMONIA images for the screening "
-                    "sensitivity at 95% confidence (149 for 0.98); otherwise exit 2 with one line, nothing written.")
-    p.add_argument("--model", help="model file to adapt (default: the bundled model)")
-    p.add_argument("--images", metavar="SITE_DIR", help="folder of the site's unlabelled X-rays (recursive)")
-    p.add_argument("--data", metavar="SITE_LABELLED_DIR", help="folder with NORMAL/ and PNEUMONIA/ site X-rays")
-    p.add_argument("--out", required=True, metavar="SITE_MODEL", help="the adapted model file to write")
-    p.add_argument("--sensitivity", type=float, default=None, metavar="S",
-                   help="screening sensitivity the labelled refit keeps at 95%% confidence (default: the model's "
-                        "target, 0.98 for the bundled model)")
-    p.add_argument("--bn-layers", choices=("trained", "all", "none"), default="none",
-                   help="BatchNorm layers AdaBN re-estimates: none (default: AdaBN lost on validation, "
-                        "docs/experiments.md), those of the fine-tuned stages, or all")
-    p.add_argument("--bn-balance", action="store_true",
-                   help="take AdaBN's statistics over a resample of the site's images weighted to the training "
-                        "batches' class mix (by the unadapted model's EM posteriors)")
-    p.add_argument("--thresholds", choices=("keep", "em"), default="em",
-                   help="unlabelled: refit the thresholds with the EM posteriors standing in for labels (default, "
-                        "chosen on validation), or keep the base thresholds moved with the prevalence")
-    p.add_argument("--quiet", action="store_true", help="no line per left-out image")
-    p.set_defaults(func=cmd_adapt)
+    add_adapt_command(sub)
 
 
 def _quiet_decoder_warnings() -> None:

@@ -88,10 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _print_shifts(model, args: argparse.Namespace) -> int:
     """The validation images scored as they are and under fixed acquisition shifts: a recipe-selection aid."""
-    import numpy as np
-
     from ..data.sources import MedMNISTSource, open_source
-    from ..evaluate import VALIDATION, evaluate_shifts, validation_images
+    from ..evaluate import VALIDATION, evaluate_shifts, mean_of_shifts, validation_images
 
     if args.split != ("val" if isinstance(open_source(args.data), MedMNISTSource) else VALIDATION):
         raise PneumoscanError("--shifts scores the validation split only (--split validation, or val for a .npz): "
@@ -105,11 +103,7 @@ def _print_shifts(model, args: argparse.Namespace) -> int:
     for r in results:
         print(f"{r.shift:<18} {r.auc:7.4f} {r.screening.sensitivity:15.4f} {r.screening.specificity:7.4f} "
               f"{r.balanced_accuracy:13.4f}")
-    shifted = results[1:]
-    mean = {"auc": float(np.mean([r.auc for r in shifted])),
-            "screening_sensitivity": float(np.mean([r.screening.sensitivity for r in shifted])),
-            "screening_specificity": float(np.mean([r.screening.specificity for r in shifted])),
-            "balanced_accuracy": float(np.mean([r.balanced_accuracy for r in shifted]))}
+    mean = mean_of_shifts(results)
     print(f"{'mean of shifts':<18} {mean['auc']:7.4f} {mean['screening_sensitivity']:15.4f} "
           f"{mean['screening_specificity']:7.4f} {mean['balanced_accuracy']:13.4f}")
     if args.json:

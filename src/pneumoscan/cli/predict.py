@@ -65,8 +65,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         require_ray()
     inputs = Inputs(args.inputs)
 
-    from tqdm import tqdm
-
     from ..predict import load_model
 
     model = load_model(args.model, backend=args.backend, precision=args.precision, prevalence=args.prevalence,
@@ -120,8 +118,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             results = ((pred, None) for pred in model.predict_files(
                 inputs.files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta))
-        for pred, row in tqdm(results, desc="screening", unit="img", total=len(writer.todo),
-                              disable=args.quiet or not sys.stderr.isatty()):
+        if not args.quiet and sys.stderr.isatty():  # a person watches: a progress bar (tqdm loads only then)
+            from tqdm import tqdm
+
+            results = tqdm(results, desc="screening", unit="img", total=len(writer.todo))
+        for pred, row in results:
             failed += pred.status == "error"
             pred = writer.add(pred, row)  # with its heatmap's path when one was written
             if write_dicom is not None:
