@@ -183,3 +183,10 @@ def test_site_builds_strict(tmp_path):
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8").count("pneumoscan.pipeline.") > 3
+
+
+def test_readme_links_point_at_files_that_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", readme) if "://" not in t}
+    missing = sorted(t for t in targets if t and not (ROOT / t).exists())
+    assert not missing, f"README links to files that do not exist: {missing}"
