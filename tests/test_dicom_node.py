@@ -709,6 +709,24 @@ def test_heatmap_rule_decides_which_instances_get_a_secondary_capture(model, xra
     assert [is_sr(d) for d in outcome.results] == ([True, False] if heatmap else [True])
 
 
+def test_instances_no_result_can_reference_still_get_the_stages_answer(model, xrays):
+    """Without a Study Instance UID no SR can join a study, and garbage is no DICOM at all: both come back with
+    the stage's answer (the same as predict's) and no result objects, saying why."""
+    from pneumoscan.dicom.screen import Screener
+
+    no_study = pydicom.dcmread(xrays[1])
+    del no_study.StudyInstanceUID
+    buffer = io.BytesIO()
+    no_study.save_as(buffer, enforce_file_format=True)
+    outcomes = Screener(model).screen([("nostudy", buffer.getvalue()), ("garbage", b"\x00not dicom" * 40)])
+    assert outcomes[0].prediction.status == "ok" and outcomes[0].results == []
+    assert abs(outcomes[0].prediction.probability - model.predict(xrays[1]).probability) < 1e-6
+    assert outcomes[0].unanswerable == "nostudy: DICOM dataset lacks StudyInstanceUID; no result can reference it"
+    assert outcomes[1].prediction.status == "error" and outcomes[1].results == []
+    assert outcomes[1].prediction.message.startswith("garbage: ") and "\n" not in outcomes[1].prediction.message
+    assert outcomes[1].unanswerable.startswith("garbage: DICOM dataset lacks SOPClassUID")
+
+
 def test_each_instance_is_parsed_once(model, xrays, monkeypatch):
     """One pydicom parse per instance for the whole of screening (header, pixels and results)."""
     from pneumoscan.dicom.screen import Screener

@@ -456,8 +456,8 @@ class Node:
                 continue
         outcomes = self.screener.screen(items)
         for path, when, outcome in zip(paths, received, outcomes, strict=True):
-            if isinstance(outcome, str):
-                log.error("%s; kept in %s", outcome, self.spool.failed)
+            if outcome.unanswerable is not None:
+                log.error("%s; kept in %s", outcome.unanswerable, self.spool.failed)
                 self.spool.fail(path)
                 continue
             for ds in outcome.results:

@@ -78,7 +78,7 @@ def pull(model, url: str, study_uid: str, *, store: bool = False, batch_size: in
             items.append((sop, _with_meta(ds)))  # screened as retrieved: no second encoding and parse
             headers.append(sop)
         for sop, outcome in zip(headers, screener.screen(items), strict=True):
-            pulled = Pulled(sop, outcome)
+            pulled = Pulled(sop, outcome.unanswerable or outcome)
             if store and not isinstance(outcome, str) and outcome.results:
                 try:
                     client.store_instances(outcome.results, study_instance_uid=study_uid)

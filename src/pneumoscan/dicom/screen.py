@@ -59,6 +59,7 @@ class Outcome:
     prediction: Prediction
     results: list = field(default_factory=list)  # pydicom Datasets: the SR, then the SC when there is one
     seconds: dict = field(default_factory=dict)  # decode, score, results
+    unanswerable: str | None = None  # why no result object could be made (then ``results`` is empty)
 
     def summary(self) -> str:
         p = self.prediction
@@ -91,6 +92,14 @@ def not_screened(ds: Dataset) -> str | None:
 def parse(source: bytes | str | Path | Dataset, name: str, *, pixels: bool = True) -> Dataset:
     """The one parse of an instance (bytes or a file; a Dataset is only checked), checked for the identifiers its
     results must carry. ``pixels=False`` reads a file's header only, stopping before its pixel data."""
+    ds = _read(source, name, pixels)
+    why = unanswerable(ds, name)
+    if why is not None:
+        raise UnreadableInstance(why)
+    return ds
+
+
+def _read(source: bytes | str | Path | Dataset, name: str, pixels: bool = True) -> Dataset:
     import pydicom
     from pydicom.dataset import Dataset
 
@@ -100,15 +109,22 @@ def parse(source: bytes | str | Path | Dataset, name: str, *, pixels: bool = Tru
         else:
             ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source,
                                  force=True, stop_before_pixels=not pixels)
-        missing = [k for k in REQUIRED_UIDS if not ds.get(k)]
+        ds.get("SOPInstanceUID")  # force=True parses lazily: a malformed header fails here, as that file's answer
     except Exception as exc:  # noqa: BLE001 - any parse failure of a malformed file is that file's answer
         raise UnreadableInstance(pipeline.unreadable(name, exc)) from None
-    if missing:
-        raise UnreadableInstance(f"{name}: DICOM dataset lacks {', '.join(missing)}; no result can reference it")
     for keyword in TYPE2_COPIED:  # required but may be empty: many exports leave them out altogether
         if keyword not in ds:
             setattr(ds, keyword, "")
     return ds
+
+
+def unanswerable(ds: Dataset, name: str) -> str | None:
+    """Why no result object can be made for ``ds`` (it lacks the UIDs a result must reference), or None."""
+    try:
+        missing = [k for k in REQUIRED_UIDS if not ds.get(k)]
+    except Exception as exc:  # noqa: BLE001 - a malformed element: that file's answer
+        return pipeline.unreadable(name, exc)
+    return f"{name}: DICOM dataset lacks {', '.join(missing)}; no result can reference it" if missing else None
 
 
 def _drop_pixels(ds: Dataset) -> None:
@@ -128,38 +144,45 @@ class Screener:
         self.op = model.resolve_threshold(threshold)
         self.heatmaps = heatmaps if model.backend.gradcam else "none"
 
-    def screen(self, items: Sequence[tuple[str, bytes | Dataset]]) -> list[Outcome | str]:
-        """(name, DICOM bytes or a parsed Dataset) pairs -> one Outcome each, in order. Raises nothing for a bad
-        image (its SR says why it was not analysed); an instance no result can reference comes back as the message
-        saying why. One parse per instance, one network call per batch, one Grad-CAM call per batch."""
-        out: list[Outcome | str | None] = [None] * len(items)
-        headers, prepared, where, decode_seconds = [], [], [], []
-        for i, (name, data) in enumerate(items):
+    def screen(self, items: Sequence[tuple[str, bytes | Dataset]]) -> list[Outcome]:
+        """(name, DICOM bytes or a parsed Dataset) pairs -> one Outcome each, in order, with the stage's answer.
+        Raises nothing for a bad instance: its SR says why it was not analysed, and an instance no SR can reference
+        (not parseable, or without its UIDs) has no results and ``unanswerable`` says why. One parse per instance,
+        one network call per batch, one Grad-CAM call per batch."""
+        headers, prepared, notes, decode_seconds = [], [], [], []
+        for name, data in items:
             start = time.perf_counter()
             try:
-                ds = parse(data, name)
+                ds = _read(data, name)
             except UnreadableInstance as exc:
-                out[i] = str(exc)
-                continue
-            prepared.append(pipeline.prepare(self.model, ds, name))
-            _drop_pixels(ds)
-            headers.append(ds)
-            where.append(i)
+                headers.append(None)
+                notes.append(str(exc))
+                prepared.append(pipeline.Prepared(name, error=str(exc)))
+            else:
+                headers.append(ds)
+                notes.append(unanswerable(ds, name))
+                prepared.append(pipeline.prepare(self.model, ds, name))
+                _drop_pixels(ds)
             decode_seconds.append(time.perf_counter() - start)
-        if prepared:
+        if not prepared:
+            return []
+        start = time.perf_counter()
+        screened = pipeline.decide(self.model, prepared, self.op)
+        score_seconds = (time.perf_counter() - start) / len(prepared)
+        start = time.perf_counter()
+        overlays = self._overlays([s for s, note in zip(screened, notes, strict=True) if note is None])
+        heatmap_seconds = (time.perf_counter() - start) / len(prepared)
+        out = []
+        for (name, _), header, note, done, seconds in zip(items, headers, notes, screened, decode_seconds,
+                                                          strict=True):
             start = time.perf_counter()
-            screened = pipeline.decide(self.model, prepared, self.op)
-            score_seconds = (time.perf_counter() - start) / len(prepared)
-            start = time.perf_counter()
-            overlays = self._overlays(screened)
-            heatmap_seconds = (time.perf_counter() - start) / len(prepared)
-            for i, header, done, seconds in zip(where, headers, screened, decode_seconds, strict=True):
-                start = time.perf_counter()
-                made = results.result_objects(header, done.prediction, self.model, overlays.get(id(done)))
-                out[i] = Outcome(items[i][0], str(header.SOPInstanceUID), done.prediction, made,
-                                 {"decode": seconds, "score": score_seconds if done.logits is not None else 0.0,
-                                  "results": heatmap_seconds + time.perf_counter() - start})
-        return out  # type: ignore[return-value]
+            made = [] if note is not None else \
+                results.result_objects(header, done.prediction, self.model, overlays.get(id(done)))
+            uid = str(header.get("SOPInstanceUID", "") or "") if header is not None else ""
+            out.append(Outcome(name, uid, done.prediction, made,
+                               {"decode": seconds, "score": score_seconds if done.logits is not None else 0.0,
+                                "results": heatmap_seconds + time.perf_counter() - start}, note))
+        return out
 
     def wants_heatmap(self, prediction: Prediction) -> bool:
         from ..explain import wants_heatmap
