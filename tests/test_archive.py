@@ -275,7 +275,7 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def _interrupted_journal(tmp_path, folder, model_path, out, **options) -> Path:
+def _interrupted_journal(tmp_path, folder, model_path, out, threshold="screening", **options) -> Path:
     """A run killed after its first rows (in process: the journal a SIGKILL leaves behind); ``options``: of
     ``load_model``, as the command line passes them (prevalence, max_pixels)."""
     from pneumoscan.archive import ArchiveWriter, predict_local, run_settings
@@ -283,8 +283,8 @@ def _interrupted_journal(tmp_path, folder, model_path, out, **options) -> Path:
 
     model = load_model(model_path, **options)
     files = sorted(folder.iterdir())
-    writer = ArchiveWriter([(out, "csv")], model, run_settings(model, "screening", False), files).open()
-    for _, row in predict_local(model, files[:2], batch_size=2):
+    writer = ArchiveWriter([(out, "csv")], model, run_settings(model, threshold, False), files).open()
+    for _, row in predict_local(model, files[:2], threshold=threshold, batch_size=2):
         writer.add(row)
     writer.journal.close()
     return journal_path(out)
@@ -327,6 +327,9 @@ CALIBRATION_CHANGES = [  # (options of the interrupted run, of the resume, what 
     ({}, ["--prevalence", "0.3"], "with no --prevalence, this run has --prevalence 0.3; use the same --prevalence"),
     ({"max_pixels": 50_000_000}, ["--max-megapixels", "20"],
      "with --max-megapixels 50, this run has --max-megapixels 20; use the same --max-megapixels"),
+    # a numeric threshold does not move with the prevalence: only the recorded prevalence tells the runs apart
+    ({"prevalence": 0.3, "threshold": "0.4"}, ["--threshold", "0.4", "--prevalence", "0.6"],
+     "with --prevalence 0.3, this run has --prevalence 0.6; use the same --prevalence"),
 ]
 
 
