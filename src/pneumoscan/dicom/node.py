@@ -28,6 +28,7 @@ patient attribute.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
@@ -388,7 +389,10 @@ class Node:
             self._note(event, sop_uid, "refused")
             return OUT_OF_RESOURCES
         try:
-            ds = event.dataset
+            import pydicom
+
+            data = event.encoded_dataset()  # as sent, with its file meta: what the spool keeps
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)  # the header; pixels are the screener's
             uid_in_dataset = str(ds.get("SOPInstanceUID", ""))
             skip = not_screened(ds)
         except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot parse is that instance's answer
@@ -406,7 +410,6 @@ class Node:
             self._note(event, sop_uid, "refused")
             return DOES_NOT_MATCH_SOP_CLASS
         try:
-            data = event.encoded_dataset()
             self.spool.receive(safe_name(uid_in_dataset, data), data)
         except OSError as exc:
             log.error("instance %s: cannot be spooled (%s; status 0xA700)", sop_uid, exc.strerror or exc)
