@@ -57,6 +57,8 @@ class DicomHeader:
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     transfer_syntax_uid: str | None = None
+    age_years: float | None = None  # PatientAge (or birth and study dates): the intended-population check only
+    manufacturer: str | None = None  # what drift monitoring groups by (with modality, view and photometric)
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,35 @@ def _header(ds) -> DicomHeader:
         sop_class_uid=uid("SOPClassUID"), sop_instance_uid=uid("SOPInstanceUID"),
         study_instance_uid=uid("StudyInstanceUID"), series_instance_uid=uid("SeriesInstanceUID"),
         transfer_syntax_uid=uid("TransferSyntaxUID", meta) if meta is not None else None,
+        age_years=patient_age_years(ds), manufacturer=text("Manufacturer"),
     )
+
+
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def patient_age_years(ds) -> float | None:
+    """The patient's age in years at the study, from PatientAge ("074Y", "018M", "003W", "010D"), else from
+    PatientBirthDate and StudyDate (or AcquisitionDate); None when the header does not say or says it badly (a
+    malformed age is no reason to refuse an image, so it is treated as unknown)."""
+    from datetime import date
+
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS:
+        return int(age[:3]) * _AGE_UNITS[age[3]]
+
+    def day(text) -> date | None:
+        text = str(text or "").strip()
+        try:
+            return date(int(text[:4]), int(text[4:6]), int(text[6:8])) if len(text) >= 8 else None
+        except ValueError:
+            return None
+
+    born = day(ds.get("PatientBirthDate"))
+    seen = day(ds.get("StudyDate")) or day(ds.get("AcquisitionDate"))
+    if born is None or seen is None or seen < born:
+        return None
+    return (seen - born).days / 365.25
 
 
 def _int_tag(ds, tag: str, default: int, name: str) -> int:
