@@ -194,9 +194,15 @@ def test_exit_1_when_inverted_images_arrive_and_the_score_says_which_figures_mov
 
 
 def test_windows_by_day_use_the_audit_times(screened, model, tmp_path):
-    rows, _ = monitor.read_records([write_audit(tmp_path / "audit.log", screened["clean"] * 2, model.sha256)])
-    days = monitor.windows(rows, by_day=True)
-    assert [label for label, _ in days] == ["2025-12-06"] and len(days[0][1]) == 2 * N
+    rows, _ = monitor.read_records([write_audit(tmp_path / "audit.log", screened["clean"], model.sha256)])
+    later = [{**r, "time": r["time"].replace(day=7)} for r in rows]  # the same results a day later
+    days = monitor.windows(rows + later, by_day=True)
+    assert [label for label, _ in days] == ["2025-12-06", "2025-12-07"] and len(days[0][1]) == N
+    ref = monitor.bundled_reference()
+    report = monitor.monitor(rows, ref, by_day=True, null=monitor.NullModel(ref, simulations=300))
+    (day,) = report.windows
+    assert day.label == "2025-12-06" and day.n == N and day.threshold is not None and not day.alarm
+    assert day.start.startswith("2025-12-06T00:00") and report.other_lines == 0
 
 
 @pytest.mark.parametrize("case", ["missing", "json", "csv", "reference", "by-day", "suffix"])
