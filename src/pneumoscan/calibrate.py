@@ -43,17 +43,16 @@ def stage_scores(model, images: np.ndarray | torch.Tensor, names: Sequence[str] 
     BatchNorm-folded float32 copy, or the record's bfloat16)."""
     images = np.asarray(images)
     names = [str(i) for i in range(len(images))] if names is None else list(names)
-    keep = KeepFeatures(model)
     op = ("custom", 0.5)  # fitting needs the scores, not a decision
     results: list[pipeline.Screened] = []
     for start in range(0, len(images), batch_size):
         items = [pipeline.from_array(name, image)
                  for name, image in zip(names[start:start + batch_size], images[start:start + batch_size],
                                         strict=True)]
-        results += pipeline.decide(keep, items, op)
+        results += pipeline.decide(model, items, op)
     if not results:
         return torch.zeros((0, 2)), torch.zeros((0, 0)), []
-    return torch.stack([r.logits for r in results]), torch.cat(keep.features), results
+    return torch.stack([r.logits for r in results]), torch.stack([r.features for r in results]), results
 
 
 def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:

@@ -89,6 +89,7 @@ class Screened:
     decoded: DecodedImage | None = field(default=None, repr=False)  # pixels and DICOM header (None if unreadable)
     logits: torch.Tensor | None = field(default=None, repr=False)  # (2,) raw network output (None if unreadable)
     input_stats: tuple[float, float] | None = None  # mean and std of the uint8 network input, in [0, 1]
+    features: torch.Tensor | None = field(default=None, repr=False)  # (D,) pooled features (the guard's input)
 
     @property
     def status(self) -> str:
@@ -177,7 +178,7 @@ def decide(model, items: Sequence[Prepared], op: tuple[str, float] | Sequence[tu
             continue
         logits = scores.logits[row]
         prediction = model.result(item.name, logits, float(scores.guard[row]), (name, value), item.reason)
-        out.append(Screened(prediction, item.decoded, logits, _input_stats(item.image)))
+        out.append(Screened(prediction, item.decoded, logits, _input_stats(item.image), scores.features[row]))
         row += 1
     return out
 
