@@ -3,7 +3,7 @@
 Writes a 7000 x 7000 grayscale PNG (a real test X-ray upscaled; about 2 MiB, under both the 50 MP and the 20 MiB
 limits) to a temporary folder, then, each in a fresh process so that peak RSS is that route's own:
   cli     the route of `pneumoscan predict --heatmaps`: Model.predict, then explain.save_heatmap
-  server  POST /v1/predict?heatmap=true to a real server on a socket (serve_in_thread)
+  server  POST /v1/predict?heatmap=true&heatmaps=all to a real server on a socket (serve_in_thread)
 
 Only names both the old and the new code have are used, so the same script measures a checkout before the fix:
     python benchmarks/heatmap_memory.py
@@ -50,7 +50,7 @@ def run_route(route: str, image: Path, out: Path) -> None:
         from pneumoscan.serve import create_app, serve_in_thread
 
         with serve_in_thread(create_app(model)) as url:
-            response = httpx.post(f"{url}/v1/predict", params={"heatmap": "true"},
+            response = httpx.post(f"{url}/v1/predict", params={"heatmap": "true", "heatmaps": "all"},
                                   files={"file": (image.name, image.read_bytes())}, timeout=600)
             status = f"HTTP {response.status_code} {response.json().get('status')}"
     seconds = time.perf_counter() - start
