@@ -78,8 +78,8 @@ def _json_safe(value):
 
 
 # the stage's statuses that carry no probability, in words
-REFUSED = {"not_xray": "not a frontal chest X-ray", "out_of_distribution": "outside the training population",
-           "error": "unreadable"}
+REFUSED = {"not_xray": "not a frontal chest X-ray", "outside_population": "outside the intended population",
+           "out_of_distribution": "outside the training population", "error": "unreadable"}
 
 
 def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bool = False,
