@@ -116,9 +116,10 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
              "photometric", "age_band"]  # pipeline.Screened.facts(), beyond status, probability, guard_score
     assert list(table[0]) == ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
                               "study_instance_uid", "series_instance_uid", "sop_instance_uid",  # old columns first
-                              "operating_point", "prevalence", "temperature", "bias", *facts]
+                              "operating_point", "prevalence", "temperature", "bias", *facts, "guard_score"]
     assert list(rows[0]) == ["path", "probability", "decision", "threshold", "status", "message",
-                             "operating_point", "prevalence", "temperature", "bias", "model_sha256", *facts]
+                             "operating_point", "prevalence", "temperature", "bias", "model_sha256", *facts,
+                             "guard_score"]
     sha = sha256_file(tiny_model_path)
     for c, p in zip(rows, table, strict=True):
         assert p["model_sha256"] == c["model_sha256"] == sha
@@ -129,6 +130,10 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
         assert (c["status"], c["message"], c["decision"]) == (p["status"], p["message"], p["decision"] or "")
         assert c["probability"] == ("" if p["probability"] is None else f"{p['probability']:.6f}")
         assert float(c["threshold"]) == pytest.approx(p["threshold"], abs=1e-6)
+        # the guard's distance, which the drift monitor's guard test reads: exactly the same figure in both files
+        assert c["guard_score"] == ("" if p["guard_score"] is None else repr(p["guard_score"]))
+        if p["status"] in ("ok", "error"):  # scored: a distance; unreadable: none
+            assert (p["guard_score"] is not None) == (p["status"] == "ok")
         is_dicom = "/dicom/" in p["path"]
         assert all((p[k] is not None) == is_dicom for k in ("study_instance_uid", "series_instance_uid",
                                                             "sop_instance_uid"))

@@ -187,11 +187,15 @@ def test_cli_engine_ray_writes_a_parquet_folder_with_the_local_engines_rows(cli_
     assert statuses.count("error") == 2 and "not_xray" in statuses and statuses.count("ok") > N_REAL / 2
     for r in remote:
         lo = local[r["path"]]
-        assert {k: v for k, v in r.items() if k != "probability"} == {k: v for k, v in lo.items()
-                                                                       if k != "probability"}
+        figures = ("probability", "guard_score")  # computed on each engine: equal within float noise
+        assert {k: v for k, v in r.items() if k not in figures} == {k: v for k, v in lo.items()
+                                                                     if k not in figures}
         assert (r["probability"] is None) == (lo["probability"] is None)
         if lo["probability"] is not None:
             assert r["probability"] == pytest.approx(lo["probability"], abs=1e-5)
+        assert (r["guard_score"] is None) == (lo["guard_score"] is None)
+        if lo["guard_score"] is not None:
+            assert r["guard_score"] == pytest.approx(lo["guard_score"], rel=1e-5)
     assert sum(r["sop_instance_uid"] is not None for r in remote) == 2
     import pandas as pd
 
@@ -202,6 +206,9 @@ def test_cli_engine_ray_writes_a_parquet_folder_with_the_local_engines_rows(cli_
         assert r["status"] == lo["status"] and r["message"] == lo["message"] and r["decision"] == lo["decision"]
         if lo["probability"]:
             assert float(r["probability"]) == pytest.approx(float(lo["probability"]), abs=2e-6)
+        assert bool(r["guard_score"]) == bool(lo["guard_score"])  # the drift monitor's guard test reads it
+        if lo["guard_score"]:
+            assert float(r["guard_score"]) == pytest.approx(float(lo["guard_score"]), rel=1e-5)
 
 
 def _scorer_pids() -> set[int]:

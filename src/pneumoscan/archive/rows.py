@@ -8,7 +8,8 @@ seen for what it is afterwards, and a row can be recomputed from its logits by a
 
 A row also holds the result's ``Screened.facts()`` (``FACT_COLUMNS``: network-input statistics, the image's size
 and format, the DICOM categories and an age band; no name or identifier), what drift monitoring reads, recorded
-by every route alike.
+by every route alike, and the guard's feature distance (``guard_score``, last), so the monitor's guard-distance
+test runs on archive outputs too.
 
 The journal keeps ``ROW_KEYS``; the CSV and Parquet files show ``CSV_COLUMNS`` and ``PARQUET_COLUMNS`` (their
 older columns first, in their old order; the newer ones after, so scripts that read by position keep working).
@@ -22,10 +23,11 @@ MADE_KEYS = ["model_sha256", "prevalence", "temperature", "bias"]
 # ``pipeline.Screened.facts()`` beyond what a row already has (status, probability, guard_score)
 FACT_COLUMNS = ["input_mean", "input_std", "width", "height", "format", "modality", "manufacturer", "view",
                 "photometric", "age_band"]
+# the guard's feature distance last: the drift monitor's guard-distance test reads it (issue 26)
 CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message",
-               "operating_point", "prevalence", "temperature", "bias", "model_sha256", *FACT_COLUMNS]
+               "operating_point", "prevalence", "temperature", "bias", "model_sha256", *FACT_COLUMNS, "guard_score"]
 PARQUET_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
-                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias", *FACT_COLUMNS]
+                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias", *FACT_COLUMNS, "guard_score"]
 # what the journal keeps per row: everything any output needs, and the file's identity for --resume
 ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
             "size", "mtime_ns", *UID_COLUMNS, *MADE_KEYS, *FACT_COLUMNS]
@@ -77,4 +79,5 @@ def csv_cells(row: dict) -> list[str]:
     return [row["path"], probability, row["decision"] or "", f"{row['threshold']:.6f}", row["status"],
             row["message"], row["operating_point"], _number(row["prevalence"]), _number(row["temperature"]),
             _number(row["bias"]), row["model_sha256"],
-            *(_number(row[k]) if k in FLOAT_COLUMNS else "" if row[k] is None else str(row[k]) for k in FACT_COLUMNS)]
+            *(_number(row[k]) if k in FLOAT_COLUMNS else "" if row[k] is None else str(row[k]) for k in FACT_COLUMNS),
+            _number(row["guard_score"])]
