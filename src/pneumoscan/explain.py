@@ -285,10 +285,12 @@ def _png_source(path: Path) -> str | None:
 _save_lock = threading.Lock()
 
 
-def save_heatmap(model, path: str | Path, out_dir: str | Path, prediction=None) -> Path:
+def save_heatmap(model, path: str | Path, out_dir: str | Path, prediction=None, *,
+                 pixels: np.ndarray | None = None) -> Path:
     """Write the Grad-CAM overlay of the image file ``path`` into ``out_dir``; returns the PNG's path. Given the
-    image's ``prediction``, the picture carries its legend (``annotate``: result, colour scale, AI label)."""
-    picture = gradcam_overlay(model, model.decode(path).pixels)
+    image's ``prediction``, the picture carries its legend (``annotate``: result, colour scale, AI label);
+    given its decoded ``pixels`` (the stage's), the file is not decoded again."""
+    picture = gradcam_overlay(model, model.decode(path).pixels if pixels is None else pixels)
     if prediction is not None:
         picture = annotate(picture, legend_lines(prediction))
     info = PngImagePlugin.PngInfo()

@@ -20,8 +20,8 @@ from .rows import MADE_KEYS, how_made, screened_row
 
 
 def predict_local(model, paths: list, *, threshold="screening", batch_size: int, tta: bool = False
-                  ) -> Iterator[tuple[object, dict]]:
-    """(Prediction, journal row) per file, in order, through the pipeline stage.
+                  ) -> Iterator[tuple[pipeline.Screened, dict]]:
+    """(the stage's Screened result, journal row) per file, in order, through the pipeline stage.
 
     A file's size and mtime are read as it is handed to decoding (before it is read, so a file that changes
     later is scored again on --resume), its DICOM identifiers as it is decoded."""
@@ -35,7 +35,7 @@ def predict_local(model, paths: list, *, threshold="screening", batch_size: int,
 
     for screened in pipeline.screen(model, listed(), threshold=threshold, batch_size=batch_size, tta=tta):
         path = screened.prediction.path
-        yield screened.prediction, screened_row(screened, *(_first(keys, path) or file_key(path)), made)
+        yield screened, screened_row(screened, *(_first(keys, path) or file_key(path)), made)
 
 
 def _first(entries: dict[str, list], path: str):

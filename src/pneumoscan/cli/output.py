@@ -109,16 +109,20 @@ class PredictionWriter:
             raise PneumoscanError(f"{where}: cannot write there ({exc.strerror or exc})") from None
         return self
 
-    def add(self, pred, row: dict | None = None):
-        """Write the heatmap (when the rule wants one) and journal the row; returns the Prediction, carrying its
-        heatmap's path when one was written."""
+    def add(self, screened, row: dict | None = None):
+        """Write the heatmap (when the rule wants one) and journal the row of the stage's ``Screened`` result;
+        returns its Prediction, carrying the heatmap's path when one was written. The heatmap is drawn from the
+        image the stage decoded (a Ray result, which has none, is decoded from its file)."""
         from ..explain import wants_heatmap
 
+        pred = screened.prediction
         if self.heatmap_dir and wants_heatmap(pred, self.heatmap_rule):
             from ..explain import save_heatmap
 
+            pixels = screened.decoded.pixels if screened.decoded is not None else None
             try:
-                pred = pred.with_heatmap(str(save_heatmap(self.model, pred.path, self.heatmap_dir)))
+                pred = pred.with_heatmap(str(save_heatmap(self.model, pred.path, self.heatmap_dir, pred,
+                                                          pixels=pixels)))
             except OSError as exc:  # e.g. the disk filled up: one line, and no CSV that looks complete
                 raise PneumoscanError(f"{self.heatmap_dir}: cannot write the heatmap of {pred.path} "
                                       f"({exc.strerror or exc})") from None
@@ -143,7 +147,9 @@ class PredictionWriter:
 def create_missing_folders(args, *options: tuple[str, str, bool]) -> list[Path]:
     """The one rule for output destinations whose folder does not exist yet: create it (with its parents) when
     the run is about to write, and say so on stderr, so a mistyped folder is seen rather than silently made.
-    ``options``: (attribute of ``args``, option name, whether the option names the folder itself)."""
+    ``options``: (attribute of ``args``, option name, whether the option names the folder itself). A Ray run's
+    ``--out`` folder is not one of them: only its parent is made here, the folder itself is published whole at
+    the end. ``--quiet`` keeps the line off stderr."""
     made = []
     for attribute, option, is_folder in options:
         value = getattr(args, attribute, None)
@@ -156,6 +162,7 @@ def create_missing_folders(args, *options: tuple[str, str, bool]) -> list[Path]:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PneumoscanError(f"{folder}: cannot create the folder for {option} ({exc.strerror or exc})") from None
-        print(f"pneumoscan: created folder {folder} for {option}", file=sys.stderr)
+        if not getattr(args, "quiet", False):
+            print(f"pneumoscan: created folder {folder} for {option}", file=sys.stderr)
         made.append(folder)
     return made

@@ -90,7 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"pneumoscan: {line}", file=sys.stderr)
         if inputs.skipped:
             print(f"pneumoscan: {inputs.skipped_summary()}", file=sys.stderr)
-    create_missing_folders(args, ("csv", "--csv", False), ("out", "--out", out_kind == "dataset"),
+    create_missing_folders(args, ("csv", "--csv", False), ("out", "--out", False),
                            ("heatmaps", "--heatmaps", True), ("dicom_out", "--dicom-out", True))
     table = sys.stdout.isatty() and not args.json
     if table:  # a person reads this: say which model answered and what the columns are
@@ -116,15 +116,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results = predict_local(model, writer.todo, threshold=args.threshold, batch_size=args.batch_size,
                                     tta=args.tta)
         else:
-            results = ((pred, None) for pred in model.predict_files(
-                inputs.files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta))
+            from .. import pipeline
+
+            results = ((screened, None) for screened in pipeline.screen(
+                model, inputs.files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta))
         if not args.quiet and sys.stderr.isatty():  # a person watches: a progress bar (tqdm loads only then)
             from tqdm import tqdm
 
             results = tqdm(results, desc="screening", unit="img", total=len(writer.todo))
-        for pred, row in results:
-            failed += pred.status == "error"
-            pred = writer.add(pred, row)  # with its heatmap's path when one was written
+        for screened, row in results:
+            failed += screened.status == "error"
+            pred = writer.add(screened, row)  # with its heatmap's path when one was written
             if write_dicom is not None:
                 write_dicom(pred)
             print(json_line(pred) if args.json else format_row(pred), flush=table)
@@ -132,13 +134,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _ray_results(model, files: list, args: argparse.Namespace):
-    """(Prediction, row) per file from the Ray engine, on the cluster at --address or a local instance."""
+    """(Screened, row) per file from the Ray engine, on the cluster at --address or a local instance: the
+    Prediction alone (the decoded image stays in the Ray task that made it)."""
+    from .. import pipeline
     from ..archive import predict_ray, ray_session
 
     with ray_session(args.address, args.quiet):
-        yield from predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
-                               num_cpus=args.num_cpus, num_gpus=args.num_gpus, concurrency=args.concurrency,
-                               backend=args.backend, precision=args.precision)
+        for pred, row in predict_ray(model, files, threshold=args.threshold, batch_size=args.batch_size,
+                                     tta=args.tta, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                     concurrency=args.concurrency, backend=args.backend, precision=args.precision):
+            yield pipeline.Screened(pred), row
 
 
 def _predict_ray_folder(model, inputs: Inputs, args: argparse.Namespace, write_dicom, table: bool) -> int:
