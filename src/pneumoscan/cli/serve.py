@@ -16,6 +16,7 @@ from ..durable import SERVICE_UMASK, parse_umask
 from ..errors import PneumoscanError
 from ..serve.limits import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_DRIFT_WINDOW,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_BATCH,
@@ -28,6 +29,8 @@ from ..serve.limits import (
 )
 
 MAX_BATCH_LIMIT = 256
+MIN_DRIFT_WINDOW = 20  # monitor.MIN_WINDOW: fewer results are not judged (kept here: --help imports no numpy)
+MAX_DRIFT_WINDOW = 100_000
 OPEN_REFUSED = ("refusing to serve {host} without API keys: anyone who can reach the port could screen images; "
                 "pass --api-keys FILE (make one with `pneumoscan keys add NAME --file FILE`), or --allow-open if "
                 "an open service on this address is intended")
@@ -56,6 +59,11 @@ Audit: --audit-log FILE gets one JSON line per request (time, request id also se
 client address, upload sha256 and size, model sha256, status, prediction, latency), never pixels, file names or
 DICOM patient fields; it rotates at --audit-max-mb, keeping --audit-backups old files.
 
+Drift: for a model with a drift reference (the bundled one, and every model trained or adapted since drift
+monitoring), /metrics carries pneumoscan_drift_* gauges over the last --drift-window screened images (the figures
+of `pneumoscan monitor`, computed in a thread of their own, off the request path; alert on
+pneumoscan_drift_alarm == 1).
+
 Files: the server sets its umask to 077 (files it writes, the audit log and its rotated copies, are readable by
 its own user only) unless --umask says otherwise."""
 
@@ -67,6 +75,8 @@ def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
     def count(low: int, high: int):
         return number_type(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
 
+    drift_window = number_type(int, lambda v: v == 0 or MIN_DRIFT_WINDOW <= v <= MAX_DRIFT_WINDOW,
+                               f"0 or a whole number from {MIN_DRIFT_WINDOW} to {MAX_DRIFT_WINDOW}")
     window_ms = number_type(float, lambda v: 0.0 <= v <= 1000.0, "a number of milliseconds from 0 to 1000")
 
     p = sub.add_parser("serve", help="HTTP API and web page for screening single images",
@@ -117,6 +127,9 @@ def add_serve_command(sub, add_model_options) -> argparse.ArgumentParser:
                    help="rotate the audit log at this size (default 100)")
     p.add_argument("--audit-backups", type=count(0, 10_000), default=10, metavar="N",
                    help="rotated audit files kept, FILE.1 ... FILE.N (default 10)")
+    p.add_argument("--drift-window", type=drift_window, default=DEFAULT_DRIFT_WINDOW, metavar="N",
+                   help=f"the drift gauges on /metrics (pneumoscan_drift_*) cover the last N screened images "
+                        f"(default {DEFAULT_DRIFT_WINDOW}; 0: none; a model without a drift reference has none)")
     p.add_argument("--public-docs", action="store_true",
                    help="serve the API schema (/openapi.json) without a key when --api-keys is on")
     p.add_argument("--umask", type=umask_type, default=None, metavar="OCTAL",
@@ -247,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_concurrency=args.concurrency,
                      max_pending=args.max_pending, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
                      upload_timeout=args.upload_timeout, api_keys=keys, audit_log=audit,
-                     public_docs=args.public_docs)
+                     public_docs=args.public_docs, drift_window=args.drift_window)
     config = server_config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                            ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout,
                            keep_alive=args.keep_alive, max_connections=args.max_connections,
@@ -255,7 +268,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     access = f"{len(keys.names)} API key(s)" if keys else "no API keys (open)"
     print(f"pneumoscan: serving {model.name} (sha256 {model.sha256[:12]}) on {scheme}://{args.host}:{args.port}/ "
-          f"with {access}; batches of up to {args.max_batch} within {args.batch_window_ms:g} ms",
+          f"with {access}; batches of up to {args.max_batch} within {args.batch_window_ms:g} ms; "
+          + (f"drift gauges over the last {args.drift_window} images" if app.state.service.drift is not None
+             else "no drift gauges" + ("" if not args.drift_window else " (the model has no drift reference)")),
           file=sys.stderr)
     uvicorn.Server(config).run()
     return 0

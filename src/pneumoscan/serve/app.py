@@ -26,12 +26,13 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, monitor
 from ..errors import PneumoscanError
 from .audit import AuditLog
 from .auth import KeyStore
 from .limits import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_DRIFT_WINDOW,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_UPLOAD_MB,
@@ -54,7 +55,8 @@ DEFAULT_MAX_UPLOAD = int(DEFAULT_MAX_UPLOAD_MB * 2**20)
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    """The decode pool and the batcher thread live exactly as long as the server runs the app."""
+    """The decode pool, the batcher thread and the drift monitor's thread live exactly as long as the server runs
+    the app."""
     service: Service = app.state.service
     service.open()
     try:
@@ -93,6 +95,7 @@ def create_app(
     api_keys: KeyStore | str | Path | None = None,
     audit_log: AuditLog | str | Path | None = None,
     public_docs: bool = False,
+    drift_window: int = DEFAULT_DRIFT_WINDOW,
 ) -> FastAPI:
     """The service around one already-loaded model (loaded once by the caller, shared by all requests).
 
@@ -102,6 +105,8 @@ def create_app(
     the answer is 503 with Retry-After. ``api_keys`` (a key file or a ``KeyStore``) makes ``/v1/``, ``/metrics``
     and, unless ``public_docs``, ``/openapi.json`` require ``Authorization: Bearer KEY``; ``audit_log`` (a file or
     an ``AuditLog``) gets one JSON line per request. Threads start with the server (the lifespan), not here.
+    ``drift_window``: the drift gauges on ``/metrics`` cover the last N screened images (``monitor.SlidingMonitor``,
+    fed off the request path); 0, or a model without a drift reference, exports none.
     """
     if max_pending < 1 or max_concurrency < 1:
         raise PneumoscanError("max_pending and max_concurrency must be at least 1")
@@ -112,7 +117,12 @@ def create_app(
     audit = AuditLog(audit_log) if isinstance(audit_log, (str, Path)) else audit_log
     if audit is not None and audit.on_failure is None:
         audit.on_failure = metrics.audit_failures.inc
-    service = Service(model, settings, metrics, keys, audit)
+    drift = None
+    ref = monitor.reference_for(model) if drift_window else None
+    if ref is not None:
+        drift = monitor.SlidingMonitor(ref, window=drift_window)
+        drift.register(metrics.registry)
+    service = Service(model, settings, metrics, keys, audit, drift)
 
     app = FastAPI(title="pneumoscan", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Pneumonia screening on chest X-rays. A screening aid, not a diagnosis.")

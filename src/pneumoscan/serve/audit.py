@@ -1,17 +1,19 @@
 """The audit trail: one JSON line per HTTP request in a size-rotated file.
 
-What a line holds: time (UTC), request id (also sent back as ``X-Request-ID``), method, route, key name (never the
-key), client address, the upload's sha256 and size, the served model's sha256, the HTTP status, and for screened
-images the prediction's status, probability, decision, operating point and threshold, and ``facts``: what drift
-monitoring needs of the result, as every route records it (``pipeline.Screened.facts``: guard distance, input
-statistics, size, format, the DICOM categories modality, manufacturer, view, photometric, and an age band, never
-an age); the latency in ms. A
-request the server refused before the app saw it (a malformed or oversize head, headers too slow, the connection
-limit) gets a line too when its request line was read, with ``rejected`` saying why.
+What a line holds: time (UTC), request id (also sent back as ``X-Request-ID``), method, route, key name (never
+the key), client address, the upload's sha256 and size, the served model's sha256, the HTTP status, and for
+screened images the prediction's status, probability, decision, operating point and threshold, the prevalence the
+probability was re-based to (``--prevalence``; None: as calibrated, so ``pneumoscan monitor`` can undo it), and
+``facts``: what drift monitoring needs of the result, as every route records it (``pipeline.Screened.facts``:
+guard distance, input statistics, size, format, the DICOM categories modality, manufacturer, view, photometric,
+and an age band, never an age); the latency in ms. A request the server refused before the app saw it (a
+malformed or oversize head, headers too slow, the connection limit) gets a line too when its request line was
+read, with ``rejected`` saying why.
 
 What it never holds: pixels, the client's file name, error messages (they quote the file name), patient
-identifiers or any other DICOM header field. Writing is best effort: a full disk or a removed folder costs the line, never the request; failures are
-counted (``pneumoscan_audit_failures_total``) and reported once per minute on the server's log.
+identifiers or any other DICOM header field. Writing is best effort: a full disk or a removed folder costs the
+line, never the request; failures are counted (``pneumoscan_audit_failures_total``) and reported once per minute
+on the server's log.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_MAX_BYTES = 100 * 2**20
 DEFAULT_BACKUPS = 10
 FIELDS = ("time", "request_id", "method", "route", "key", "client", "upload_sha256", "upload_bytes",
           "model_sha256", "status", "prediction", "probability", "decision", "operating_point", "threshold",
-          "facts", "latency_ms", "rejected")
+          "prevalence", "facts", "latency_ms", "rejected")
 
 
 class _Handler(logging.handlers.RotatingFileHandler):

@@ -9,6 +9,7 @@ DEFAULT_MAX_PENDING = 32  # screening requests in progress at once; more get 503
 DEFAULT_CONCURRENCY = 2  # uploads decoded at the same time
 DEFAULT_MAX_UPLOAD_MB = 20.0  # larger uploads get 413
 DEFAULT_UPLOAD_TIMEOUT = 60.0  # seconds to receive an upload's body; slower ones get 408
+DEFAULT_DRIFT_WINDOW = 200  # screened images the drift gauges of /metrics cover (0: no drift gauges)
 
 # Connections (the server, before any request reaches the app)
 DEFAULT_HEADER_TIMEOUT = 30.0  # seconds from the first byte of a request to the end of its headers; then closed

@@ -181,8 +181,12 @@ async def predict(
     except Busy:
         raise HTTPError(503, BUSY, headers={"Retry-After": "1"}) from None
     svc.metrics.predictions.labels(pred.status).inc()
+    facts = scored.screened.facts()
     audit.update(prediction=pred.status, probability=pred.probability, decision=pred.decision,
-                 operating_point=pred.operating_point, threshold=pred.threshold, facts=scored.screened.facts())
+                 operating_point=pred.operating_point, threshold=pred.threshold, prevalence=model.prevalence,
+                 facts=facts)
+    if svc.drift is not None:
+        svc.drift.submit(facts)  # a queue put: the figures are computed in the monitor's own thread
     timing["total"] = time.perf_counter() - started
     thresholds = ordered(model.thresholds)
     decisions = None

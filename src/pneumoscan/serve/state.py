@@ -1,8 +1,8 @@
-"""What one app holds while it runs: its settings, the model, and the two worker resources the lifespan owns.
+"""What one app holds while it runs: its settings, the model, and the worker resources the lifespan owns.
 
-``open`` (at startup) starts the decode pool and the batcher thread; ``close`` (at shutdown) stops both, so an app
-that has served and stopped leaves no thread behind. ``admit`` bounds the screening requests in progress
-(``max_pending``) and tells the batcher how many of them have not handed it their image yet.
+``open`` (at startup) starts the decode pool, the batcher thread and the drift monitor's thread; ``close`` (at
+shutdown) stops them, so an app that has served and stopped leaves no thread behind. ``admit`` bounds the screening
+requests in progress (``max_pending``) and tells the batcher how many of them have not handed it their image yet.
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .audit import AuditLog
 from .auth import KeyStore
 from .batching import Batcher
 from .metrics import Metrics
 from .middleware import new_entry
+
+if TYPE_CHECKING:
+    from ..monitor import SlidingMonitor
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Service:
     metrics: Metrics
     keys: KeyStore | None
     audit: AuditLog | None
+    drift: SlidingMonitor | None = None  # the drift gauges' window; None: the model has no reference, or it is off
     decoders: ThreadPoolExecutor | None = None
     batcher: Batcher | None = None
     pending: int = 0  # screening requests admitted and not yet answered
@@ -64,10 +69,14 @@ class Service:
         self.batcher = Batcher(self.model, window_s=s.batch_window_ms / 1000.0, max_batch=s.max_batch,
                                incoming=lambda: self.incoming, metrics=self.metrics)
         self.batcher.start()
+        if self.drift is not None:
+            self.drift.start()
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.drift is not None:
+            self.drift.stop()
         if self.decoders is not None:
             self.decoders.shutdown(wait=True, cancel_futures=True)
 
