@@ -113,6 +113,35 @@ def prior_shift(fitted_prevalence: float, prevalence: float) -> float:
     return float(np.log(prevalence / (1 - prevalence)) - np.log(fitted_prevalence / (1 - fitted_prevalence)))
 
 
+def prior_estimate(p: np.ndarray, fitted: float) -> float:
+    """The pneumonia share of unlabelled images from their calibrated probabilities ``p``, fitted at share
+    ``fitted`` (Saerens et al. 2002): the share s maximising the likelihood prod(s * a + (1 - s) * b), with
+    a = p / fitted and b = (1 - p) / (1 - fitted). Saerens' EM (re-weight the posteriors by the prior ratio,
+    average, repeat) stops where the likelihood's slope sum((a - b) / (s * a + (1 - s) * b)) is zero, so the
+    root of that slope is EM's answer, found in a few steps where EM can take hundreds near 0 or 1. One
+    estimator for adapt's re-basing and the drift monitor's share.
+
+    Probabilities are kept 1e-9 from 0 and 1 (one certain answer cannot pin the share) and the share within
+    [1e-6, 1 - 1e-6] (the likelihood's maximum is an end when the slope keeps one sign); NaN for no images.
+    """
+    if not 0.0 < fitted < 1.0:
+        raise ValueError(f"fitted prevalence must be strictly between 0 and 1, got {fitted}")
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
+    if len(p) == 0:
+        return float("nan")
+    a, b = p / fitted, (1 - p) / (1 - fitted)
+
+    def slope(share: float) -> float:
+        return float(np.sum((a - b) / (share * a + (1 - share) * b)))
+
+    low_end, high_end = 1e-6, 1 - 1e-6
+    if slope(low_end) <= 0:
+        return low_end
+    if slope(high_end) >= 0:
+        return high_end
+    return float(optimize.brentq(slope, low_end, high_end, xtol=1e-9))
+
+
 def screening_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float, confidence: float = 0.95) -> float:
     """The highest threshold whose sensitivity is >= target with ``confidence`` (one-sided Clopper-Pearson).
 
