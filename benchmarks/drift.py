@@ -26,6 +26,7 @@ from pneumoscan import monitor, pipeline
 from pneumoscan.data.images import DecodedImage, decode
 from pneumoscan.data.layout import list_split, patient_id
 from pneumoscan.metrics import expected_calibration_error, roc_auc
+from pneumoscan.monitor.statistics import _finite
 from pneumoscan.predict import load_model
 from pneumoscan.run import RunFolder
 
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(monitor._finite(results), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
     (out / "table.md").write_text(table(results))
     plot(results, out / "drift.png")
     print(table(results))

@@ -16,6 +16,7 @@ import pytest
 from conftest import KERMANY
 
 from pneumoscan import monitor, pipeline
+from pneumoscan.monitor.stream import _at_reference_prior
 from pneumoscan.record import ModelRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def test_em_share_recovers_a_known_pneumonia_share_within_its_interval():
 
 def test_probabilities_rebased_to_another_prevalence_are_moved_back_to_the_reference_prior():
     record = {"status": "ok", "probability": 0.5, "prevalence": 0.3}
-    moved = monitor._at_reference_prior(record, 0.74)
+    moved = _at_reference_prior(record, 0.74)
     odds = 0.5 / 0.5 / (0.3 / 0.7) * (0.74 / 0.26)
     assert moved["probability"] == pytest.approx(odds / (1 + odds))
 
