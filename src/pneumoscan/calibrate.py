@@ -118,8 +118,8 @@ def prior_estimate(p: np.ndarray, fitted: float) -> float:
     ``fitted`` (Saerens et al. 2002): the share s maximising the likelihood prod(s * a + (1 - s) * b), with
     a = p / fitted and b = (1 - p) / (1 - fitted). Saerens' EM (re-weight the posteriors by the prior ratio,
     average, repeat) stops where the likelihood's slope sum((a - b) / (s * a + (1 - s) * b)) is zero, so the
-    root of that slope is EM's answer, found in a few steps where EM can take hundreds near 0 or 1. One
-    estimator for adapt's re-basing and the drift monitor's share.
+    root of that slope is EM's answer, found in a few steps where EM can take hundreds near 0 or 1. Computed
+    here for every caller: the drift monitor's window share, and adapt's re-basing (its EM has this fixed point).
 
     Probabilities are kept 1e-9 from 0 and 1 (one certain answer cannot pin the share) and the share within
     [1e-6, 1 - 1e-6] (the likelihood's maximum is an end when the slope keeps one sign); NaN for no images.

@@ -1,5 +1,5 @@
 """The statistics of one window against the reference (``judge``): a two-sample Kolmogorov-Smirnov test of each
-continuous figure, the pneumonia share (``calibrate.prior_estimate``, the estimate adapt re-bases with) with a
+continuous figure, the pneumonia share (``calibrate.prior_estimate``, the one estimate of it) with a
 profile-likelihood interval and a likelihood-ratio test against the reference's share, the rejection rates with
 Wilson intervals and a one-sided Fisher test, a chi-square test per header field, and the combined score
 ``max(-log10 p)`` the alarm compares with its threshold."""
