@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import optimize, stats
-from sklearn.metrics import roc_curve
 
 from . import pipeline
 from .constants import BATCH_SIZE
@@ -165,6 +164,8 @@ def screening_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float,
 
 def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """Youden's J: the threshold maximising sensitivity + specificity - 1."""
+    from sklearn.metrics import roc_curve  # training-side only: monitoring and screening do not load it
+
     fpr, tpr, thresholds = roc_curve(y, p)
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))
