@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, monitor
+from .. import __version__
 from ..errors import PneumoscanError
 from .audit import AuditLog
 from .auth import KeyStore
@@ -117,6 +117,9 @@ def create_app(
     audit = AuditLog(audit_log) if isinstance(audit_log, (str, Path)) else audit_log
     if audit is not None and audit.on_failure is None:
         audit.on_failure = metrics.audit_failures.inc
+    # imported here: it loads the stage (torch), which `pneumoscan serve` must load only after its thread setup
+    from .. import monitor
+
     drift = None
     ref = monitor.reference_for(model) if drift_window else None
     if ref is not None:
