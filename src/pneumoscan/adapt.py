@@ -33,7 +33,9 @@ afterwards (EM, thresholds, the labelled refit, the guard's features) goes throu
 the numbers it was fitted on; only AdaBN's statistics pass runs the network as trained. The output is a normal
 model file: its record's ``adaptation`` says what was refit, on how many images, a digest of their sha256 list,
 and the base model's sha256, and its ``prevalence`` the pneumonia share its calibration now holds at; ``name`` is
-``<base>-site-<digest>``. Parsing and printing live in ``pneumoscan.cli.adapt``; this module returns values.
+``<base>-site-<digest>``. Its ``drift_reference`` (what ``pneumoscan monitor`` and the services' drift gauges
+compare with) is refit too: the images the last step fitted on, as the adapted model answers them. Parsing and
+printing live in ``pneumoscan.cli.adapt``; this module returns values.
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ class Adapted:
     steps: dict = field(default_factory=dict)
     network_changed: bool = False  # AdaBN re-estimated some layer: the base model's scores no longer hold
     site_logits: torch.Tensor | None = field(default=None, repr=False)  # the last adaptation images' logits
+    reference_site: Site | None = field(default=None, repr=False)  # the images the last step fitted on
     _backend: TorchBackend | None = field(default=None, repr=False)
 
     @classmethod
@@ -374,8 +377,32 @@ class Adapted:
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             adaptation={"base_name": base, "base_sha256": self.base_sha256, **self.steps,
                         "note": "validation figures are the base model's, measured before adaptation"})
+        reference, why = self.drift_reference(record)
+        if why is not None:
+            record = record.with_(adaptation={**record.adaptation, "drift_reference": why})
+        record = record.with_(drift_reference=reference)
         tensors = {**self.network.state_dict(), **(self.guard.to_tensors() if self.guard is not None else {})}
         return save_model_file(path, tensors, record.to_dict())
+
+    def drift_reference(self, record: ModelRecord) -> tuple[dict | None, str | None]:
+        """(the drift monitor's reference, None) of the site images the last step fitted on, as the adapted model
+        answers them (its calibration, thresholds and refit guard): the base model's reference describes answers
+        this model no longer gives. (None, why) when there is none. The images are uint8 network inputs with no
+        file behind them, so the header categories are left out (not recorded). No sha256: the reference is
+        inside the file it describes."""
+        from .monitor import CATEGORIES, MonitorError, build_reference
+
+        site = self.reference_site
+        if site is None or len(site) == 0:
+            return None, "none: no site images"
+        final = Model(record, self.scoring_model().backend, self.guard, Path(record.name), "")
+        _, _, results = stage_scores(final, site.images.numpy(), site.files)
+        facts = [{k: v for k, v in r.facts().items() if k not in CATEGORIES} for r in results]
+        try:
+            return build_reference(facts, prior=record.fitted_prevalence,
+                                   source=f"{len(site)} site images the adaptation fitted on").to_dict(), None
+        except MonitorError as exc:
+            return None, f"none: {exc}"
 
 
 def _check_size(site: Site, what: str, minimum: int = MIN_IMAGES) -> None:
@@ -461,6 +488,7 @@ def adapt_unlabelled(model: Model, site: Site, *, which: str = DEFAULT_BN_LAYERS
     out.record = record
     out.steps["unlabelled"] = step
     out.site_logits = logits
+    out.reference_site = site
     return out
 
 
@@ -500,4 +528,5 @@ def recalibrate(model: Model, site: Site, *, target_sensitivity: float | None = 
     out.steps["labelled"] = {"images": len(site), "counts": counts.tolist(), "sha256_digest": site.digest(),
                              "excluded": dict(site.excluded), "target_sensitivity": target,
                              "confidence": CONFIDENCE, "seconds": round(time.perf_counter() - started, 2)}
+    out.reference_site = site
     return out

@@ -12,7 +12,8 @@ rank 0 evaluates, logs and writes files. ``max_train_images`` and ``max_steps`` 
 Validation is scored through the screening stage (``calibrate.stage_scores``: ``pipeline.decide`` on the uint8
 cache), in float32: the epoch is selected, and calibration, thresholds and guard are fitted, on the arithmetic the
 model file records as its ``precision``, so prediction computes exactly the numbers the thresholds were chosen on.
-The model file is written through the typed ``ModelRecord``.
+The model file is written through the typed ``ModelRecord``, with the drift monitor's reference: the validation
+images as the finished model answers them (``drift_reference``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
 from .modelfile import atomic_write, save_model_file
 from .models import arch_spec, cpu_has_bf16, create_model, freeze_stages
+from .monitor import CATEGORIES as HEADER_FACTS
+from .monitor import MonitorError, build_reference
 from .predict import Model
 from .preprocess import STANDARD_INTENSITY, Preprocessing
 from .record import GuardSettings, ModelRecord
@@ -581,12 +584,31 @@ def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime,
         training=_training_summary(cfg, run, source, data, state, rt, wall_seconds),
         version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+    try:
+        record = record.with_(drift_reference=drift_reference(
+            net, prep, record, guard, data.val.images, f"{len(val_y)} validation images of run {run.path.name}"))
+    except MonitorError as exc:  # too few validation images to describe: the model works, unmonitored
+        print(f"pneumoscan: no drift reference in the model file ({exc})", file=sys.stderr)
     sha = save_model_file(run.model_path, {**net.state_dict(), **guard.to_tensors()}, record.to_dict())
     op = validation["operating_points"]
     print(f"model: {run.model_path} (sha256 {sha[:12]}); validation AUC {validation['auc']:.4f}, "
           f"screening sens {op['screening']['sensitivity']:.3f} spec {op['screening']['specificity']:.3f}, "
           f"T={temperature:.2f}, bias={bias:+.2f}", file=sys.stderr)
     return sha
+
+
+def drift_reference(net: nn.Module, prep: Preprocessing, record: ModelRecord, guard: Guard, images: np.ndarray,
+                    source: str) -> dict:
+    """The drift monitor's reference (``monitor.Reference``, as a dict for the record): the validation images
+    through the stage as the finished model answers them (its calibration, thresholds and guard), so the monitor
+    compares a site's answers with the same figures. The images are the cache's uint8 network inputs, with no
+    file behind them: no size, format or DICOM header is known, so the header categories are left out of the
+    reference (not recorded, rather than "(none)", which every JPEG or DICOM stream would differ from). No
+    sha256: the reference is inside the file it describes."""
+    final = Model(record, TorchBackend(net, prep, SCORING_PRECISION), guard, Path("."), "")
+    _, _, results = stage_scores(final, images)
+    facts = [{k: v for k, v in r.facts().items() if k not in HEADER_FACTS} for r in results]
+    return build_reference(facts, prior=record.fitted_prevalence, source=source).to_dict()
 
 
 def _training_summary(cfg: TrainConfig, run: RunFolder, source: DataSource, data: TrainData, state: dict,
