@@ -67,7 +67,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     heatmaps = "none" if args.no_heatmaps else args.heatmaps
     node = Node(model, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port, forward=forward,
                 out=args.out, max_instance_bytes=int(args.max_instance_mb * 2**20), batch_size=args.batch_size,
-                retry_max=args.retry_max, heatmaps=heatmaps, threshold=args.threshold, allow=allow, tls=tls)
+                retry_max=args.retry_max, heatmaps=heatmaps, threshold=args.threshold, allow=allow, tls=tls,
+                results_log=args.results_log, metrics_port=args.metrics_port, drift_window=args.drift_window)
     logging.getLogger("pneumoscan.dicom").info("model %s (sha256 %s) on %s; umask %03o", model.name, model.sha256,
                                                _device(args.device), umask)
     signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
@@ -117,6 +118,8 @@ def add_dicom_command(sub) -> None:
     positive_int = number_type(int, lambda v: v > 0, "a number above 0")
     positive_float = number_type(float, lambda v: 0 < v < float("inf"), "a number above 0")
     port = number_type(int, lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535 (0: any free one)")
+    drift_window = number_type(int, lambda v: v == 0 or 20 <= v <= 100_000,
+                               "0 or a whole number from 20 to 100000")  # monitor.MIN_WINDOW: no numpy at --help
     dicom = sub.add_parser("dicom", help="DICOM node for a PACS: receive X-rays, send SR and heatmap back")
     commands = dicom.add_subparsers(dest="dicom_command", required=True)
 
@@ -162,6 +165,16 @@ def add_dicom_command(sub) -> None:
     p.add_argument("--no-heatmaps", action="store_true", help="the same as --heatmaps none")
     p.add_argument("--umask", metavar="OCTAL",
                    help="file creation mask for the spool and results (default 077: owner-only)")
+    p.add_argument("--results-log", metavar="FILE",
+                   help="one JSON line per screened instance (SOP Instance UID, model sha256, the figures drift "
+                        "monitoring reads; no patient attribute) for `pneumoscan monitor` (default "
+                        "SPOOL/results.jsonl)")
+    p.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics on this port of --host: instances by status and the drift "
+                        "gauges pneumoscan_drift_* (default: off)")
+    p.add_argument("--drift-window", type=drift_window, default=200, metavar="N",
+                   help="the drift gauges cover the last N screened instances (default 200; 0: none; a model "
+                        "without a drift reference has none)")
     add_device_option(p)
     p.add_argument("--verbose", action="store_true", help="pynetdicom's association log too")
     _model_options(p)

@@ -24,12 +24,19 @@ Three operators, each with one job, joined by the spool folder (``spool.Spool``)
 
 Logs: one line per association, per instance (SOP Instance UID, result, timings) and per delivery; never a
 patient attribute.
+
+Monitoring: every screened instance gets a line in the results log (``ResultsLog``, JSON lines, by default
+``SPOOL/results.jsonl``) with its SOP Instance UID, the model's sha256 and ``Screened.facts()``, never a patient
+attribute; ``pneumoscan monitor`` reads it. With ``metrics_port`` the node serves Prometheus ``/metrics`` on its
+own host: instances screened by status and, for a model with a drift reference, the drift gauges of
+``monitor.SlidingMonitor`` over the last ``drift_window`` instances (fed by a queue put; computed in its thread).
 """
 
 from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PneumoscanError
-from .screen import IMAGE_CLASSES, not_screened
+from .screen import IMAGE_CLASSES, Outcome, not_screened
 from .spool import Spool, atomic_write, safe_name
 
 if TYPE_CHECKING:
@@ -228,6 +235,38 @@ class _Association:
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
 
+# ---- what it records for monitoring -------------------------------------------------------------------------------
+
+RESULTS_LOG = "results.jsonl"  # under the spool unless --results-log names another file
+DEFAULT_DRIFT_WINDOW = 200
+
+
+class ResultsLog:
+    """The node's results as ``pneumoscan monitor`` reads them: one JSON line per screened instance, ``{"time",
+    "sop_instance_uid", "model_sha256", "prevalence", "facts"}``. Appended in one write per line (whole lines
+    even if two nodes share the file), created with the process's umask (``durable``'s policy: owner-only under
+    the node's 077). No patient attribute: the facts hold an age band at most."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise PneumoscanError(f"{path}: cannot open the results log ({exc.strerror or exc})") from None
+
+    def write(self, outcome: Outcome, model) -> None:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "sop_instance_uid": outcome.sop_instance_uid or None, "model_sha256": model.sha256,
+                "prevalence": model.prevalence, "facts": outcome.facts}
+        os.write(self._fd, (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # ---- the node ----------------------------------------------------------------------------------------------------
 
 
@@ -238,7 +277,9 @@ class Node:
                  port: int = 11112, forward: Destination | None = None, out: str | Path | None = None,
                  max_instance_bytes: int = 100 * 2**20, batch_size: int = 8, retry_max: float = 60.0,
                  heatmaps: str = "positive", threshold: str | float = "screening",
-                 allow: AllowList | None = None, tls: ssl.SSLContext | None = None):
+                 allow: AllowList | None = None, tls: ssl.SSLContext | None = None,
+                 results_log: str | Path | None = None, metrics_port: int | None = None,
+                 drift_window: int = DEFAULT_DRIFT_WINDOW):
         from .screen import Screener
 
         if forward is None and out is None:
@@ -246,6 +287,12 @@ class Node:
         self.model = model
         self.screener = Screener(model, threshold=threshold, heatmaps=heatmaps)
         self.spool = Spool(spool)
+        self.results_log = ResultsLog(results_log if results_log is not None else self.spool.root / RESULTS_LOG)
+        self.metrics_port = metrics_port
+        self.registry = self.drift = self._by_status = None
+        self._metrics_server = None
+        if metrics_port is not None:
+            self._metrics(drift_window)
         self.ae_title = ae_title
         self.host, self.port = host, port
         self.forward = forward
@@ -265,6 +312,24 @@ class Node:
         self._retry: dict[str, tuple[int, float]] = {}  # outbox file name -> (failed attempts, when next)
         self.screened = 0
         self.delivered = 0
+
+    def _metrics(self, drift_window: int) -> None:
+        """The registry ``/metrics`` shows: instances by status, and the drift gauges when the model has a
+        reference (and ``drift_window`` is not 0)."""
+        try:
+            from prometheus_client import CollectorRegistry, Counter
+        except ImportError as exc:
+            raise PneumoscanError(f"--metrics-port needs prometheus-client (pip install 'pneumoscan[serve]'): "
+                                  f"{exc}") from None
+        from .. import monitor
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._by_status = Counter("pneumoscan_dicom_screened", "instances screened, by the stage's status",
+                                  ["status"], registry=self.registry)
+        ref = monitor.reference_for(self.model) if drift_window else None
+        if ref is not None:
+            self.drift = monitor.SlidingMonitor(ref, window=drift_window)
+            self.drift.register(self.registry)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> Node:
@@ -287,6 +352,8 @@ class Node:
         pending = len(self.spool.pending())
         if pending:
             log.info("%d instance(s) received before the last stop are waiting: screening them first", pending)
+        if self.registry is not None:  # before any thread: a port in use is refused with nothing running
+            self._start_metrics()
         self._threads = [threading.Thread(target=self._screen_loop, name="pneumoscan-screen", daemon=True)]
         if self.forward is not None:
             self._threads.append(threading.Thread(target=self._forward_loop, name="pneumoscan-forward", daemon=True))
@@ -301,6 +368,21 @@ class Node:
                                          str(self.out) if self.out else "") if x))
         return self
 
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self._metrics_server, _ = start_http_server(self.metrics_port, addr=self.host, registry=self.registry)
+        except OSError as exc:
+            raise PneumoscanError(f"--metrics-port {self.metrics_port}: cannot listen on {self.host} "
+                                  f"({exc.strerror or exc})") from None
+        self.metrics_port = self._metrics_server.server_port
+        if self.drift is not None:
+            self.drift.start()
+        log.info("metrics on http://%s:%d/metrics (%s)", self.host, self.metrics_port,
+                 f"drift gauges over the last {self.drift.window} instances" if self.drift is not None
+                 else "no drift gauges: off, or the model has no drift reference")
+
     def stop(self, timeout: float = 30.0) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -310,6 +392,13 @@ class Node:
         self._send.set()
         for thread in self._threads:
             thread.join(timeout)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        if self.drift is not None:
+            self.drift.stop()
+        self.results_log.close()
 
     def wait(self) -> None:
         while not self._stop.wait(1.0):
@@ -462,17 +551,32 @@ class Node:
             if outcome.unanswerable is not None:
                 log.error("%s; kept in %s", outcome.unanswerable, self.spool.failed)
                 self.spool.fail(path)
+                self._record(outcome)  # the stage's answer all the same: a rejection the monitor counts
                 continue
             for ds in outcome.results:
                 self._emit(ds)
             if _same_file(path, when):  # not sent again while being screened (then the new copy is screened next)
                 path.unlink(missing_ok=True)
+            self._record(outcome)
             self.screened += 1
             t = outcome.seconds
             log.info("instance %s: %s; %d result(s); %.2f s from receipt (decode %.2f, score %.2f, results %.2f)",
                      outcome.sop_instance_uid, outcome.summary(), len(outcome.results), time.time() - when.st_mtime,
                      t.get("decode", 0), t.get("score", 0), t.get("results", 0))
         self._send.set()
+
+    def _record(self, outcome: Outcome) -> None:
+        """The results log line, the status counter and the drift window (a queue put) of one instance. A log
+        that cannot be written costs its line, never the instance (its results are already out)."""
+        try:
+            self.results_log.write(outcome, self.model)
+        except OSError as exc:
+            log.error("instance %s: results log %s not written (%s)", outcome.sop_instance_uid,
+                      self.results_log.path, exc.strerror or exc)
+        if self._by_status is not None:
+            self._by_status.labels(outcome.prediction.status).inc()
+        if self.drift is not None:
+            self.drift.submit(outcome.facts)
 
     def _emit(self, ds) -> None:
         name = safe_name(str(ds.SOPInstanceUID))

@@ -60,6 +60,7 @@ class Outcome:
     results: list = field(default_factory=list)  # pydicom Datasets: the SR, then the SC when there is one
     seconds: dict = field(default_factory=dict)  # decode, score, results
     unanswerable: str | None = None  # why no result object could be made (then ``results`` is empty)
+    facts: dict = field(default_factory=dict)  # ``Screened.facts()``: what drift monitoring reads, no identifier
 
     def summary(self) -> str:
         p = self.prediction
@@ -181,7 +182,7 @@ class Screener:
             uid = str(header.get("SOPInstanceUID", "") or "") if header is not None else ""
             out.append(Outcome(name, uid, done.prediction, made,
                                {"decode": seconds, "score": score_seconds if done.logits is not None else 0.0,
-                                "results": heatmap_seconds + time.perf_counter() - start}, note))
+                                "results": heatmap_seconds + time.perf_counter() - start}, note, done.facts()))
         return out
 
     def wants_heatmap(self, prediction: Prediction) -> bool:
