@@ -54,7 +54,7 @@ from torch import nn
 
 from . import __version__, pipeline
 from .backends.torch import TorchBackend
-from .calibrate import KeepFeatures, fit_decision_rule, prior_shift, softmax_pneumonia, stage_scores
+from .calibrate import fit_decision_rule, prior_estimate, prior_shift, softmax_pneumonia, stage_scores
 from .constants import BATCH_SIZE
 from .data.layout import CLASSES, IMAGE_SUFFIXES
 from .errors import PneumoscanError
@@ -159,9 +159,8 @@ def load_site(model: Model, files: Sequence[str | Path], labels: Sequence[int] |
         if item.image is not None:
             inputs[item.name] = item.image
 
-    scorer = KeepFeatures(model)
-    results = pipeline.screen(scorer, names, batch_size=batch_size, workers=workers, on_prepared=keep_input)
-    return _site(results, scorer, labels, inputs=inputs)
+    results = pipeline.screen(model, names, batch_size=batch_size, workers=workers, on_prepared=keep_input)
+    return _site(results, labels, inputs=inputs)
 
 
 def site_from_images(model: Model, images: torch.Tensor | np.ndarray, files: Sequence[str],
@@ -171,23 +170,19 @@ def site_from_images(model: Model, images: torch.Tensor | np.ndarray, files: Seq
     base model through the stage (``pipeline.from_array`` items), the images its guard rejects left out."""
     _network(model)
     images = np.asarray(images)
-    scorer = KeepFeatures(model)
-    _, _, results = stage_scores(scorer, images, list(map(str, files)), batch_size=batch_size)
-    return _site(results, scorer, labels, inputs=dict(zip(map(str, files), images, strict=True)),
+    _, _, results = stage_scores(model, images, list(map(str, files)), batch_size=batch_size)
+    return _site(results, labels, inputs=dict(zip(map(str, files), images, strict=True)),
                  sha256=dict(zip(map(str, files), sha256, strict=True)))
 
 
-def _site(results, scorer: KeepFeatures, labels: Sequence[int] | None, *, inputs: dict[str, np.ndarray],
+def _site(results, labels: Sequence[int] | None, *, inputs: dict[str, np.ndarray],
           sha256: dict[str, str] | None = None) -> Site:
     """The Site of the stage's results, in order: ok rows kept, every other row counted by its status."""
     excluded = dict.fromkeys(EXCLUDED, 0)
     messages: list[str] = []
-    kept: list[tuple[int, str, str, torch.Tensor, int]] = []  # (feature row, file, sha256, logits, source index)
-    row = 0
+    kept: list[tuple[pipeline.Screened, str, int]] = []  # (the stage's result, sha256, source index)
     for i, screened in enumerate(results):
         prediction = screened.prediction
-        if screened.logits is not None:
-            row += 1
         if prediction.status == "error":
             excluded["unreadable"] += 1
             messages.append(prediction.message)
@@ -202,16 +197,16 @@ def _site(results, scorer: KeepFeatures, labels: Sequence[int] | None, *, inputs
             excluded["unreadable"] += 1
             messages.append(pipeline.unreadable(prediction.path, exc))
             continue
-        kept.append((row - 1, prediction.path, digest, screened.logits, i))
-    features = torch.cat(scorer.features) if scorer.features else torch.zeros((0, 0))
+        kept.append((screened, digest, i))
+    files = [k[0].prediction.path for k in kept]
     size = next(iter(inputs.values())).shape[-1] if inputs else 0
-    return Site([k[1] for k in kept], [k[2] for k in kept],
-                torch.from_numpy(np.stack([inputs[k[1]] for k in kept])) if kept
+    return Site(files, [k[1] for k in kept],
+                torch.from_numpy(np.stack([inputs[f] for f in files])) if kept
                 else torch.zeros((0, size, size), dtype=torch.uint8),
-                None if labels is None else np.asarray([int(labels[k[4]]) for k in kept], dtype=np.int64),
+                None if labels is None else np.asarray([int(labels[k[2]]) for k in kept], dtype=np.int64),
                 excluded, messages,
-                torch.stack([k[3] for k in kept]) if kept else torch.zeros((0, 2)),
-                features[[k[0] for k in kept]] if kept else torch.zeros((0, features.shape[-1])))
+                torch.stack([k[0].logits for k in kept]) if kept else torch.zeros((0, 2)),
+                torch.stack([k[0].features for k in kept]) if kept else torch.zeros((0, 0)))
 
 
 # --- the network ------------------------------------------------------------------------------------------------
@@ -297,20 +292,10 @@ def adabn(network: nn.Module, record: ModelRecord, site: Site, which: str = "tra
 
 # --- prevalence by EM ----------------------------------------------------------------------------------------------
 
-def em_prevalence(p: np.ndarray, fitted: float, *, tol: float = 1e-7, max_iter: int = 1000) -> float:
-    """The site's class prior from calibrated posteriors ``p`` fitted at prior ``fitted`` (Saerens et al. 2002):
-    alternate re-weighting the posteriors by the prior ratio and averaging them, until the prior settles."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    prior = float(fitted)
-    for _ in range(max_iter):
-        a = prior / fitted * p
-        b = (1 - prior) / (1 - fitted) * (1 - p)
-        new = float(np.mean(a / (a + b)))
-        if abs(new - prior) < tol:
-            prior = new
-            break
-        prior = new
-    return float(np.clip(prior, 1e-3, 1 - 1e-3))
+def em_prevalence(p: np.ndarray, fitted: float) -> float:
+    """The site's class prior from calibrated posteriors ``p`` fitted at prior ``fitted``: Saerens et al.'s (2002)
+    EM fixed point (``calibrate.prior_estimate``, the one estimate monitoring uses too), kept off 0 and 1."""
+    return float(np.clip(prior_estimate(p, fitted), 1e-3, 1 - 1e-3))
 
 
 def em_thresholds(q: np.ndarray, target_sensitivity: float) -> dict[str, float]:

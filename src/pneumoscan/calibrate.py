@@ -17,23 +17,6 @@ from . import pipeline
 from .constants import BATCH_SIZE
 
 
-class KeepFeatures:
-    """``model`` as the stage calls it, keeping each network call's pooled features: a ``Screened`` result
-    carries the logits but not the features, and the guard is fitted on features (one pass instead of two)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.features: list[torch.Tensor] = []
-
-    def score(self, images, *, tta: bool = False):
-        scores = self._model.score(images, tta=tta)
-        self.features.append(scores.features)
-        return scores
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-
 def stage_scores(model, images: np.ndarray | torch.Tensor, names: Sequence[str] | None = None, *,
                  batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor, list[pipeline.Screened]]:
     """(logits (N, 2), features (N, D), the stage's results) of uint8 network inputs (N, S, S) that already
