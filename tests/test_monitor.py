@@ -278,6 +278,31 @@ def test_sliding_monitor_alarms_off_the_request_path_and_exports_gauges(screened
         sliding.stop()
 
 
+def test_sliding_monitor_reads_rebased_probabilities_at_the_reference_prior(screened):
+    import math
+
+    ref = monitor.bundled_reference()
+
+    def rebased(facts: dict, prevalence: float) -> dict:  # what a service started with --prevalence records
+        p = min(max(facts["probability"], 1e-12), 1 - 1e-12) if facts["probability"] is not None else None
+        if p is None:
+            return {**facts, "prevalence": prevalence}
+        z = math.log(p / (1 - p)) - math.log(ref.prior / (1 - ref.prior)) + math.log(prevalence / (1 - prevalence))
+        return {**facts, "probability": 1 / (1 + math.exp(-z)), "prevalence": prevalence}
+
+    shares = []
+    for prevalence in (None, 0.3):
+        sliding = monitor.SlidingMonitor(ref, window=N, every=5, null=monitor.NullModel(ref, simulations=50)).start()
+        try:
+            for s in screened["clean"]:
+                facts = s.facts()
+                sliding.submit(facts if prevalence is None else rebased(facts, prevalence))
+            shares.append(sliding.wait_for(N).pneumonia_share[0])
+        finally:
+            sliding.stop()
+    assert shares[1] == pytest.approx(shares[0], abs=1e-6)
+
+
 def test_sliding_monitor_submit_never_blocks_a_full_queue_drops_and_counts():
     ref = monitor.bundled_reference()
     sliding = monitor.SlidingMonitor(ref, window=N, queue_size=1)  # not started: nothing drains the queue

@@ -14,6 +14,7 @@ from .fields import CONTINUOUS, DEFAULT_FALSE_ALARM_RATE, MIN_WINDOW, MonitorErr
 from .records import normalise
 from .reference import Reference
 from .statistics import Window, judge
+from .stream import _at_reference_prior
 
 
 class SlidingMonitor:
@@ -22,7 +23,9 @@ class SlidingMonitor:
     ``submit(facts)`` only puts the dict on a bounded queue (never blocks, never raises: a full queue drops the
     record and counts it), so the request path pays a queue put. A background thread drains the queue, keeps the
     last ``window`` records and recomputes the figures after every ``every`` new records; ``figures()`` returns
-    the latest ones. The alarm threshold is simulated once, in that thread, before the first figures."""
+    the latest ones. The alarm threshold is simulated once, in that thread, when the first window fills (a
+    service that stops before then never pays for it). Probabilities a route re-based with ``--prevalence`` are
+    moved back to the reference's prior first, as ``monitor`` does, so re-basing is not read as drift."""
 
     def __init__(self, ref: Reference, *, window: int = 200, every: int = 10,
                  false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, queue_size: int = 10000,
@@ -100,7 +103,7 @@ class SlidingMonitor:
     def _run(self) -> None:
         samples = {k: self.ref.sample(k) for k in CONTINUOUS}
         share = self.ref.share()
-        threshold = self.null.threshold(self.window)  # once: the window is judged only when full
+        threshold = None  # simulated once, when the window first fills: it is judged only when full
         fresh = 0
         while not self._stop.is_set():
             item = self._queue.get()
@@ -109,12 +112,15 @@ class SlidingMonitor:
             record = normalise(item)
             if record is None:
                 continue
+            record = _at_reference_prior(record, self.ref.prior)
             self._rows.append(record)
             fresh += 1
             self.seen += 1
             if (fresh < self.every and not self._queue.empty()) or len(self._rows) < MIN_WINDOW:
                 continue
             full = len(self._rows) == self.window
+            if full and threshold is None:
+                threshold = self.null.threshold(self.window)
             figures = judge(list(self._rows), self.ref, label=f"last {len(self._rows)}",
                             threshold=threshold if full else None, reference_samples=samples, reference_share=share)
             if not full:
