@@ -108,3 +108,10 @@ def test_no_help_page_prints_a_doubled_percent_sign():
     proc = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "adapt", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "95% confidence" in proc.stdout and "%%" not in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "adapt", "train", "calibrate", "dicom listen"])
+def test_every_other_command_that_runs_the_network_takes_a_device_too(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command.split(), "--help"])
+    assert "--device" in capsys.readouterr().out

@@ -516,12 +516,12 @@ def fit(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     return run.model_path
 
 
-def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path:
+def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None, *, device: str = "auto") -> Path:
     """Refit calibration, thresholds and guard of a finished run on its own validation split, no retraining.
 
     Uses the run's config.yaml, split.csv and best.safetensors, so the result is what ``fit`` would have written
     with the current calibration code; the training summary (wall time, epochs) is carried over. ``data_dir``:
-    where the run's data is now, if it moved (default: the root split.csv records).
+    where the run's data is now, if it moved (default: the root split.csv records). ``device``: as training's.
     """
     from .modelfile import read_model_file
 
@@ -531,7 +531,7 @@ def recalibrate(run_dir: str | Path, data_dir: str | Path | None = None) -> Path
     previous = read_model_file(run.model_path)[1]
     source = run.source(data_dir)
     train_s, val_s = run.split(data_dir)
-    rt = setup_runtime("off")
+    rt = setup_runtime("off", device)
     prep = preprocessing_for(cfg)
     data = load_data(source, train_s, val_s, prep, progress=False)
     net = create_model(cfg.arch, pretrained="none").to(rt.device)

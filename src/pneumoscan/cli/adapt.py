@@ -52,15 +52,6 @@ def add_adapt_command(sub) -> None:
     p.set_defaults(func=cmd_adapt)
 
 
-def _device(name: str) -> str:
-    """``auto``: the first CUDA GPU when PyTorch sees one, else the CPU."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adapt import (
         CONFIDENCE,
@@ -83,7 +74,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise AdaptError(f"{args.images}: no image file (.jpeg, .png, .dcm, ...): nothing written")
     if labelled is not None and not labelled[0]:
         raise AdaptError(f"{args.data}: no image file in NORMAL/ or PNEUMONIA/: nothing written")
-    model = load_model(args.model, device=_device(args.device))
+    model = load_model(args.model, device=args.device)
     if args.model and Path(args.out).resolve() == model.path.resolve():
         raise AdaptError(f"{args.out}: --out must not overwrite the model being adapted")
     started = time.perf_counter()

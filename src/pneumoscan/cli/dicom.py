@@ -63,14 +63,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     os.umask(umask)  # the spool and the results hold patient data: owner-only unless --umask says otherwise
     _logging(args.verbose)
-    model = load_model(args.model, device=_device(args.device), precision=args.precision)
+    model = load_model(args.model, device=args.device, precision=args.precision)
     heatmaps = "none" if args.no_heatmaps else args.heatmaps
     node = Node(model, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port, forward=forward,
                 out=args.out, max_instance_bytes=int(args.max_instance_mb * 2**20), batch_size=args.batch_size,
                 retry_max=args.retry_max, heatmaps=heatmaps, threshold=args.threshold, allow=allow, tls=tls,
                 results_log=args.results_log, metrics_port=args.metrics_port, drift_window=args.drift_window)
     logging.getLogger("pneumoscan.dicom").info("model %s (sha256 %s) on %s; umask %03o", model.name, model.sha256,
-                                               _device(args.device), umask)
+                                               model.runtime, umask)
     signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
     node.start()
     try:
@@ -80,15 +80,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         node.stop()
     return 0
-
-
-def _device(name: str) -> str:
-    """``--device``: auto is the first CUDA GPU when PyTorch sees one, else the CPU."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

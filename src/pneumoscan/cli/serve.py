@@ -251,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..predict import load_model
 
     limit = getattr(args, "max_megapixels", None)  # a model option of the main parser, when it has it
-    model = load_model(args.model, backend=args.backend, device=resolve_device(args.device),
+    model = load_model(args.model, backend=args.backend, device=args.device,
                        precision=args.precision, prevalence=args.prevalence, threads=threads,
                        **({"max_pixels": round(limit * 1e6)} if limit else {}))
     os.umask(SERVICE_UMASK if args.umask is None else args.umask)  # the durable.py policy, before any file opens
@@ -274,12 +274,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     uvicorn.Server(config).run()
     return 0
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: the first CUDA GPU when PyTorch sees one, else the CPU (``load_model`` takes a concrete device)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

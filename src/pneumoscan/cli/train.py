@@ -14,7 +14,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, arch=args.arch, epochs=args.epochs, pretrained=args.pretrained,
                       weights=args.weights, seed=args.seed, sampler=args.sampler, batch_size=args.batch_size,
-                      fold=args.fold)
+                      fold=args.fold, device=args.device)
     path = fit(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line of output, not one per process
         print(path)
@@ -24,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..train import recalibrate
 
-    print(recalibrate(args.run, args.data))
+    print(recalibrate(args.run, args.data, device=args.device or "auto"))
     return 0
 
 
@@ -44,6 +44,7 @@ def add_train_command(sub) -> None:
     p.add_argument("--fold", type=int, help="which patient-grouped fold is validation (0 to 4 with val_fraction "
                                             "0.2; default 0): one run per fold is a k-fold cross-validation")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    _add_train_device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -52,4 +53,12 @@ def add_calibrate_command(sub) -> None:
     p = sub.add_parser("calibrate", help="refit calibration, thresholds and guard of a run on its validation split")
     p.add_argument("run", help="run directory of a finished `pneumoscan train`")
     p.add_argument("--data", help="dataset folder, if it moved since training")
+    _add_train_device_option(p)
     p.set_defaults(func=cmd_calibrate)
+
+
+def _add_train_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where the network trains: auto (the default, and the config's unless it says otherwise) "
+                        "uses CUDA when PyTorch sees a GPU, else the CPU; under torchrun each process takes its "
+                        "local rank's GPU")
