@@ -14,7 +14,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.onnx.lower().endswith(".onnx"):
         raise PneumoscanError(f"--onnx must name an .onnx file, got {args.onnx!r}")
-    model = load_model(args.model, precision="float32")  # the ONNX graph is float32; check it against that
+    # the ONNX graph is float32 and device-independent: traced and checked on the CPU, whatever GPU is there
+    model = load_model(args.model, precision="float32", device="cpu")
     int8 = int8_inputs(model, args.data) if args.int8 else None  # fail before the slow export
     images, source = check_images(model, args.data)
     result = export_onnx(model, args.onnx, images=images, checked_on=source, input_dtype=args.input_dtype,
@@ -35,7 +36,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_command(sub) -> None:
-    p = sub.add_parser("export", help="write an ONNX model (preprocessing inside), checked against PyTorch")
+    p = sub.add_parser("export", help="write an ONNX model (preprocessing inside), checked against PyTorch",
+                       description="Write an ONNX model with the preprocessing inside, checked against PyTorch on "
+                                   "the CPU (an ONNX file runs on any device onnxruntime has).")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--int8", action="store_true",
