@@ -180,7 +180,8 @@ def test_a_colour_photo_in_a_labelled_folder_is_refused_as_predict_refuses_it_no
     assert "refused as predict would refuse them, not in these figures: 1 not a frontal chest X-ray" in printed
     assert f"refused (not_xray): {photo}: not a frontal chest X-ray: colour image" in printed
     figures = json.loads(out.read_text())
-    assert figures["n"] == 48 and figures["refused_counts"] == {"not_xray": 1, "out_of_distribution": 0, "error": 0}
+    assert figures["n"] == 48 and figures["refused_counts"] == {"not_xray": 1, "outside_population": 0,
+                                                         "out_of_distribution": 0, "error": 0}
     assert figures["refused"]["not_xray"][0]["path"] == str(photo)
     assert figures["screening"]["tn"] + figures["screening"]["fp"] == 24  # the NORMAL images that were judged
 
