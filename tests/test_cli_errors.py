@@ -306,3 +306,19 @@ def test_device_auto_runs_where_pytorch_says(tiny_model_path):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert model.backend.device.type == expected
     assert load_model(tiny_model_path, device="cpu").backend.device.type == "cpu"
+
+
+def test_dicom_pull_without_the_dicom_extra_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dicomweb_client", None)  # as on a base install: the import fails
+    assert main(["dicom", "pull", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2.3"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'pneumoscan[dicom]'" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_export_without_the_onnx_extra_names_the_extra(monkeypatch, tmp_path, tiny_model_path, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", "--model", str(tiny_model_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'pneumoscan[onnx]'" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

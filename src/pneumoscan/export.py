@@ -242,6 +242,9 @@ def export_onnx(
         atomic_write(out, write)
     except PneumoscanError:
         raise
+    except ModuleNotFoundError as exc:
+        raise ExportError(f"ONNX export needs the onnx extra (pip install 'pneumoscan[onnx]'): {exc.name} is "
+                          "not installed") from None
     except Exception as exc:
         raise ExportError(
             f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

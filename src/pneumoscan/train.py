@@ -425,7 +425,7 @@ class EpochLog:
 
             self.writer = SummaryWriter(str(run.tensorboard_dir))
         except ImportError:
-            print("pneumoscan: tensorboard not installed; logging to metrics.csv only", file=sys.stderr)
+            print("pneumoscan: tensorboard not installed (pip install 'pneumoscan[train]'); logging to metrics.csv only", file=sys.stderr)
         if not resume:
             run.metrics_path.write_text("epoch,train_loss,val_loss,val_auc,lr,seconds\n")
 

@@ -83,6 +83,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    try:
+        import dicomweb_client  # noqa: F401
+        import highdicom  # noqa: F401
+    except ImportError as exc:
+        raise PneumoscanError(f"dicom pull needs the dicom extra (pip install 'pneumoscan[dicom]'): {exc}") from None
     from ..dicom.pull import pull
     from ..predict import load_model
     from .output import row as _row
