@@ -358,6 +358,7 @@ def test_adapt_bundled_model_on_real_train_xrays(kermany, tmp_path):
     assert prediction.status in ("ok", "out_of_distribution")
 
 
+@pytest.mark.slow
 def test_an_adapted_file_runs_unchanged_through_the_server_the_onnx_export_and_dicom_out(tiny, tmp_path, capsys):
     import httpx
     from pydicom import dcmread

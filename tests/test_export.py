@@ -72,6 +72,7 @@ def test_the_export_check_images_are_the_stages_network_inputs_with_unreadable_f
     assert next(e.error for e in expected if e.error) in described
 
 
+@pytest.mark.slow
 def test_export_check_reports_runtimes_agree_within_1e4(exported):
     assert exported.path.is_file()
     assert exported.max_logit_diff < 1e-4
@@ -124,6 +125,7 @@ def test_onnx_backend_has_no_torch_network_for_gradcam(onnx_model):
         _ = onnx_model.network
 
 
+@pytest.mark.slow
 def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
     result = export_onnx(tiny_model, tmp_path / "u8.onnx", images=_images(tiny_model), input_dtype="uint8")
     model = load_onnx_model(result.path)
@@ -133,6 +135,7 @@ def test_uint8_input_graph_matches_torch(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+@pytest.mark.slow
 def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, tmp_path):
     path = make_model_file(tmp_path / "std.safetensors", standardize=(0.5, 0.25))
     model = load_model(path, precision="float32")
@@ -146,6 +149,7 @@ def test_per_image_standardization_is_traced_into_the_onnx_graph(input_dtype, tm
     assert (model.score(darker).logits - model.score(images).logits).abs().max() < 0.05
 
 
+@pytest.mark.slow
 def test_export_refuses_to_publish_when_runtimes_disagree(tiny_model, tmp_path):
     with pytest.raises(ExportError, match="not written"):
         export_onnx(tiny_model, tmp_path / "bad.onnx", images=_images(tiny_model, 2), tolerance=-1.0)
@@ -184,6 +188,7 @@ def test_int8_uses_the_run_split_validation_images(tiny_model_path, tiny_data, t
     assert len(train) == 8
 
 
+@pytest.mark.slow
 def test_cli_export_then_predict_with_onnx_backend(tiny_model_path, tiny_data, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
     code = main(

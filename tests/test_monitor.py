@@ -165,6 +165,7 @@ def test_records_of_every_route_read_the_same_and_missing_figures_are_none(scree
 
 # --- the command --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exit_0_on_validation_xrays_for_every_route_with_a_table_json_and_plot(screened, model, tmp_path):
     results = screened["clean"]
     sources = [write_audit(tmp_path / "audit.log", results, model.sha256),

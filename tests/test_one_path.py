@@ -103,6 +103,7 @@ def _route(route: str, data: bytes, tmp_path, tiny_model, onnx_model, server) ->
 
 
 @pytest.mark.parametrize("name", list(INPUTS))
+@pytest.mark.slow
 def test_every_route_gives_the_same_status_reason_and_probability(name, tmp_path, tiny_model, onnx_model, server):
     data, status, reason = INPUTS[name]
     answers = {route: _route(route, data, tmp_path, tiny_model, onnx_model, server)
@@ -161,6 +162,7 @@ def _real_xrays(n: int) -> list:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_same_real_xray_in_every_format_reaches_the_network_as_the_same_tensor(kermany):
     model = load_model()  # the bundled model: its guard and thresholds are the real ones
     for jpeg in _real_xrays(6):

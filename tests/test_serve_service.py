@@ -745,6 +745,7 @@ def _read_until_closed(sock, timeout: float = 10.0) -> bytes:
         data += chunk
 
 
+@pytest.mark.slow
 def test_a_client_trickling_its_headers_is_disconnected_while_others_are_answered(guarded):
     url, app, audit = guarded
     head = b"Host: 127.0.0.1\r\n" + b"X-Padding: " + b"a" * 400 + b"\r\n\r\n"
