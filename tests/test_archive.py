@@ -116,10 +116,11 @@ def test_csv_and_parquet_hold_the_same_rows_with_sha256_and_dicom_uids(reference
              "photometric", "age_band"]  # pipeline.Screened.facts(), beyond status, probability, guard_score
     assert list(table[0]) == ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
                               "study_instance_uid", "series_instance_uid", "sop_instance_uid",  # old columns first
-                              "operating_point", "prevalence", "temperature", "bias", *facts, "guard_score"]
+                              "operating_point", "prevalence", "temperature", "bias", *facts, "guard_score",
+                              "heatmap"]
     assert list(rows[0]) == ["path", "probability", "decision", "threshold", "status", "message",
                              "operating_point", "prevalence", "temperature", "bias", "model_sha256", *facts,
-                             "guard_score"]
+                             "guard_score", "heatmap"]
     sha = sha256_file(tiny_model_path)
     for c, p in zip(rows, table, strict=True):
         assert p["model_sha256"] == c["model_sha256"] == sha

@@ -237,11 +237,14 @@ def test_two_inputs_with_one_file_name_get_their_own_heatmap_named_in_their_row(
     first = save_gray(tmp_path / "ward1" / "scan.png", synthetic_xray(64, seed=1))
     second = save_gray(tmp_path / "ward2" / "scan.png", synthetic_xray(64, seed=2))
     maps = tmp_path / "maps"
+    table = tmp_path / "rows.csv"
     assert main(["predict", str(first), str(second), "--model", str(tiny_model_path), "--heatmaps", str(maps),
-                 "--threshold", "0.01", "--json", "--quiet"]) == 0  # every image decided PNEUMONIA: every one mapped
+                 "--threshold", "0.01", "--json", "--quiet", "--csv", str(table)]) == 0  # all PNEUMONIA: all mapped
     rows = _json_rows(capsys.readouterr().out)
     heatmaps = {path: row["heatmap"] for path, row in rows.items()}
     assert set(heatmaps) == {str(first), str(second)} and len(set(heatmaps.values())) == 2
+    with open(table, newline="") as f:  # the CSV names each row's heatmap too
+        assert {r["path"]: r["heatmap"] for r in csv.DictReader(f)} == heatmaps
     for path, heatmap in heatmaps.items():
         assert Path(heatmap).parent == maps
         with Image.open(heatmap) as png:

@@ -79,13 +79,12 @@ def write_archive_csv(path: Path, results, model) -> Path:
 
 def write_parquet(path: Path, results, model) -> Path:
     """The archive's Parquet columns (archive.rows)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pneumoscan.archive.rows import PARQUET_COLUMNS, how_made, screened_row
+    from pneumoscan.archive.outputs import parquet_table
+    from pneumoscan.archive.rows import how_made, screened_row
 
-    rows = [screened_row(s, 1, 1, how_made(model)) for s in results]
-    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in PARQUET_COLUMNS} for r in rows]), path)
+    pq.write_table(parquet_table([screened_row(s, 1, 1, how_made(model)) for s in results]), path)
     return path
 
 

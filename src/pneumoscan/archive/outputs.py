@@ -80,7 +80,7 @@ def parquet_schema(columns=PARQUET_COLUMNS):
 def parquet_table(rows: list[dict]):
     import pyarrow as pa
 
-    return pa.table({k: [r[k] for r in rows] for k in PARQUET_COLUMNS}, schema=parquet_schema())
+    return pa.table({k: [r.get(k) for r in rows] for k in PARQUET_COLUMNS}, schema=parquet_schema())
 
 
 def write_parquet(rows: list[dict], path: Path) -> None:

@@ -110,6 +110,9 @@ def _published(table):
 
     columns = []
     for name in PARQUET_COLUMNS:
+        if name not in table.column_names:  # heatmap: a Ray run's parts have none
+            columns.append(pa.nulls(table.num_rows, pa.string()))
+            continue
         col = table.column(name)
         if name in FLOAT_COLUMNS:
             col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)

@@ -11,7 +11,10 @@ and format, the DICOM categories and an age band; no name or identifier), what d
 by every route alike, and the guard's feature distance (``guard_score``, last), so the monitor's guard-distance
 test runs on archive outputs too.
 
-The journal keeps ``ROW_KEYS``; the CSV and Parquet files show ``CSV_COLUMNS`` and ``PARQUET_COLUMNS`` (their
+A row whose image got a heatmap (``predict --heatmaps``) names its file in ``heatmap`` (last column), so two
+inputs with one file name can be told apart by their rows.
+
+The journal keeps ``ROW_KEYS`` (and ``heatmap`` where there is one); the CSV and Parquet files show ``CSV_COLUMNS`` and ``PARQUET_COLUMNS`` (their
 older columns first, in their old order; the newer ones after, so scripts that read by position keep working).
 """
 
@@ -25,9 +28,11 @@ FACT_COLUMNS = ["input_mean", "input_std", "width", "height", "format", "modalit
                 "photometric", "age_band"]
 # the guard's feature distance last: the drift monitor's guard-distance test reads it (issue 26)
 CSV_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message",
-               "operating_point", "prevalence", "temperature", "bias", "model_sha256", *FACT_COLUMNS, "guard_score"]
+               "operating_point", "prevalence", "temperature", "bias", "model_sha256", *FACT_COLUMNS, "guard_score",
+               "heatmap"]
 PARQUET_COLUMNS = ["path", "probability", "decision", "threshold", "status", "message", "model_sha256",
-                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias", *FACT_COLUMNS, "guard_score"]
+                   *UID_COLUMNS, "operating_point", "prevalence", "temperature", "bias", *FACT_COLUMNS, "guard_score",
+                   "heatmap"]
 # what the journal keeps per row: everything any output needs, and the file's identity for --resume
 ROW_KEYS = ["path", "probability", "decision", "operating_point", "threshold", "status", "message", "guard_score",
             "size", "mtime_ns", *UID_COLUMNS, *MADE_KEYS, *FACT_COLUMNS]
@@ -80,4 +85,4 @@ def csv_cells(row: dict) -> list[str]:
             row["message"], row["operating_point"], _number(row["prevalence"]), _number(row["temperature"]),
             _number(row["bias"]), row["model_sha256"],
             *(_number(row[k]) if k in FLOAT_COLUMNS else "" if row[k] is None else str(row[k]) for k in FACT_COLUMNS),
-            _number(row["guard_score"])]
+            _number(row["guard_score"]), row.get("heatmap") or ""]
