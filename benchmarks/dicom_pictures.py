@@ -65,11 +65,11 @@ def picture(title: str, shown: Image.Image, report: list[str]) -> Image.Image:
     return canvas
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/chest_xray", help="the Kermany folder (its val split)")
     parser.add_argument("--out", default="docs/results/dicom", help="folder for positive.png and negative.png")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import pydicom
 

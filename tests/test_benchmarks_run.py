@@ -127,3 +127,16 @@ def test_bench_train_runs_each_arm_in_its_own_process(kermany, tmp_path, capsys)
     # ours with the command line's allocator settings, the notebook baseline with glibc's and PyTorch's defaults
     assert arms["pneumoscan"]["allocator"]["heap_reuse"] is (sys.platform == "linux")
     assert arms["baseline"]["allocator"] == {"huge_pages": False, "heap_reuse": False}
+
+
+def test_dicom_pictures_draw_a_positive_and_a_negative_study(kermany, tmp_path, capsys):
+    pytest.importorskip("highdicom")
+    script = _load("benchmarks/dicom_pictures.py")
+    assert script.main(["--data", str(kermany), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "positive: ok PNEUMONIA" in out and "negative: ok NORMAL" in out
+    from PIL import Image
+
+    for name in ("positive", "negative"):
+        with Image.open(tmp_path / f"{name}.png") as picture:
+            assert picture.width > 1000 and picture.height > 400
