@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from test_dicom_node import _tool, header, logs, make, model, results_in, scu, storescu  # noqa: F401 - fixtures
 
-from pneumoscan.dicom.node import AllowList, Node, tls_context
+from pneumoscan.dicom.access import AllowList, tls_context
+from pneumoscan.dicom.node import Node
 from pneumoscan.errors import PneumoscanError
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -11,7 +11,8 @@ import threading
 import pytest
 from test_dicom_node import logs, make, model, send, until  # noqa: F401 - logs and model are fixtures
 
-from pneumoscan.dicom.node import RESULT_CLASSES, RESULT_SYNTAXES, Destination, Node
+from pneumoscan.dicom.forward import RESULT_CLASSES, RESULT_SYNTAXES, Destination, Forwarder
+from pneumoscan.dicom.node import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +94,7 @@ def test_forwarder_survives_any_exception_of_one_delivery(model, tmp_path, logs,
     peer = Peer(RESULT_CLASSES)
     node = Node(model, spool=tmp_path / "spool", forward=peer.destination, host="127.0.0.1", port=0,
                 retry_max=1.0, heatmaps="none")
-    real = Node._deliver
+    real = Forwarder._deliver
     calls = []
 
     def fail_once(self, files):
@@ -102,7 +103,7 @@ def test_forwarder_survives_any_exception_of_one_delivery(model, tmp_path, logs,
             raise RuntimeError("the network library broke\nsecond line never logged")
         return real(self, files)
 
-    monkeypatch.setattr(Node, "_deliver", fail_once)
+    monkeypatch.setattr(Forwarder, "_deliver", fail_once)
     node.start()
     try:
         assert send(node.port, make(tmp_path, "y.dcm", modality="DX")) == 0x0000

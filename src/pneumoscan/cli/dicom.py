@@ -37,7 +37,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from ..dicom.node import AllowList, Destination, tls_context
+    from ..dicom.access import AllowList, tls_context
+    from ..dicom.forward import Destination
     from ..durable import SERVICE_UMASK, parse_umask
     from .serve import is_loopback
 

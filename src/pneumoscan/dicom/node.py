@@ -1,6 +1,9 @@
 """``pneumoscan dicom listen``: a DICOM Storage SCP that screens what a PACS sends and sends DICOM results back.
 
-Three operators, each with one job, joined by the spool folder (``spool.Spool``):
+Three operators, each with one job, joined by the spool folder (``spool.Spool``). This module is the receiver
+and the screener (the pynetdicom AE, its event handlers, the screening thread) and wires the parts that live
+apart: ``access`` (allow-list, DICOM TLS, the association record), ``forward`` (the forwarder and its backoff)
+and ``observe`` (results log, ``/metrics``). Their public names are importable from here too.
 
 - the receiver (pynetdicom's association threads): only the senders of the allow-list (``--allow-ae``; anyone
   else gets A-ASSOCIATE-RJ "calling AE title not recognised"), over DICOM TLS when configured; C-ECHO; C-STORE
@@ -35,21 +38,25 @@ own host: instances screened by status and, for a model with a drift reference, 
 from __future__ import annotations
 
 import io
-import ipaddress
-import json
 import logging
 import os
-import re
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PneumoscanError
+
+# The parts the node wires, re-exported: ``pneumoscan.dicom.node`` stays the one place callers import from.
+from .access import REJECT_CALLING_AE, AllowList, Sender, _Association, parse_sender, tls_context
+from .forward import RESULT_CLASSES, RESULT_SYNTAXES, SUCCESS, Destination, Forwarder
+from .observe import DEFAULT_DRIFT_WINDOW, RESULTS_LOG, Metrics, ResultsLog
 from .screen import IMAGE_CLASSES, Outcome, not_screened
 from .spool import Spool, atomic_write, safe_name
+
+__all__ = ["DEFAULT_DRIFT_WINDOW", "RESULTS_LOG", "RESULT_CLASSES", "RESULT_SYNTAXES", "SUCCESS", "TRANSFER_SYNTAXES",
+           "AllowList", "Destination", "Node", "ResultsLog", "Sender", "non_image_classes", "parse_sender",
+           "tls_context"]
 
 if TYPE_CHECKING:
     import ssl
@@ -71,18 +78,10 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE lossless
 ]
-# What the forwarder proposes: the SR classes pneumoscan writes or wrote (a spool may hold results of an older
-# version: Comprehensive SR before TID 1500), Enhanced SR, and the Secondary Capture.
-RESULT_CLASSES = ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22",
-                  "1.2.840.10008.5.1.4.1.1.7"]
-RESULT_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
-SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4)
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
 def non_image_classes() -> list[str]:
@@ -94,177 +93,6 @@ def non_image_classes() -> list[str]:
 
     return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
             if "Image" not in UID(cx.abstract_syntax).name and str(cx.abstract_syntax) not in IMAGE_CLASSES]
-
-
-@dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
-        if not match or not 1 <= int(match.group(3)) <= 65535:
-            raise PneumoscanError(f"--forward must be AET@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242), got {text!r}")
-        return cls(match.group(1), match.group(2), int(match.group(3)))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-# ---- who may send ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sender:
-    """One allow-list entry: a calling AE title, from any address or only from ``addresses``."""
-
-    ae_title: str
-    host: str | None = None
-    addresses: frozenset = frozenset()
-
-    def permits(self, ae_title: str, address) -> bool:
-        return ae_title == self.ae_title and (self.host is None or address in self.addresses)
-
-    def __str__(self) -> str:
-        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
-
-
-def _address(text: str):
-    """An IP address, IPv4-mapped IPv6 addresses as their IPv4 one; None for anything else."""
-    try:
-        ip = ipaddress.ip_address(text.strip("[]").split("%")[0])
-    except ValueError:
-        return None
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
-
-
-def parse_sender(text: str, where: str = "--allow-ae") -> Sender:
-    """``AE`` or ``AE@HOST`` (an IP address or a name, resolved now to its addresses)."""
-    title, _, host = text.strip().partition("@")
-    title = title.strip()
-    if not 1 <= len(title) <= 16 or not title.isascii() or "\\" in title:
-        raise PneumoscanError(f"{where}: an allowed sender is AE or AE@HOST with an AE title of 1 to 16 ASCII "
-                              f"characters, got {text.strip()!r}")
-    if not _:
-        return Sender(title)
-    host = host.strip()
-    if not host:
-        raise PneumoscanError(f"{where}: {text.strip()!r} names no host after '@'")
-    ip = _address(host)
-    if ip is not None:
-        return Sender(title, host, frozenset({ip}))
-    try:
-        found = {_address(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        raise PneumoscanError(f"{where}: cannot resolve host {host!r} of {text.strip()!r} "
-                              f"({exc.strerror or exc})") from None
-    return Sender(title, host, frozenset(a for a in found if a is not None))
-
-
-class AllowList:
-    """The senders the node takes associations from; empty: anyone (an open node)."""
-
-    def __init__(self, senders=()):
-        self.senders = list(senders)
-
-    @classmethod
-    def load(cls, entries=(), files=()) -> AllowList:
-        """``--allow-ae`` values and ``--allow-ae-file`` files (one entry a line; '#' starts a comment)."""
-        senders = [parse_sender(text) for text in entries]
-        for path in files:
-            try:
-                lines = Path(path).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PneumoscanError(f"{path}: cannot read the allow-list ({getattr(exc, 'strerror', None) or exc})"
-                                      ) from None
-            found = [parse_sender(line.split("#", 1)[0], f"{path}:{number}")
-                     for number, line in enumerate(lines, 1) if line.split("#", 1)[0].strip()]
-            if not found:
-                raise PneumoscanError(f"{path}: the allow-list file names no sender (one AE or AE@HOST a line)")
-            senders.extend(found)
-        return cls(senders)
-
-    def permits(self, ae_title: str, host: str) -> bool:
-        address = _address(host)
-        return not self.senders or any(s.permits(ae_title, address) for s in self.senders)
-
-    def __bool__(self) -> bool:
-        return bool(self.senders)
-
-    def __str__(self) -> str:
-        return ", ".join(map(str, self.senders)) if self.senders else "anyone"
-
-
-def tls_context(cert: str | None, key: str | None, ca: str | None = None) -> ssl.SSLContext | None:
-    """The server side of DICOM TLS: this node's certificate and key; with ``ca``, senders must present a
-    certificate it signed (mutual TLS). None without a certificate."""
-    if not (cert or key or ca):
-        return None
-    if not (cert and key):
-        raise PneumoscanError("DICOM TLS needs both --tls-cert and --tls-key (--tls-ca to require client "
-                              "certificates)")
-    import ssl
-
-    for path in (cert, key, ca):
-        if path and not Path(path).is_file():
-            raise PneumoscanError(f"{path}: TLS file not found")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-        if ca:
-            context.load_verify_locations(cafile=ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (ssl.SSLError, OSError) as exc:
-        raise PneumoscanError(f"{cert}, {key}{', ' + ca if ca else ''}: not a usable TLS certificate, key and CA "
-                              f"({getattr(exc, 'reason', None) or exc})") from None
-    return context
-
-
-@dataclass
-class _Association:
-    """What one association did, for its one log line."""
-
-    peer: str
-    uids: list[str] = field(default_factory=list)
-    kinds: dict[str, int] = field(default_factory=dict)
-
-    def add(self, uid: str, kind: str) -> None:
-        self.uids.append(uid or "(no UID)")
-        self.kinds[kind] = self.kinds.get(kind, 0) + 1
-
-
-# ---- what it records for monitoring -------------------------------------------------------------------------------
-
-RESULTS_LOG = "results.jsonl"  # under the spool unless --results-log names another file
-DEFAULT_DRIFT_WINDOW = 200
-
-
-class ResultsLog:
-    """The node's results as ``pneumoscan monitor`` reads them: one JSON line per screened instance, ``{"time",
-    "sop_instance_uid", "model_sha256", "prevalence", "facts"}``. Appended in one write per line (whole lines
-    even if two nodes share the file), created with the process's umask (``durable``'s policy: owner-only under
-    the node's 077). No patient attribute: the facts hold an age band at most."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise PneumoscanError(f"{path}: cannot open the results log ({exc.strerror or exc})") from None
-
-    def write(self, outcome: Outcome, model) -> None:
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "sop_instance_uid": outcome.sop_instance_uid or None, "model_sha256": model.sha256,
-                "prevalence": model.prevalence, "facts": outcome.facts}
-        os.write(self._fd, (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8"))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 # ---- the node ----------------------------------------------------------------------------------------------------
@@ -289,10 +117,8 @@ class Node:
         self.spool = Spool(spool)
         self.results_log = ResultsLog(results_log if results_log is not None else self.spool.root / RESULTS_LOG)
         self.metrics_port = metrics_port
-        self.registry = self.drift = self._by_status = None
-        self._metrics_server = None
-        if metrics_port is not None:
-            self._metrics(drift_window)
+        self.metrics = Metrics(model, drift_window) if metrics_port is not None else None
+        self.drift = self.metrics.drift if self.metrics is not None else None
         self.ae_title = ae_title
         self.host, self.port = host, port
         self.forward = forward
@@ -304,32 +130,13 @@ class Node:
         self.tls = tls
         self._stop = threading.Event()
         self._work = threading.Event()
-        self._send = threading.Event()
+        self.forwarder = Forwarder(self.spool, forward, ae_title=ae_title, retry_max=retry_max, stop=self._stop) \
+            if forward is not None else None
         self._threads: list[threading.Thread] = []
         self._server = None
         self._associations: dict[int, _Association] = {}
         self._associations_lock = threading.Lock()
-        self._retry: dict[str, tuple[int, float]] = {}  # outbox file name -> (failed attempts, when next)
         self.screened = 0
-        self.delivered = 0
-
-    def _metrics(self, drift_window: int) -> None:
-        """The registry ``/metrics`` shows: instances by status, and the drift gauges when the model has a
-        reference (and ``drift_window`` is not 0)."""
-        try:
-            from prometheus_client import CollectorRegistry, Counter
-        except ImportError as exc:
-            raise PneumoscanError(f"--metrics-port needs prometheus-client (pip install 'pneumoscan[serve]'): "
-                                  f"{exc}") from None
-        from .. import monitor
-
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._by_status = Counter("pneumoscan_dicom_screened", "instances screened, by the stage's status",
-                                  ["status"], registry=self.registry)
-        ref = monitor.reference_for(self.model) if drift_window else None
-        if ref is not None:
-            self.drift = monitor.SlidingMonitor(ref, window=drift_window)
-            self.drift.register(self.registry)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> Node:
@@ -352,11 +159,11 @@ class Node:
         pending = len(self.spool.pending())
         if pending:
             log.info("%d instance(s) received before the last stop are waiting: screening them first", pending)
-        if self.registry is not None:  # before any thread: a port in use is refused with nothing running
-            self._start_metrics()
+        if self.metrics is not None:  # before any thread: a port in use is refused with nothing running
+            self.metrics_port = self.metrics.start(self.host, self.metrics_port)
         self._threads = [threading.Thread(target=self._screen_loop, name="pneumoscan-screen", daemon=True)]
-        if self.forward is not None:
-            self._threads.append(threading.Thread(target=self._forward_loop, name="pneumoscan-forward", daemon=True))
+        if self.forwarder is not None:
+            self._threads.append(threading.Thread(target=self.forwarder.run, name="pneumoscan-forward", daemon=True))
         for thread in self._threads:
             thread.start()
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
@@ -368,36 +175,18 @@ class Node:
                                          str(self.out) if self.out else "") if x))
         return self
 
-    def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
-        try:
-            self._metrics_server, _ = start_http_server(self.metrics_port, addr=self.host, registry=self.registry)
-        except OSError as exc:
-            raise PneumoscanError(f"--metrics-port {self.metrics_port}: cannot listen on {self.host} "
-                                  f"({exc.strerror or exc})") from None
-        self.metrics_port = self._metrics_server.server_port
-        if self.drift is not None:
-            self.drift.start()
-        log.info("metrics on http://%s:%d/metrics (%s)", self.host, self.metrics_port,
-                 f"drift gauges over the last {self.drift.window} instances" if self.drift is not None
-                 else "no drift gauges: off, or the model has no drift reference")
-
     def stop(self, timeout: float = 30.0) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self._stop.set()
         self._work.set()
-        self._send.set()
+        if self.forwarder is not None:
+            self.forwarder.wake()
         for thread in self._threads:
             thread.join(timeout)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
-        if self.drift is not None:
-            self.drift.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.results_log.close()
 
     def wait(self) -> None:
@@ -407,6 +196,11 @@ class Node:
     def idle(self) -> bool:
         """Nothing left to screen or deliver (for tests and the benchmark)."""
         return not self.spool.pending(1) and not self.spool.outgoing()
+
+    @property
+    def delivered(self) -> int:
+        """Results the forwarder delivered since start."""
+        return self.forwarder.delivered if self.forwarder is not None else 0
 
     def alive(self) -> dict[str, bool]:
         """Whether each worker thread still runs (a worker that ended would leave the spool to pile up)."""
@@ -563,7 +357,8 @@ class Node:
             log.info("instance %s: %s; %d result(s); %.2f s from receipt (decode %.2f, score %.2f, results %.2f)",
                      outcome.sop_instance_uid, outcome.summary(), len(outcome.results), time.time() - when.st_mtime,
                      t.get("decode", 0), t.get("score", 0), t.get("results", 0))
-        self._send.set()
+        if self.forwarder is not None:
+            self.forwarder.wake()
 
     def _record(self, outcome: Outcome) -> None:
         """The results log line, the status counter and the drift window (a queue put) of one instance. A log
@@ -573,10 +368,8 @@ class Node:
         except OSError as exc:
             log.error("instance %s: results log %s not written (%s)", outcome.sop_instance_uid,
                       self.results_log.path, exc.strerror or exc)
-        if self._by_status is not None:
-            self._by_status.labels(outcome.prediction.status).inc()
-        if self.drift is not None:
-            self.drift.submit(outcome.facts)
+        if self.metrics is not None:
+            self.metrics.count(outcome)
 
     def _emit(self, ds) -> None:
         name = safe_name(str(ds.SOPInstanceUID))
@@ -585,118 +378,6 @@ class Node:
             atomic_write(target, lambda handle: ds.save_as(handle, enforce_file_format=True))
         if self.forward is not None:
             self.spool.queue_result(name, lambda handle: ds.save_as(handle, enforce_file_format=True))
-
-    # --- forwarder ---------------------------------------------------------------------------------------------
-    def _forward_loop(self) -> None:
-        delay = 0.0
-        while not self._stop.is_set():
-            try:
-                due, wait = self._due()
-                if not due:
-                    self._send.wait(wait)
-                    self._send.clear()
-                    continue
-                reached = self._deliver(due)
-            except Exception as exc:  # noqa: BLE001 - whatever a peer or a library does: logged, retried
-                log.error("delivering results to %s failed (%s: %s); retrying", self.forward, type(exc).__name__,
-                          _first_line(exc))
-                reached = False
-            if reached:
-                delay = 0.0
-                continue
-            delay = min(self.retry_max, max(1.0, delay * 2))
-            log.warning("%d result(s) wait in %s; retrying %s in %.0f s", len(self.spool.outgoing()),
-                        self.spool.outbox, self.forward, delay)
-            self._stop.wait(delay)
-
-    def _due(self) -> tuple[list[Path], float]:
-        """Outbox files whose turn it is (not waiting on their own backoff), and how long until the next one."""
-        files = self.spool.outgoing()
-        names = {p.name for p in files}
-        for name in [n for n in self._retry if n not in names]:
-            del self._retry[name]  # delivered, or removed by a person
-        now = time.monotonic()
-        due = [p for p in files if self._retry.get(p.name, (0, 0.0))[1] <= now]
-        later = [when - now for attempts, when in self._retry.values() if when > now]
-        return due, min([1.0, *later])
-
-    def _later(self, path: Path, uid: str, why: str) -> None:
-        """One result's own backoff: it waits, the others go on."""
-        attempts = self._retry.get(path.name, (0, 0.0))[0] + 1
-        delay = min(self.retry_max, 2.0 ** (attempts - 1))
-        self._retry[path.name] = (attempts, time.monotonic() + delay)
-        log.warning("result %s: not delivered to %s (%s); kept, retrying in %.0f s (attempt %d)", uid,
-                    self.forward, why, delay, attempts)
-
-    def _deliver(self, files: list[Path]) -> bool:
-        """C-STORE the files over one association; False when the destination could not be reached (then all
-        wait), True otherwise (a result it refused waits on its own backoff)."""
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pynetdicom import AE
-
-        ae = AE(ae_title=self.ae_title)
-        for sop_class in RESULT_CLASSES:
-            ae.add_requested_context(sop_class, RESULT_SYNTAXES)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        dest = self.forward
-        try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        except Exception as exc:  # noqa: BLE001 - name resolution and socket errors
-            log.warning("cannot reach %s (%s)", dest, _first_line(exc) or type(exc).__name__)
-            return False
-        if not assoc.is_established:
-            log.warning("%s did not accept an association (down, or it does not know AE title %s)", dest,
-                        self.ae_title)
-            return False
-        try:
-            for path in files:
-                if self._stop.is_set():
-                    return True
-                try:
-                    ds = pydicom.dcmread(path)
-                    uid = str(ds.SOPInstanceUID)
-                except FileNotFoundError:
-                    continue
-                except (InvalidDicomError, ValueError, EOFError, KeyError, AttributeError, TypeError) as exc:
-                    log.error("result file %s cannot be parsed (%s: %s); moved to %s, the others go on", path.name,
-                              type(exc).__name__, _first_line(exc), self.spool.failed)
-                    self.spool.fail(path)
-                    continue
-                except OSError as exc:
-                    self._later(path, path.stem, f"cannot read its file: {exc.strerror or exc}")
-                    continue
-                sop_class = str(ds.get("SOPClassUID", ""))
-                if not any(str(cx.abstract_syntax) == sop_class for cx in assoc.accepted_contexts):
-                    self._later(path, uid, f"it accepted no presentation context for SOP class {sop_class}")
-                    continue
-                try:
-                    status = assoc.send_c_store(ds)
-                except Exception as exc:  # noqa: BLE001 - e.g. ValueError: no accepted context for its SOP class
-                    self._later(path, uid, f"{type(exc).__name__}: {_first_line(exc)}")
-                    if not assoc.is_established:
-                        return False
-                    continue
-                code = getattr(status, "Status", None)
-                if code is not None and (code == SUCCESS or 0xB000 <= code <= 0xBFFF):
-                    self.delivered += 1
-                    path.unlink(missing_ok=True)
-                    self._retry.pop(path.name, None)
-                    log.info("result %s (%s) for study %s delivered to %s", uid, ds.get("Modality", ""),
-                             ds.get("StudyInstanceUID", ""), dest)
-                elif code is None or not assoc.is_established:
-                    log.warning("result %s: %s answered nothing (connection lost); kept for retry", uid, dest)
-                    return False
-                else:
-                    self._later(path, uid, f"status 0x{code:04X}")
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return True
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else ""
 
 
 def _same_file(path: Path, stat: os.stat_result) -> bool:
