@@ -68,6 +68,18 @@ def _shown(key: str, value) -> str:
     return f"{key} {value!r}"
 
 
+def check_format(where, settings, expected: str, other: str) -> None:
+    """Refuse, in one line, partial results whose settings are not ``expected`` (``"name/version"``): an older
+    version of the same kind did not record every calibration option, so resuming it could mix calibrations."""
+    kind = settings.get("format") if isinstance(settings, dict) else None
+    family = expected.split("/")[0] + "/"
+    if isinstance(kind, str) and kind.startswith(family) and kind != expected:
+        raise PneumoscanError(f"{where}: cannot resume: written by another pneumoscan version ({kind}), which did "
+                              "not record --prevalence and --max-megapixels; remove it to start again")
+    if kind != expected:
+        raise PneumoscanError(f"{where}: {other}")
+
+
 def check_resumable(path: Path, found: dict, wanted: dict) -> None:
     """Refuse, in one line naming the option, to continue rows written with other settings."""
     if found["model_sha256"] != wanted["model_sha256"]:
@@ -98,13 +110,8 @@ def read_journal(path: Path) -> tuple[dict | None, list[dict]]:
         settings = json.loads(lines[0])
     except ValueError:
         settings = None
-    kind = settings.get("format") if isinstance(settings, dict) else None
-    if isinstance(kind, str) and kind.startswith("pneumoscan-journal/") and kind != JOURNAL_FORMAT:
-        raise PneumoscanError(f"{path}: cannot resume: written by another pneumoscan version ({kind}), which did "
-                              "not record --prevalence and --max-megapixels; remove it to start again")
-    if kind != JOURNAL_FORMAT:
-        raise PneumoscanError(f"{path}: not a pneumoscan partial results file; remove it or choose another "
-                              "destination")
+    check_format(path, settings, JOURNAL_FORMAT, "not a pneumoscan partial results file; remove it or choose "
+                 "another destination")
     rows = []
     for line in lines[1:]:
         try:

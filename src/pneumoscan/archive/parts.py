@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..durable import atomic_write, file_mode, fsync_dir
 from ..errors import PneumoscanError
-from .journal import check_resumable, journal_path, ordered, plan_resume, read_journal
+from .journal import check_format, check_resumable, journal_path, ordered, plan_resume, read_journal
 from .outputs import parquet_schema, write_csv
 from .rows import (
     CSV_COLUMNS,
@@ -206,13 +206,8 @@ class RayParquetFolder:
             found = json.loads((self.parts / PARTS_SETTINGS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             found = None
-        kind = found.get("format") if isinstance(found, dict) else None
-        if isinstance(kind, str) and kind.startswith("pneumoscan-parts/") and kind != PARTS_FORMAT:
-            raise PneumoscanError(f"{self.parts}: cannot resume: written by another pneumoscan version ({kind}), "
-                                  "which did not record --prevalence and --max-megapixels; remove it to start again")
-        if kind != PARTS_FORMAT:
-            raise PneumoscanError(f"{self.parts}: not the partial results of a pneumoscan Ray run; remove it or "
-                                  "choose another --out")
+        check_format(self.parts, found, PARTS_FORMAT, "not the partial results of a pneumoscan Ray run; remove it "
+                     "or choose another --out")
         return found
 
     def _create_parts(self) -> None:
