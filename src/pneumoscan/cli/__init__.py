@@ -21,11 +21,15 @@ from .predict import Inputs  # noqa: F401 (tests and benchmarks import it from h
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from .adapt import add_adapt_command
     from .args import add_model_options
     from .data import add_data_command
+    from .dicom import add_dicom_command
     from .evaluate import add_evaluate_command
     from .export import add_export_command
+    from .monitor import add_monitor_command
     from .predict import add_predict_command
+    from .serve import add_keys_command, add_serve_command
     from .train import add_calibrate_command, add_train_command
 
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Pneumonia screening on chest X-rays.")
@@ -37,25 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(sub)
     add_predict_command(sub)
     add_export_command(sub)
-    from .serve import add_keys_command, add_serve_command  # torch-free; `pneumoscan serve`, `keys`
-
     add_serve_command(sub, add_model_options)
     add_keys_command(sub)
-    from .dicom import add_dicom_command  # torch-free; `pneumoscan dicom listen | pull`
-
     add_dicom_command(sub)
-    _add_adapt_command(sub)
-    from .monitor import add_monitor_command  # torch-free; `pneumoscan monitor`
-
+    add_adapt_command(sub)
     add_monitor_command(sub)
     return parser
-
-
-def _add_adapt_command(sub) -> None:
-    """``pneumoscan adapt``: its parser and printing live in cli/adapt.py."""
-    from .adapt import add_adapt_command
-
-    add_adapt_command(sub)
 
 
 def _quiet_decoder_warnings() -> None:
