@@ -56,7 +56,8 @@ from . import __version__, pipeline
 from .backends.torch import TorchBackend
 from .calibrate import fit_decision_rule, prior_estimate, prior_shift, softmax_pneumonia, stage_scores
 from .constants import BATCH_SIZE
-from .data.layout import CLASSES, IMAGE_SUFFIXES
+from .data.labels import LabelledSet
+from .data.layout import CLASSES
 from .errors import PneumoscanError
 from .guard import Guard
 from .modelfile import save_model_file
@@ -82,31 +83,22 @@ class AdaptError(PneumoscanError):
 # --- the site's images -------------------------------------------------------------------------------------------
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted; hidden files and folders left out)."""
+    """Image files under ``folder`` (recursive, sorted; hidden files and folders left out), as ``data.labels``
+    walks every folder of site images."""
+    from .data.labels import image_files as walk_images
+
     root = Path(folder)
     if not root.is_dir():
         raise AdaptError(f"{root}: not a folder of site images")
-    return [p for p in sorted(root.rglob("*")) if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == "")]
+    return walk_images(root)
 
 
-def labelled_files(folder: str | Path) -> tuple[list[Path], list[int]]:
-    """(files, labels) of ``folder/NORMAL`` and ``folder/PNEUMONIA`` (any case)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise AdaptError(f"{root}: not a folder of labelled site images")
-    found = {p.name.upper(): p for p in root.iterdir() if p.is_dir()}
-    missing = [c for c in CLASSES if c not in found]
-    if missing:
-        raise AdaptError(f"{root}: a labelled site folder needs {' and '.join(CLASSES)} subfolders "
-                         f"(missing {', '.join(missing)})")
-    files, labels = [], []
-    for label, name in enumerate(CLASSES):
-        for path in image_files(found[name]):
-            files.append(path)
-            labels.append(label)
-    return files, labels
+def labelled_files(site: str | Path) -> LabelledSet:
+    """The labelled site data ``--data`` names: a folder with ``NORMAL/`` and ``PNEUMONIA/`` or a labels CSV
+    (``data.labels``: its samples with their patient groups, and one line per row or file left out)."""
+    from .data.labels import read_labelled
+
+    return read_labelled(site)
 
 
 @dataclass

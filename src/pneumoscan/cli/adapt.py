@@ -21,10 +21,13 @@ DESCRIPTION = (
     "Write a site-adapted model file. --images DIR (no labels): estimate the site's pneumonia prevalence by EM and "
     "re-base the calibration to it, refit the thresholds from the EM posteriors and the guard on the site's "
     "features; --bn-layers re-estimates BatchNorm statistics on the site's images (AdaBN; off by default). "
-    "--data DIR (DIR/NORMAL, DIR/PNEUMONIA): refit calibration and the screening and balanced thresholds on the "
-    "site's labelled images, after the unlabelled step when --images is given too. Images are screened by the "
+    "--data SITE (a folder with NORMAL/ and PNEUMONIA/, or a labels CSV with path,label and optional patient_id "
+    "columns): refit calibration and the screening and balanced thresholds on the site's labelled images, after "
+    "the unlabelled step when --images is given too; CSV rows that cannot be used (missing file, unknown label, "
+    "duplicate) are listed one line each and left out. Images are screened by the "
     "base model as predict screens them; those that are unreadable, no chest X-ray, or that its guard rejects are "
-    "left out and counted. Needs at least 25 usable unlabelled images, and enough PNEUMONIA images for the "
+    "left out and counted. Needs at least 25 usable images, labelled ones of both classes, and enough PNEUMONIA "
+    "images for the "
     "screening sensitivity at 95% confidence (149 for 0.98); otherwise exit 2 with one line, nothing written.")
 
 
@@ -33,7 +36,9 @@ def add_adapt_command(sub) -> None:
                        description=DESCRIPTION)
     p.add_argument("--model", help="model file to adapt (default: the bundled model)")
     p.add_argument("--images", metavar="SITE_DIR", help="folder of the site's unlabelled X-rays (recursive)")
-    p.add_argument("--data", metavar="SITE_LABELLED_DIR", help="folder with NORMAL/ and PNEUMONIA/ site X-rays")
+    p.add_argument("--data", metavar="SITE",
+                   help="the site's labelled X-rays: a folder with NORMAL/ and PNEUMONIA/, or a labels CSV "
+                        "(path,label[,patient_id]; labels NORMAL/PNEUMONIA or 0/1; paths relative to the CSV)")
     p.add_argument("--out", required=True, metavar="SITE_MODEL", help="the adapted model file to write")
     p.add_argument("--sensitivity", type=float, default=None, metavar="S",
                    help="screening sensitivity the labelled refit keeps at 95%% confidence (default: the model's "
@@ -55,6 +60,7 @@ def add_adapt_command(sub) -> None:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adapt import (
         CONFIDENCE,
+        MIN_IMAGES,
         AdaptError,
         adapt_unlabelled,
         image_files,
@@ -62,18 +68,22 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         load_site,
         recalibrate,
     )
+    from ..data.labels import require
     from ..durable import check_output_file
     from ..predict import load_model
+    from .data import print_left_out
 
     if not args.images and not args.data:
-        raise AdaptError("give --images SITE_DIR (unlabelled) and/or --data SITE_LABELLED_DIR (labelled)")
+        raise AdaptError("give --images SITE_DIR (unlabelled) and/or --data SITE (labelled: a folder with NORMAL/ "
+                         "and PNEUMONIA/, or a labels CSV)")
     check_output_file(args.out, "--out")
     unlabelled = image_files(args.images) if args.images else None
     labelled = labelled_files(args.data) if args.data else None
     if unlabelled is not None and not unlabelled:
         raise AdaptError(f"{args.images}: no image file (.jpeg, .png, .dcm, ...): nothing written")
-    if labelled is not None and not labelled[0]:
-        raise AdaptError(f"{args.data}: no image file in NORMAL/ or PNEUMONIA/: nothing written")
+    if labelled is not None:
+        print_left_out(labelled, quiet=args.quiet)
+        require(labelled, MIN_IMAGES, "nothing written")
     model = load_model(args.model, device=args.device)
     if args.model and Path(args.out).resolve() == model.path.resolve():
         raise AdaptError(f"{args.out}: --out must not overwrite the model being adapted")
@@ -92,7 +102,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                      + (f"; prevalence {prevalence['fitted']:.3f} -> {prevalence['site']:.3f} (EM)" if prevalence else "")
                      + (f"; guard limit {step['guard']['threshold']:.2f}" if "guard" in step else ""))
     if labelled is not None:
-        site = load_site(model, *labelled)  # checked by the base model's guard, as --images are
+        site = load_site(model, labelled.files(), labelled.labels())  # checked by the base model's guard, as --images are
         _report_left_out(site, args.data, args.quiet)
         adapted = recalibrate(model, site, target_sensitivity=args.sensitivity, adapted=adapted)
         step = adapted.steps["labelled"]

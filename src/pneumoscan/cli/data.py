@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
@@ -10,6 +11,19 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
     print(format_summary(summarize(args.data_dir)))
     return 0
+
+
+def print_left_out(labelled, *, quiet: bool = False) -> None:
+    """The rows or files a labelled set left out, one ``pneumoscan: left out:`` line each on stderr (``quiet``: one
+    count instead): what every command reading labelled site data prints before it starts."""
+    if not labelled.problems:
+        return
+    if quiet:
+        print(f"pneumoscan: warning: {labelled.name}: {len(labelled.problems)} left out; using "
+              f"{len(labelled.samples)}", file=sys.stderr)
+        return
+    for line in labelled.problems:
+        print(f"pneumoscan: left out: {line}", file=sys.stderr)
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:

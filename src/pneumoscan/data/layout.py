@@ -39,13 +39,18 @@ class Sample:
     patient: str
 
 
-def patient_id(filename: str) -> str:
-    """Patient id from a Kermany file name; an unknown pattern counts as its own patient."""
+def kermany_patient(filename: str) -> str | None:
+    """The patient id a Kermany file name carries, or None when the name has neither pattern."""
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(filename)
         if match:
             return match.group(1)
-    return Path(filename).stem
+    return None
+
+
+def patient_id(filename: str) -> str:
+    """Patient id from a Kermany file name; an unknown pattern counts as its own patient."""
+    return kermany_patient(filename) or Path(filename).stem
 
 
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
