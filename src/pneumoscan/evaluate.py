@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from . import pipeline
-from .data.layout import list_split, patient_id
-from .data.sources import FolderSource, MedMNISTSource, open_source
+from .data.labels import LabelledSet
+from .data.layout import list_split
+from .data.sources import SITE, FolderSource, LabelsSource, MedMNISTSource, open_source
 from .errors import PneumoscanError
 from .metrics import (
     OperatingPoint,
@@ -42,6 +43,8 @@ class Evaluation:
     tta: bool
     guard_rejected: int  # images refused as outside the training population (not in the figures)
     errors: list[str] = field(default_factory=list)  # the messages of unreadable images (not in the figures)
+    # labelled site data: one line per CSV row or file left out before scoring (data.labels), naming it
+    left_out: list[str] = field(default_factory=list)
     # every image the screening stage refused, as predict would have: status -> [{"path", "message"}]
     refused: dict[str, list[dict]] = field(default_factory=dict)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -58,7 +61,7 @@ class Evaluation:
         return _json_safe({
             "split": self.split, "n": self.n, "auc": self.auc, "pr_auc": self.pr_auc, "ece": self.ece,
             "ece_uncalibrated": self.ece_uncalibrated, "tta": self.tta, "guard_rejected": self.guard_rejected,
-            "errors": self.errors, "refused": self.refused,
+            "errors": self.errors, "left_out": self.left_out, "refused": self.refused,
             "refused_counts": {status: len(items) for status, items in self.refused.items()},
             **{name: p.to_dict() for name, p in self.points.items()},
             "intervals": {k: list(v) if isinstance(v, tuple) else
@@ -82,9 +85,14 @@ REFUSED = {"not_xray": "not a frontal chest X-ray", "outside_population": "outsi
            "out_of_distribution": "outside the training population", "error": "unreadable"}
 
 
-def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bool = False,
+def evaluate(model: Model, data_dir: str | Path | LabelledSet, split: str | None = None, *, tta: bool = False,
              batch_size: int = BATCH_SIZE) -> Evaluation:
-    """Score the calibrated probabilities of every image of ``split`` against its folder label.
+    """Score the calibrated probabilities of every image of ``split`` against its label.
+
+    ``data_dir`` is a Kaggle-layout folder (``split`` defaults to test), a MedMNIST .npz, or labelled site data (a
+    labels CSV or a folder with NORMAL/ and PNEUMONIA/, or the ``LabelledSet`` already read from one): all of it is
+    the split ``site``, and the bootstrap keeps each patient's images together (``data.labels`` says how patients
+    are found). ``validation`` is the model's run's own validation split (its split.csv), whatever the source.
 
     Every image goes through the screening stage (``pipeline``) with predict's checks: the figures count only
     the images predict would have answered (status ok); those it refuses (not a chest X-ray, outside the
@@ -93,9 +101,18 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     only the feature guard can refuse them.
     """
     run = RunFolder.of_model(model.path) if split == VALIDATION else None
-    source = run.source() if run is not None else open_source(data_dir)
-    if isinstance(source, FolderSource):
-        screened, label_of = _screen_folder(model, data_dir, split, batch_size, tta)
+    if run is not None:
+        source = run.source()
+    elif isinstance(data_dir, LabelledSet):
+        source = LabelsSource(data_dir.given or data_dir.root, data_dir)
+    else:
+        source = open_source(data_dir)
+    split = split or (SITE if isinstance(source, LabelsSource) else "test")
+    left_out = source.labelled.problems if isinstance(source, LabelsSource) and split != VALIDATION else []
+    where = source.labelled.name if isinstance(source, LabelsSource) and split != VALIDATION else data_dir
+    patient_of: dict[str, str] = {}
+    if isinstance(source, (FolderSource, LabelsSource)):
+        screened, label_of, patient_of = _screen_files(model, source, data_dir, split, batch_size, tta)
     else:
         screened, label_of = _screen_npz(model, data_dir, split, batch_size, tta)
     labels, logits, groups = [], [], []
@@ -107,10 +124,10 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
             continue
         labels.append(label_of[pred.path])
         logits.append(item.logits)
-        groups.append(patient_id(Path(pred.path).name) if isinstance(source, FolderSource) else pred.path)
+        groups.append(patient_of.get(pred.path, pred.path))
     if not labels:
         counts = ", ".join(f"{len(v)} {REFUSED[k]}" for k, v in refused.items() if v) or "no image found"
-        raise EvaluationError(f"{data_dir}: no image in the {split} split could be judged ({counts})")
+        raise EvaluationError(f"{where}: no image in the {split} split could be judged ({counts})")
     y = np.array(labels)
     stacked = torch.stack(logits)
     p = model.probability(stacked).numpy()
@@ -119,11 +136,11 @@ def evaluate(model: Model, data_dir: str | Path, split: str = "test", *, tta: bo
     points = {name: operating_point(y, p, model.thresholds[name]) for name in order}
     reports = {name: classification_report(y, p, model.thresholds[name]) for name in order}
     # no patient ids in an .npz: every image is its own patient
-    intervals = confidence_intervals(y, p, groups if isinstance(source, FolderSource) else None, points)
+    intervals = confidence_intervals(y, p, groups if patient_of else None, points)
     errors = [r["message"] for r in refused["error"]]
     return Evaluation(split, len(y), roc_auc(y, p), pr_auc(y, p), expected_calibration_error(y, p),
                       expected_calibration_error(y, raw), points, reports, tta, len(refused["out_of_distribution"]),
-                      errors, refused, y, p, raw, intervals)
+                      errors, list(left_out), refused, y, p, raw, intervals)
 
 
 VALIDATION = "validation"  # the run's own patient-grouped validation split (split.csv), not the official val
@@ -138,11 +155,18 @@ def _validation_samples(model: Model) -> list:
     return run.split()[1]
 
 
-def _screen_folder(model: Model, data_dir, split: str, batch_size: int, tta: bool):
-    """(the stage's results, label per path) for the image files of a Kaggle-layout split."""
-    samples = _validation_samples(model) if split == VALIDATION else list_split(data_dir, split)
+def _screen_files(model: Model, source, data_dir, split: str, batch_size: int, tta: bool):
+    """(the stage's results, label per path, patient per path) for the image files of a Kaggle-layout split, of
+    labelled site data, or of the run's validation split."""
+    if split == VALIDATION:
+        samples = _validation_samples(model)
+    elif isinstance(source, LabelsSource):
+        samples = source.samples(split)
+    else:
+        samples = list_split(data_dir, split)  # the paths as given, as the refused lines print them
     label_of = {str(s.path): s.label for s in samples}
-    return pipeline.screen(model, label_of, batch_size=batch_size, tta=tta), label_of
+    patient_of = {str(s.path): s.patient or str(s.path) for s in samples}
+    return pipeline.screen(model, label_of, batch_size=batch_size, tta=tta), label_of, patient_of
 
 
 def _screen_npz(model: Model, path, split: str, batch_size: int, tta: bool):

@@ -13,7 +13,10 @@ split.csv is one schema for every data source, a CSV with a short comment header
     path,label,patient,subset
     train/NORMAL/IM-0115-0001.jpeg,NORMAL,IM-0115,train
 
-A MedMNIST row's path is ``SPLIT/INDEX`` inside the ``.npz`` root (patient empty). Because the root is absolute and
+A MedMNIST row's path is ``SPLIT/INDEX`` inside the ``.npz`` root (patient empty). Labelled site data (source
+``labels``) has the labels CSV's folder (or the labelled folder) as root and each path as the CSV resolves it, ``../``
+included; its patient column holds what ``data.labels`` grouped by, a DICOM PatientID or a CSV patient_id only as an
+opaque label (``dicom-patient-0007``), never the identifier. Because the root is absolute and
 the paths relative to it, every command finds the images from any working directory; ``data_root`` arguments
 point at a dataset that moved. Two older schemas are still read: ``path,label,patient,subset`` with paths as given
 to ``train`` (relative to where it ran) and MedMNIST's ``source,index,label,subset``.

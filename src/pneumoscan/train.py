@@ -40,8 +40,9 @@ from .augment import build_augment
 from .backends.torch import TorchBackend
 from .calibrate import fit_decision_rule, softmax_pneumonia, stage_scores
 from .config import TrainConfig
+from .data.labels import require
 from .data.layout import CLASSES, Sample
-from .data.sources import DataSource, ImageCache, open_source
+from .data.sources import DataSource, ImageCache, LabelsSource, open_source
 from .errors import PneumoscanError
 from .guard import Guard
 from .metrics import expected_calibration_error, operating_point, pr_auc, roc_auc
@@ -56,6 +57,11 @@ from .run import RunFolder
 
 # The arithmetic validation is scored in and the thresholds are fitted on; the model file records it as "precision".
 SCORING_PRECISION = "float32"
+
+# Fewest usable images of labelled site data (a labels CSV or a NORMAL/PNEUMONIA folder) training starts on: its
+# validation is carved out of them by patient (five folds at val_fraction 0.2), so 20 leave about four images to
+# choose the epoch, the calibration and the thresholds on; fewer and the run would be noise with a model file.
+MIN_SITE_IMAGES = 20
 
 
 class TrainError(PneumoscanError):
@@ -255,6 +261,10 @@ def prepare_run(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
     if resume and run.split_path.is_file():
         train, val = run.split(data_dir)
     else:
+        if isinstance(source, LabelsSource):  # the rows or files left out, then refuse a set too small
+            for line in source.labelled.problems:
+                print(f"pneumoscan: left out: {line}", file=sys.stderr)
+            require(source.labelled, MIN_SITE_IMAGES, "nothing written")
         train, val = source.training_split(cfg.val_fraction, cfg.validation_seed, cfg.fold)
     if cfg.max_train_images is not None:
         train = subsample(train, cfg.max_train_images, cfg.seed)
@@ -586,7 +596,8 @@ def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime,
     )
     try:
         record = record.with_(drift_reference=drift_reference(
-            net, prep, record, guard, data.val.images, f"{len(val_y)} validation images of run {run.path.name}"))
+            net, prep, record, guard, data.val.images, f"{len(val_y)} validation images of run {run.path.name}",
+            [s.patient for s in data.val.samples]))
     except MonitorError as exc:  # too few validation images to describe: the model works, unmonitored
         print(f"pneumoscan: no drift reference in the model file ({exc})", file=sys.stderr)
     sha = save_model_file(run.model_path, {**net.state_dict(), **guard.to_tensors()}, record.to_dict())
@@ -598,17 +609,19 @@ def finalize(cfg: TrainConfig, net: nn.Module, prep: Preprocessing, rt: Runtime,
 
 
 def drift_reference(net: nn.Module, prep: Preprocessing, record: ModelRecord, guard: Guard, images: np.ndarray,
-                    source: str) -> dict:
+                    source: str, patients: list[str] | None = None) -> dict:
     """The drift monitor's reference (``monitor.Reference``, as a dict for the record): the validation images
     through the stage as the finished model answers them (its calibration, thresholds and guard), so the monitor
     compares a site's answers with the same figures. The images are the cache's uint8 network inputs, with no
     file behind them: no size, format or DICOM header is known, so the header categories are left out of the
     reference (not recorded, rather than "(none)", which every JPEG or DICOM stream would differ from). No
-    sha256: the reference is inside the file it describes."""
+    sha256: the reference is inside the file it describes. ``patients``: one id per image (MedMNIST's are empty),
+    for the effective sizes the alarm threshold is simulated at."""
     final = Model(record, TorchBackend(net, prep, SCORING_PRECISION), guard, Path("."), "")
     _, _, results = stage_scores(final, images)
     facts = [{k: v for k, v in r.facts().items() if k not in HEADER_FACTS} for r in results]
-    return build_reference(facts, prior=record.fitted_prevalence, source=source).to_dict()
+    return build_reference(facts, prior=record.fitted_prevalence, source=source,
+                           patients=patients if patients and len(patients) == len(facts) else None).to_dict()
 
 
 def _training_summary(cfg: TrainConfig, run: RunFolder, source: DataSource, data: TrainData, state: dict,

@@ -7,9 +7,19 @@ import sys
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
-    from ..data.summary import format_summary, summarize
+    from ..data.labels import is_labelled_set, read_labelled
+    from ..data.summary import format_summary, summarize, summarize_labelled
 
-    print(format_summary(summarize(args.data_dir)))
+    if not is_labelled_set(args.data_dir):
+        print(format_summary(summarize(args.data_dir)))
+        return 0
+    labelled = read_labelled(args.data_dir)
+    print(format_summary(summarize_labelled(labelled)))
+    print(f"{labelled.name}: {len(labelled.samples)} usable of {labelled.rows} "
+          f"{'rows' if labelled.is_csv else 'files'}, {labelled.patients} patients; "
+          f"{len(labelled.problems)} left out" + (":" if labelled.problems else ""))
+    for line in labelled.problems:
+        print(f"left out: {line}")
     return 0
 
 
@@ -37,7 +47,8 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 def add_data_command(sub) -> None:
     data = sub.add_parser("data", help="inspect or fetch a dataset").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("summary", help="images, patients, sizes and class balance per split")
-    p.add_argument("data_dir")
+    p.add_argument("data_dir", help="Kaggle-layout folder, MedMNIST .npz, or labelled site data (a labels CSV or a "
+                                    "folder with NORMAL/ and PNEUMONIA/: its rows left out listed too)")
     p.set_defaults(func=cmd_data_summary)
     p = data.add_parser("download", help="fetch the Kermany dataset from Kaggle (needs Kaggle credentials)")
     p.add_argument("dest", help="new folder that receives {train,val,test}/{NORMAL,PNEUMONIA}")

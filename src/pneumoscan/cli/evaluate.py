@@ -69,11 +69,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
     from ..predict import load_model
 
+    data = _labelled_data(args) if not args.shifts else args.data
     model = load_model(args.model, precision=args.precision, prevalence=args.prevalence,
                        max_pixels=round(args.max_megapixels * 1e6), device=args.device)
     if args.shifts:
         return _print_shifts(model, args)
-    result = evaluate(model, args.data, args.split, tta=args.tta, batch_size=args.batch_size)
+    result = evaluate(model, data, args.split, tta=args.tta, batch_size=args.batch_size)
     print(format_evaluation(result, model))
     create_missing_folders(args, ("json", "--json", False), ("report", "--report", True))
     if args.json:
@@ -84,6 +85,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for path in write_report(result, model, args.report, run_dir=Path(args.model) if args.model else None):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _labelled_data(args: argparse.Namespace):
+    """``--data`` as given, or labelled site data read now (its left-out rows printed, a set too small refused)
+    so that nothing is scored on it; ``--split validation`` reads the run's split.csv instead."""
+    from ..data.labels import is_labelled_set, read_labelled, require
+    from ..data.sources import SITE
+    from ..evaluate import VALIDATION
+    from .data import print_left_out
+
+    if args.split == VALIDATION or not is_labelled_set(args.data):
+        return args.data
+    if args.split not in (None, SITE):
+        raise PneumoscanError(f"{args.data}: labelled site data has no {args.split!r} split: all of it is scored "
+                              f"as the {SITE!r} split (leave out --split, or give --split {VALIDATION} for the "
+                              "run's own validation split)")
+    labelled = read_labelled(args.data)
+    print_left_out(labelled)
+    require(labelled, 2, "nothing scored")
+    return labelled
 
 
 def _print_shifts(model, args: argparse.Namespace) -> int:
@@ -125,8 +146,13 @@ def add_evaluate_command(sub) -> None:
                     "the training population, unreadable) are listed apart and not counted in the figures. A "
                     "missing folder for --json or --report is created and said on stderr.")
     p.add_argument("--model", help="model file or run directory (default: the bundled model)")
-    p.add_argument("--data", required=True, help="Kaggle-layout folder or MedMNIST .npz")
-    p.add_argument("--split", default="test", help="train | val | test folder of --data, or validation: the run's own patient-grouped split")
+    p.add_argument("--data", required=True,
+                   help="Kaggle-layout folder, MedMNIST .npz, or labelled site data: a labels CSV "
+                        "(path,label[,patient_id]) or a folder with NORMAL/ and PNEUMONIA/, scored whole as the "
+                        "split 'site'")
+    p.add_argument("--split", default=None,
+                   help="train | val | test folder of --data (default test), or validation: the run's own "
+                        "patient-grouped split; labelled site data is always all of it ('site')")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, metavar="N")
     p.add_argument("--json", metavar="FILE", help="write the figures (with --shifts: the shift table) as JSON")

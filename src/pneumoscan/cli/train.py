@@ -31,7 +31,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def add_train_command(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a network and write RUN_DIR/model.safetensors")
     p.add_argument("--data", required=True,
-                   help="Kaggle-layout folder (its train split, split by patient) or MedMNIST .npz (official train/val)")
+                   help="Kaggle-layout folder (its train split, split by patient), MedMNIST .npz (official "
+                        "train/val), or labelled site data: a labels CSV (path,label[,patient_id]) or a folder "
+                        "with NORMAL/ and PNEUMONIA/ (all of it, split by patient)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--arch", help=" | ".join(ARCH_NAMES))
     p.add_argument("--config", help="YAML file of TrainConfig keys")
@@ -52,7 +54,7 @@ def add_train_command(sub) -> None:
 def add_calibrate_command(sub) -> None:
     p = sub.add_parser("calibrate", help="refit calibration, thresholds and guard of a run on its validation split")
     p.add_argument("run", help="run directory of a finished `pneumoscan train`")
-    p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.add_argument("--data", help="dataset folder (or labels CSV), if it moved since training")
     _add_train_device_option(p)
     p.set_defaults(func=cmd_calibrate)
 

@@ -133,7 +133,7 @@ def _class_folders(root: Path) -> dict[str, Path] | None:
 def _read_folder(given: Path) -> LabelledSet:
     from .walk import HIDDEN, walk
 
-    root = Path(os.path.abspath(given))
+    root = given.resolve()
     folders = _class_folders(root)
     assert folders is not None
     problems: list[str] = []
@@ -165,7 +165,7 @@ def _read_folder(given: Path) -> LabelledSet:
 def _read_csv(given: Path) -> LabelledSet:
     if not given.is_file():
         raise DatasetError(f"{given}: labels CSV not found")
-    root = Path(os.path.abspath(given)).parent
+    root = given.resolve().parent
     try:
         with open(given, newline="", encoding="utf-8-sig") as f:
             lines = list(_csv_rows(f, given))

@@ -1,14 +1,16 @@
-"""Where labelled images come from, behind one interface: a Kaggle-layout folder or a MedMNIST ``.npz`` file.
+"""Where labelled images come from, behind one interface: a Kaggle-layout folder, a MedMNIST ``.npz`` file, or a
+site's labelled data (a labels CSV or a folder with NORMAL/ and PNEUMONIA/, read by ``data.labels``).
 
 A source lists the images of a split as ``Sample``s, carves training's (train, validation) split its own way, and
 decodes samples into the uint8 cache at the network's input size that training, evaluation and export score. Every
 sample's path is the source's root joined with an item relative to it, ``train/NORMAL/IM-0001-0001.jpeg`` in a
-folder and ``val/17`` (split and index) inside an ``.npz``, so a run's split.csv records items relative to one root
+folder, ``val/17`` (split and index) inside an ``.npz`` and ``scans/a.dcm`` beside a labels CSV, so a run's split.csv records items relative to one root
 and works from any working directory (see ``pneumoscan.run``).
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 from ..preprocess import Preprocessing
 from . import medmnist
 from .cache import decode_cache
+from .labels import LabelledSet, is_labelled_set, read_labelled
 from .layout import DatasetError, Sample, list_split, patient_split
 
 
@@ -35,7 +38,7 @@ class ImageCache:
 class DataSource(ABC):
     """A labelled data set on disk, rooted at ``root`` (a folder or a file)."""
 
-    kind: ClassVar[str]  # how split.csv names it: "folder" | "medmnist"
+    kind: ClassVar[str]  # how split.csv names it: "folder" | "medmnist" | "labels"
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -126,14 +129,70 @@ class MedMNISTSource(DataSource):
         return split, int(index)
 
 
+SITE = "site"  # the one split of labelled site data: all of it
+
+
+class LabelsSource(DataSource):
+    """A site's labelled data (``data.labels``: a labels CSV or a folder with NORMAL/ and PNEUMONIA/ directly
+    inside). It has no official splits: evaluation scores all of it as the split ``site``, and training carves its
+    validation out of all of it by patient (a DICOM file's PatientID, as an opaque label). The root is the CSV's
+    folder (or the labelled folder), so split.csv records each path as the CSV gave it; the CSV itself is read
+    only when samples are asked for, never when a run's split.csv is read back."""
+
+    kind = "labels"
+
+    def __init__(self, root: str | Path, labelled: LabelledSet | None = None):
+        given = Path(root)
+        csv_file = given.suffix.lower() == ".csv" and not given.is_dir()
+        super().__init__(given.parent if csv_file else given)
+        self.given = given
+        self._labelled = labelled
+
+    @property
+    def labelled(self) -> LabelledSet:
+        """The labelled set, read on first use (raises DatasetError)."""
+        if self._labelled is None:
+            self._labelled = read_labelled(self.given)
+        return self._labelled
+
+    def samples(self, split: str = SITE) -> list[Sample]:
+        if split != SITE:
+            raise DatasetError(f"{self.given}: labelled site data has no {split!r} split: all of it is the "
+                               f"{SITE!r} split")
+        return list(self.labelled.samples)
+
+    def training_split(self, val_fraction: float, seed: int, fold: int = 0) -> tuple[list[Sample], list[Sample]]:
+        samples = self.labelled.samples
+        try:
+            return patient_split(samples, val_fraction, seed, fold)
+        except ValueError as exc:  # scikit-learn: fewer patients than folds
+            raise DatasetError(f"{self.labelled.name}: {len(samples)} images of {self.labelled.patients} patients "
+                               f"cannot be split by patient for validation ({exc})") from None
+
+    def decode(self, samples: list[Sample], prep: Preprocessing, *, desc: str = "decode",
+               progress: bool = False) -> ImageCache:
+        images, kept, skipped = decode_cache(samples, prep, desc=desc, progress=progress)
+        return ImageCache(images, np.array([s.label for s in kept], dtype=np.int64), kept, skipped)
+
+    def item(self, sample: Sample) -> str:
+        """Relative to the root, ``../`` included, as a CSV may name files beside its folder."""
+        return Path(os.path.relpath(sample.path, self.root)).as_posix()
+
+    def sample(self, item: str, label: int, patient: str = "") -> Sample:
+        return Sample(Path(os.path.normpath(self.root / item)), label, patient)
+
+
 def open_source(path: str | Path) -> DataSource:
-    """The source ``--data`` names: a ``.npz`` file is MedMNIST, anything else a Kaggle-layout folder."""
-    return MedMNISTSource(path) if Path(path).suffix.lower() == ".npz" else FolderSource(path)
+    """The source ``--data`` names: a ``.npz`` file is MedMNIST, a ``.csv`` file or a folder with NORMAL/ and
+    PNEUMONIA/ directly inside is labelled site data, anything else a Kaggle-layout folder."""
+    if Path(path).suffix.lower() == ".npz":
+        return MedMNISTSource(path)
+    return LabelsSource(path) if is_labelled_set(path) else FolderSource(path)
 
 
 def source_kinds() -> dict[str, type[DataSource]]:
     """split.csv's ``source`` names and the classes that read them."""
-    return {cls.kind: cls for cls in (FolderSource, MedMNISTSource)}
+    return {cls.kind: cls for cls in (FolderSource, MedMNISTSource, LabelsSource)}
 
 
 def decode_samples(samples: list[Sample], prep: Preprocessing, **kwargs) -> ImageCache:

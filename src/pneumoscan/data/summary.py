@@ -1,5 +1,6 @@
 """The data-exploration table: per split and class, images, patients, sizes, modes and balance, for a Kaggle-layout
-folder or a MedMNIST ``.npz`` (which has no patient ids: its patients column says "-")."""
+folder, a MedMNIST ``.npz`` (which has no patient ids: its patients column says "-"), or labelled site data (a labels
+CSV or a folder with NORMAL/ and PNEUMONIA/: one split, ``site``, patients as ``data.labels`` groups them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .layout import CLASSES, find_splits, list_split
+from .labels import LabelledSet, is_labelled_set, read_labelled
+from .layout import CLASSES, Sample, find_splits, list_split
 
 
 @dataclass(frozen=True)
@@ -32,25 +34,56 @@ def summarize(data_dir: str | Path) -> list[ClassSummary]:
 
     if is_npz(data_dir):
         return _summarize_npz(data_dir)
+    if is_labelled_set(data_dir):
+        return summarize_labelled(read_labelled(data_dir))
     rows = []
     for split in find_splits(data_dir):
-        samples = list_split(data_dir, split)
-        for label, name in enumerate(CLASSES):
-            items = [s for s in samples if s.label == label]
-            sizes, modes, bad = [], Counter(), 0
-            for s in items:
-                try:
-                    with Image.open(s.path) as im:
-                        sizes.append(im.size)
-                        modes[im.mode] += 1
-                except Exception:
-                    bad += 1
-            a = np.array(sizes) if sizes else np.zeros((1, 2), int)
-            by_area = a[np.argsort(a[:, 0] * a[:, 1])]
-            rows.append(ClassSummary(split, name, len(items), len({s.patient for s in items}),
-                                     tuple(by_area[0]), tuple(by_area[len(by_area) // 2]), tuple(by_area[-1]),
-                                     dict(modes), bad))
+        rows += _summarize_samples(split, list_split(data_dir, split))
     return rows
+
+
+def summarize_labelled(labelled: LabelledSet) -> list[ClassSummary]:
+    """The table of labelled site data, one split ``site`` (its left-out rows are ``labelled.problems``)."""
+    from .sources import SITE
+
+    return _summarize_samples(SITE, labelled.samples)
+
+
+def _summarize_samples(split: str, samples: list[Sample]) -> list[ClassSummary]:
+    rows = []
+    for label, name in enumerate(CLASSES):
+        items = [s for s in samples if s.label == label]
+        sizes, modes, bad = [], Counter(), 0
+        for s in items:
+            found = _size_and_mode(s.path)
+            if found is None:
+                bad += 1
+            else:
+                sizes.append(found[0])
+                modes[found[1]] += 1
+        a = np.array(sizes) if sizes else np.zeros((1, 2), int)
+        by_area = a[np.argsort(a[:, 0] * a[:, 1])]
+        rows.append(ClassSummary(split, name, len(items), len({s.patient for s in items}),
+                                 tuple(by_area[0]), tuple(by_area[len(by_area) // 2]), tuple(by_area[-1]),
+                                 dict(modes), bad))
+    return rows
+
+
+def _size_and_mode(path: Path) -> tuple[tuple[int, int], str] | None:
+    """((W, H), mode) from the file's header: Pillow's mode, or a DICOM file's photometric interpretation and
+    bits stored ("MONOCHROME2 12-bit"); None when neither can read it."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception:
+        pass
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return (int(ds.Columns), int(ds.Rows)), f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
+    except Exception:
+        return None
 
 
 def _summarize_npz(path: str | Path) -> list[ClassSummary]:
