@@ -220,7 +220,7 @@ def _read_csv(given: Path) -> LabelledSet:
 
 def _csv_rows(f, given: Path):
     """(line number, cells) of each CSV record; the line number is where the record starts."""
-    reader = csv.reader(f)
+    reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a row swallowing the rest
     start = 1
     try:
         for row in reader:
