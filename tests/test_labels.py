@@ -356,7 +356,6 @@ def test_evaluate_validation_of_a_run_trained_on_a_labels_csv(real_site, trained
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_evaluate_scores_a_labels_csv_whole_as_the_site_split_with_the_patient_bootstrap(
         real_site, tiny_model_path, tmp_path, capsys):
     assert main(["evaluate", "--model", str(tiny_model_path), "--data", str(real_site),
@@ -374,7 +373,6 @@ def test_evaluate_scores_a_labels_csv_whole_as_the_site_split_with_the_patient_b
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_adapt_on_a_labels_csv_refits_on_its_usable_rows(real_site, tiny_model_path, tmp_path, capsys):
     out_file = tmp_path / "site.safetensors"
     assert main(["adapt", "--model", str(tiny_model_path), "--data", str(real_site), "--out", str(out_file),
