@@ -1,9 +1,11 @@
 """The alarm threshold (``NullModel``): the combined score a window of a given size exceeds by chance at a chosen
 false-alarm rate, found by simulating in-distribution windows from the reference.
 
-Each simulated window is judged against a reference rebuilt from a fresh draw of the reference's size (a
-parametric bootstrap), so the threshold includes the reference's own sampling noise, as a real in-distribution
-window sees it. The figures are drawn independently of one another; the tests of a real stream are positively
+Each simulated window is judged against a reference rebuilt from a fresh draw (a parametric bootstrap), so the
+threshold includes the reference's own sampling noise, as a real in-distribution window sees it. Each figure is
+redrawn at the reference's effective size for it (``Reference.effective``): a reference of few patients with many
+images each knows the figure no better than that many independent images, and a new stream of patients differs
+from it by that much. The figures are drawn independently of one another; the tests of a real stream are positively
 correlated (a darker image moves the mean and the guard together), which makes the max of their scores smaller,
 so the real false-alarm rate is at most the chosen one under that approximation (``benchmarks/drift.py``
 measures it)."""
@@ -23,9 +25,9 @@ from .statistics import Columns, em_share, judge
 class NullModel:
     """Simulated in-distribution windows from a reference, for the alarm threshold at each window size.
 
-    The procedure (seeded, so a threshold is reproducible): ``simulations`` times, draw a replicate reference of
-    the reference's size (each continuous figure by inverse-CDF sampling of its quantiles, statuses and header
-    categories multinomially) and keep its quantiles as a reference does; draw a window of ``size`` results
+    The procedure (seeded, so a threshold is reproducible): ``simulations`` times, draw a replicate reference
+    (each continuous figure by inverse-CDF sampling of its quantiles at the figure's effective size, statuses and
+    header categories multinomially at the reference's size) and keep its quantiles as a reference does; draw a window of ``size`` results
     from the reference the same way; judge the window against the replicate. The threshold is the (1 - rate)
     quantile of the combined scores."""
 
@@ -60,11 +62,12 @@ class NullModel:
         return Columns(statuses, values, categories, n)
 
     def _replicate(self, rng: np.random.Generator) -> Reference:
-        """A reference as one built from a fresh draw of the reference's size would be."""
+        """A reference as one built from a fresh draw of other patients would be: each figure's quantiles from
+        its effective size's draws (its count when the images are independent)."""
         ref = self.ref
         names = list(ref.statuses)
         counts = rng.multinomial(ref.n, np.array([ref.statuses[s] for s in names], dtype=float) / ref.n)
-        quantiles = {k: (_quantiles(np.interp(rng.random(ref.counts[k]), GRID, q)).tolist()
+        quantiles = {k: (_quantiles(np.interp(rng.random(max(1, round(ref.effective[k]))), GRID, q)).tolist()
                          if (q := ref.quantiles.get(k)) and ref.counts[k] else []) for k in CONTINUOUS}
         categories = {}
         for key in CATEGORIES:
@@ -75,7 +78,7 @@ class NullModel:
             else:
                 categories[key] = {}
         return Reference(ref.n, quantiles, dict(ref.counts), {s: int(c) for s, c in zip(names, counts, strict=True)},
-                         categories, ref.prior)
+                         categories, ref.prior, patients=ref.patients, effective=dict(ref.effective))
 
     def _replicate_references(self) -> list:
         if self._replicates is None:
