@@ -61,7 +61,7 @@ def _write_reference(args: argparse.Namespace) -> int:
         raise PneumoscanError(f"{model.path}: no run folder beside the model file; give --run RUN_DIR (the folder "
                               "with the split.csv its calibration was fitted on)")
     samples = run.split()[1]
-    ref = monitor.reference_from_files(model, [s.path for s in samples],
+    ref = monitor.reference_from_files(model, [s.path for s in samples], patients=[s.patient for s in samples],
                                        source=f"{len(samples)} validation images of {run.path.name}/split.csv")
     text = json.dumps(ref.to_dict(), sort_keys=True) + "\n"
     atomic_write(args.write_reference, lambda tmp: Path(tmp).write_text(text))
