@@ -95,6 +95,9 @@ def test_a_trained_model_carries_the_reference_of_its_validation_images(tmp_path
     # cached uint8 inputs: no file, so no header; left out rather than "(none)", which any real stream would differ from
     assert all(not values for values in ref.categories.values())
     assert ref.model_sha256 is None and f"{n_val} validation images" in ref.source
+    # two images per patient: the reference counts its validation patients, and no figure is worth more images
+    assert ref.patients == n_val // 2
+    assert all(1 <= ref.effective[k] <= ref.counts[k] for k in monitor.CONTINUOUS)
 
 
 def test_an_adapted_model_carries_the_reference_of_the_site_images_it_was_fitted_on(adapted):
@@ -103,6 +106,8 @@ def test_an_adapted_model_carries_the_reference_of_the_site_images_it_was_fitted
     assert ref.n == adapted.record.adaptation["unlabelled"]["images"] == 30
     assert ref.prior == pytest.approx(adapted.record.fitted_prevalence)  # the EM prevalence the calibration holds at
     assert all(not values for values in ref.categories.values())
+    # unlabelled site images have no patient ids: counted as independent images
+    assert ref.patients is None and ref.effective == {k: float(ref.counts[k]) for k in monitor.CONTINUOUS}
 
 
 # --- serve: the drift gauges on /metrics -----------------------------------------------------------------------------
