@@ -268,7 +268,7 @@ def _torch_device(device: str) -> torch.device:
 
 def _load_torch(path: str | Path | None, *, device: str, precision: str, max_pixels: int) -> Model:
     from .backends.torch import TorchBackend
-    from .models import create_model
+    from .models import network_for_weights
 
     if path is not None and Path(path).suffix.lower() == ".onnx":
         raise PneumoscanError(f"{path}: an ONNX model file: add --backend onnx to run it "
@@ -284,7 +284,7 @@ def _load_torch(path: str | Path | None, *, device: str, precision: str, max_pix
                               f"is not the bundled file's {BUNDLED_SHA256[:12]}: refusing a modified copy")
     guard_tensors = {k: v for k, v in tensors.items() if k.startswith(GUARD_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(GUARD_PREFIX)}
-    network = create_model(record.arch, pretrained="none", num_classes=len(record.classes))
+    network = network_for_weights(record.arch, len(record.classes))
     try:
         network.load_state_dict(weights)
     except RuntimeError as exc:
