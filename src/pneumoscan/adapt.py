@@ -450,23 +450,27 @@ def adapt_unlabelled(model: Model, site: Site, *, which: str = DEFAULT_BN_LAYERS
     else:
         step["prevalence"] = None  # the base records no fitted prevalence: nothing to re-base from
     if out.guard is not None and record.guard is not None and len(site) >= 4:
-        order = np.random.default_rng(seed).permutation(len(site))
-        half = len(site) // 2
-        # as many components as the base guard (32) when there are images enough, and at most one per five fit
-        # images: a subspace spanned by nearly all of them leaves no residual to measure distances with
-        components = max(1, min(32, half // 5))
-        guard = Guard.fit(feats[order[:half]], feats[order[half:]], components=components,
-                          quantile=record.guard.quantile)
-        out.guard = guard
-        record = record.with_(guard=GuardSettings(guard.threshold, record.guard.quantile, record.guard.min_side))
-        step["guard"] = {"fit_images": half, "limit_images": len(site) - half, "components": components,
-                         "threshold": guard.threshold}
+        out.guard, step["guard"] = refit_guard(feats, record.guard.quantile, seed)
+        record = record.with_(guard=GuardSettings(out.guard.threshold, record.guard.quantile, record.guard.min_side))
     step["seconds"] = round(time.perf_counter() - started, 2)
     out.record = record
     out.steps["unlabelled"] = step
     out.site_logits = logits
     out.reference_site = site
     return out
+
+
+def refit_guard(feats: torch.Tensor, quantile: float, seed: int = 0) -> tuple[Guard, dict]:
+    """The feature guard refit on a site's features (N >= 4): PCA on a seeded half, the limit at ``quantile`` of
+    the other half's distances; (guard, what was done, for the record)."""
+    order = np.random.default_rng(seed).permutation(len(feats))
+    half = len(feats) // 2
+    # as many components as the base guard (32) when there are images enough, and at most one per five fit
+    # images: a subspace spanned by nearly all of them leaves no residual to measure distances with
+    components = max(1, min(32, half // 5))
+    guard = Guard.fit(feats[order[:half]], feats[order[half:]], components=components, quantile=quantile)
+    return guard, {"fit_images": half, "limit_images": len(feats) - half, "components": components,
+                   "threshold": guard.threshold}
 
 
 def min_positives(target_sensitivity: float, confidence: float = CONFIDENCE) -> int:

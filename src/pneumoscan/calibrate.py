@@ -58,16 +58,23 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def fit_calibration(logits: np.ndarray, y: np.ndarray, *, smoothed: bool = False) -> tuple[float, float]:
     """(temperature, bias) minimising validation NLL of sigmoid((z1 - z0) / T + b): Platt scaling.
 
     A temperature alone cannot move probabilities up or down as a whole; the bias can, and it is needed because
     training draws both classes equally often (balanced sampler) while real data is not balanced. Both are
     monotonic, so AUC and the decisions at validation-chosen thresholds are unchanged.
+
+    ``smoothed``: Platt's (1999) targets, (N+ + 1) / (N+ + 2) for positives and 1 / (N- + 2) for negatives, instead
+    of 1 and 0. A few hundred scores that happen to separate perfectly (a fine-tuned site model's) would otherwise
+    drive the temperature to its bound and every probability to 0 or 1.
     """
     z = torch.as_tensor(logits, dtype=torch.float64)
     margin = (z[:, 1] - z[:, 0]).numpy()
     target = np.asarray(y, dtype=np.float64)
+    if smoothed:
+        positives, negatives = target.sum(), len(target) - target.sum()
+        target = np.where(target > 0.5, (positives + 1) / (positives + 2), 1 / (negatives + 2))
 
     def nll(params: np.ndarray) -> float:
         s = margin / np.exp(params[0]) + params[1]
@@ -155,10 +162,11 @@ def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def fit_decision_rule(logits: np.ndarray, y: np.ndarray, target_sensitivity: float,
-                      confidence: float = 0.95) -> tuple[float, float, dict[str, float]]:
+                      confidence: float = 0.95, *, smoothed: bool = False) -> tuple[float, float, dict[str, float]]:
     """(temperature, bias, {"screening", "balanced"} thresholds) fitted on validation logits: everything a model
-    file stores to turn logits into decisions, for one network or an ensemble's averaged log-odds."""
-    temperature, bias = fit_calibration(logits, y)
+    file stores to turn logits into decisions, for one network or an ensemble's averaged log-odds. ``smoothed``:
+    see ``fit_calibration``."""
+    temperature, bias = fit_calibration(logits, y, smoothed=smoothed)
     p = softmax_pneumonia(logits, temperature, bias)
     thresholds = {"screening": screening_threshold(y, p, target_sensitivity, confidence),
                   "balanced": balanced_threshold(y, p)}

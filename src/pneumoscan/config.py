@@ -264,6 +264,11 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     return cfg
 
 
+def config_from_dict(data: dict, where: str) -> TrainConfig:
+    """A TrainConfig from a dict (a model record's ``training.config``), checked as a YAML file is."""
+    return _checked(data, where)
+
+
 def _checked(data: dict, where: str) -> TrainConfig:
     from .models import ARCHS
 
