@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,19 @@ def test_patients_come_from_the_csv_then_the_dicom_header_then_the_file_name_as_
                        "person7_virus_2.jpeg": "person7", "scan.png": "scan.png"}
     assert labelled.patients == 6
     assert SECRET not in repr(labelled)
+
+
+def test_an_odd_patient_id_is_read_without_a_warning_or_log_line_that_could_carry_it(tmp_path, caplog):
+    odd = f"{SECRET}-" + "9" * 70  # longer than LO allows: pydicom's validation would warn about the value
+    with pytest.warns(UserWarning):  # (writing it warns; reading must not)
+        write_dicom(tmp_path / "a.dcm", picture(1, 0), odd)
+        write_dicom(tmp_path / "b.dcm", picture(2, 1), odd)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labelled = read_labelled(write_csv(tmp_path / "site.csv", [["a.dcm", "0"], ["b.dcm", "1"]]))
+    assert [s.patient for s in labelled.samples] == ["dicom-patient-0001"] * 2
+    assert SECRET not in caplog.text
 
 
 def test_a_patient_split_keeps_every_dicom_patient_on_one_side(tmp_path):

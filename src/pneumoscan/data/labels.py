@@ -278,7 +278,9 @@ def dicom_patient_id(path: Path) -> str | None:
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        value = str(ds.get("PatientID", "") or "").strip()
+        # the raw bytes, never converted: pydicom's value validation would warn and log an odd value verbatim
+        raw = ds.get_item("PatientID")
+        value = bytes(raw.value or b"").strip(b" \0") if raw is not None else b""
     except Exception:  # any unreadable header: the file is its own patient, and decoding reports it later
         return None
-    return value or None
+    return value.decode("latin-1") or None
