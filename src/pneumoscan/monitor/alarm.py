@@ -27,9 +27,9 @@ class NullModel:
 
     The procedure (seeded, so a threshold is reproducible): ``simulations`` times, draw a replicate reference
     (each continuous figure by inverse-CDF sampling of its quantiles at the figure's effective size, statuses and
-    header categories multinomially at the reference's size) and keep its quantiles as a reference does; draw a window of ``size`` results
-    from the reference the same way; judge the window against the replicate. The threshold is the (1 - rate)
-    quantile of the combined scores."""
+    header categories multinomially at the reference's size) and keep its quantiles as a reference does; draw a
+    window of ``size`` results from the reference the same way (independent results); judge the window against
+    the replicate. The threshold is the (1 - rate) quantile of the combined scores."""
 
     def __init__(self, ref: Reference, *, simulations: int | None = None, false_alarm_rate: float = 0.01,
                  seed: int = 0):
