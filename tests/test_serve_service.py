@@ -279,8 +279,8 @@ def test_https_with_a_self_signed_certificate(tiny_model, keyfile, tmp_path):
             assert client.post(f"{url}/v1/predict", files={"file": ("x.jpeg", JPEG)}).status_code == 401
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{url}/healthz")  # the system's trust store does not know the throwaway certificate
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(url.replace("https://", "http://") + "/healthz")  # plain HTTP is not spoken
+        plain = httpx.get(url.replace("https://", "http://") + "/healthz")  # plain HTTP: told, never served
+        assert plain.status_code == 400 and f"use {url}/" in plain.text
 
 
 # ---- audit trail ----------------------------------------------------------------------------------------------

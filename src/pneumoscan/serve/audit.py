@@ -7,8 +7,8 @@ probability was re-based to (``--prevalence``; None: as calibrated, so ``pneumos
 ``facts``: what drift monitoring needs of the result, as every route records it (``pipeline.Screened.facts``:
 guard distance, input statistics, size, format, the DICOM categories modality, manufacturer, view, photometric,
 and an age band, never an age); the latency in ms. A request the server refused before the app saw it (a
-malformed or oversize head, headers too slow, the connection limit) gets a line too when its request line was
-read, with ``rejected`` saying why.
+malformed or oversize head, headers too slow, the connection limit, plain HTTP sent to the HTTPS port) gets a line
+too when its request line was read, with ``rejected`` saying why.
 
 What it never holds: pixels, the client's file name, error messages (they quote the file name), patient
 identifiers or any other DICOM header field. Writing is best effort: a full disk or a removed folder costs the

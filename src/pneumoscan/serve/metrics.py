@@ -47,7 +47,8 @@ class Metrics:
         self.unauthorized = Counter("pneumoscan_unauthorized", "requests refused with 401", ["reason"], registry=r)
         self.protocol_rejections = Counter(
             "pneumoscan_protocol_rejections", "connections refused before a request reached the app: malformed or "
-            "oversize request heads, heads not received in time, the connection limit", ["reason"], registry=r)
+            "oversize request heads, heads not received in time, the connection limit, plain HTTP on the HTTPS "
+            "port, failed TLS handshakes", ["reason"], registry=r)
         info = Info("pneumoscan_model", "the served model", registry=r)
         info.info({"name": str(model.name), "sha256": str(model.sha256), "backend": str(model.backend.name),
                    "runtime": str(model.runtime), **{k: str(v) for k, v in batching.items()}})

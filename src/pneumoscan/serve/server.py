@@ -8,6 +8,8 @@ or opens a connection and sends nothing, holds it for ever. ``GuardedH11Protocol
 counted from the connection's start or from the previous response) and the idle timeout on a new connection, and
 reports every rejection uvicorn makes before the app sees a request (malformed or oversize request heads, the
 head deadline, the connection limit) to ``on_reject`` (metrics and, where a request line was read, the audit).
+With TLS on, ``tls.PeekTls`` takes each connection first, so that plain HTTP sent to the HTTPS port is answered
+and reported too; the connection then reaches ``GuardedH11Protocol`` as with uvicorn's own TLS.
 
 Logged request lines never carry a query string's secrets: ``RedactQuery`` keeps the API's own parameters and
 replaces every other value (an ``api_key=...`` a client put in the URL) before any handler formats the line.
@@ -28,6 +30,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
 from .limits import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_KB
+from .tls import peek_tls_class, tls_context
 
 REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (\S{1,2048}) HTTP/\d\.\d")
 LOGGED_PARAMS = frozenset({"threshold", "heatmap", "heatmaps", "preview"})  # the API's own query parameters
@@ -68,11 +71,23 @@ class RedactQuery(logging.Filter):
         return True
 
 
-def log_config() -> dict:
-    """uvicorn's own logging configuration with ``RedactQuery`` on the access logger."""
+class HttpsBanner(logging.Filter):
+    """On ``uvicorn.error``: with TLS on, uvicorn listens without ``ssl=`` (``tls.PeekTls`` does the TLS), so its
+    "Uvicorn running on http://..." line would name the wrong scheme; it is put right here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Uvicorn running on") and isinstance(record.args, tuple) and record.args:
+            record.args = ("https", *record.args[1:])
+        return True
+
+
+def log_config(*, https: bool = False) -> dict:
+    """uvicorn's own logging configuration with ``RedactQuery`` on the access logger (and ``HttpsBanner``)."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_query": {"()": RedactQuery}}
+    config["filters"] = {"redact_query": {"()": RedactQuery}, "https_banner": {"()": HttpsBanner}}
     config["loggers"]["uvicorn.access"]["filters"] = ["redact_query"]
+    if https:
+        config["loggers"]["uvicorn.error"]["filters"] = ["https_banner"]
     return config
 
 
@@ -87,7 +102,8 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None  # set while the connection waits for a request head
         self._head = bytearray()  # the request head being received, up to the limit
         limit = self.config.h11_max_incomplete_event_size
-        self._max_head = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if limit is None else limit
+        self.max_head = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if limit is None else limit
+        self.head_since: float | None = None  # loop time the first head's deadline counts from (None: connected)
 
     # --- connection life -------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -117,11 +133,11 @@ class GuardedH11Protocol(H11Protocol):
     def _head_limit_passed(self, data: bytes) -> bool:
         """Keep the request head as it arrives (for a rejection's audit line) and say whether it is past the
         limit: h11 bounds only a head still incomplete, so one that arrives whole in a single read would pass."""
-        room = self._max_head + 4 - len(self._head)
+        room = self.max_head + 4 - len(self._head)
         if room > 0:
             self._head += data[:room]
         end = self._head.find(b"\r\n\r\n")
-        return end > self._max_head or (end == -1 and len(self._head) > self._max_head)
+        return end > self.max_head or (end == -1 and len(self._head) > self.max_head)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -134,7 +150,8 @@ class GuardedH11Protocol(H11Protocol):
         waiting = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
         if waiting and self._head_timer is None and not self.transport.is_closing():
             self._head.clear()
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+            since, self.head_since = self.head_since or self.loop.time(), None
+            self._head_timer = self.loop.call_at(since + self.header_timeout, self._head_timed_out)
         elif not waiting:
             self._disarm()  # a request's head arrived complete: the app's own timeouts take over
 
@@ -157,7 +174,7 @@ class GuardedH11Protocol(H11Protocol):
     def _refuse(self, reason: str) -> None:
         self._disarm()
         status, text = _MESSAGES[reason]
-        message = text.format(limit=self._max_head, seconds=self.header_timeout)
+        message = text.format(limit=self.max_head, seconds=self.header_timeout)
         body = json.dumps({"error": message}).encode("ascii")
         head = (f"HTTP/1.1 {status} {_STATUS[status]}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii")
@@ -168,13 +185,17 @@ class GuardedH11Protocol(H11Protocol):
         self._report(reason, status)
 
     def _report(self, reason: str, status: int | None) -> None:
+        self.report(reason, status, head=bytes(self._head), client=self.client[0] if self.client else None)
+
+    def report(self, reason: str, status: int | None, *, head: bytes, client: str | None) -> None:
+        """``on_reject`` with the request line of ``head`` (method and path, no query) when it has one."""
         if self.on_reject is None:
             return
-        match = REQUEST_LINE.match(bytes(self._head))
+        match = REQUEST_LINE.match(head)
         line = (match.group(1).decode("ascii"), match.group(2).decode("ascii", "replace").split("?")[0]) \
             if match else None
         try:
-            self.on_reject(reason, status, line, self.client[0] if self.client else None)
+            self.on_reject(reason, status, line, client)
         except Exception:  # noqa: BLE001 (a report must never break the connection handling)
             logging.getLogger("pneumoscan.serve").exception("pneumoscan: reporting a rejection failed")
 
@@ -191,10 +212,10 @@ def server_config(app, *, host: str = "127.0.0.1", port: int = 8000, ssl_certfil
                   log_level: str = "warning", timeout_graceful_shutdown: float | None = None) -> uvicorn.Config:
     """The uvicorn configuration of ``pneumoscan serve`` (and of the tests' servers): one place for every bound."""
     service = getattr(app.state, "service", None)
-    tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+    http = protocol_class(header_timeout=header_timeout, on_reject=service.rejected if service else None)
+    if ssl_certfile:  # uvicorn is not told: PeekTls does the TLS, so that plain HTTP can be answered
+        http = peek_tls_class(http, tls_context(str(ssl_certfile), str(ssl_keyfile)))
     return uvicorn.Config(
-        app, host=host, port=port, lifespan="on", log_config=log_config(), log_level=log_level,
-        http=protocol_class(header_timeout=header_timeout, on_reject=service.rejected if service else None),
-        timeout_keep_alive=keep_alive, limit_concurrency=max_connections,
-        h11_max_incomplete_event_size=max_header_kb * 1024, timeout_graceful_shutdown=timeout_graceful_shutdown,
-        **tls)
+        app, host=host, port=port, lifespan="on", log_config=log_config(https=bool(ssl_certfile)),
+        log_level=log_level, http=http, timeout_keep_alive=keep_alive, limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=max_header_kb * 1024, timeout_graceful_shutdown=timeout_graceful_shutdown)
