@@ -208,7 +208,7 @@ def test_cli_adapt_choices_are_the_domain_modules():
     from pneumoscan.cli import adapt as cli_adapt
 
     assert cli_adapt.BN_LAYER_CHOICES == adapt.BN_LAYERS and cli_adapt.THRESHOLD_CHOICES == adapt.THRESHOLDS
-    assert adapt.DEFAULT_BN_LAYERS == "none" and adapt.DEFAULT_THRESHOLDS == "em" and adapt.MIN_IMAGES == 25
+    assert adapt.DEFAULT_BN_LAYERS == "none" and adapt.DEFAULT_THRESHOLDS == "keep" and adapt.MIN_IMAGES == 25
 
 
 def test_cli_adapt_unlabelled_writes_a_normal_model_file(tiny, tmp_path, capsys):
