@@ -115,7 +115,7 @@ def test_csv_columns_and_labels_are_read_in_any_case_with_a_bom_extra_columns_an
     ("file,diagnosis\na.png,0\n", "no 'path' or 'label' column in the header row (found file,diagnosis"),
     ("path\na.png\n", "no 'label' column"),
     ("", "empty file"),
-    ("path,label\nnothing.png,0\n", "no usable row (1 read, 1 left out)"),
+    ("path,label\nnothing.png,0\n", "no usable row (1 read, 1 left out; the first: "),
     ("path,label\n\"a.png,0\n", "not a readable CSV row"),
 ])
 def test_a_csv_that_cannot_be_used_is_one_error_naming_the_file(tmp_path, text, expected):

@@ -90,7 +90,8 @@ def read_labelled(path: str | Path) -> LabelledSet:
         raise DatasetError(f"{given}: not found (expected a labels CSV or a folder with {'/'.join(CLASSES)})")
     if not found.samples:
         what = "row" if found.is_csv else "image file"
-        raise DatasetError(f"{given}: no usable {what} ({found.rows} read, {len(found.problems)} left out)")
+        first = f"; the first: {found.problems[0]}" if found.problems else ""
+        raise DatasetError(f"{given}: no usable {what} ({found.rows} read, {len(found.problems)} left out{first})")
     return found
 
 
