@@ -11,9 +11,10 @@ Variants
                        a change: ``git archive COMMIT src | tar -x -C /tmp/before`` then ``--compare /tmp/before/src``
   predict onnx         ``... --backend onnx --model MODEL.onnx`` when ``--onnx MODEL.onnx`` is given (make one with
                        ``pneumoscan export --onnx MODEL.onnx``)
+  predict NAME=VALUE   this checkout with one more environment variable, for each ``--env NAME=VALUE``
 
-Usage: python benchmarks/cold_start.py [--data ../shared/data/chest_xray] [--runs 5] [--compare DIR/src]
-       [--onnx model.onnx] [--importtime FILE]
+Usage: python benchmarks/cold_start.py [--data ../shared/data/chest_xray] [--runs 5] [--compare DIR/src ...]
+       [--onnx model.onnx] [--env NAME=VALUE ...] [--importtime FILE]
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def variants(args: argparse.Namespace, image: Path) -> dict[str, tuple[list[str]
     predict = [sys.executable, "-m", "pneumoscan.cli", "predict", str(image), "--quiet"]
     out = {"import torch": ([sys.executable, "-c", "import torch"], env),
            "predict": (predict, env)}
-    if args.compare:
-        out[f"predict ({args.compare})"] = (predict, {**env, "PYTHONPATH": str(args.compare)})
+    for other in args.compare:
+        out[f"predict ({other})"] = (predict, {**env, "PYTHONPATH": str(other)})
     if args.onnx:
         out["predict onnx"] = ([*predict, "--backend", "onnx", "--model", str(args.onnx)], env)
+    for setting in args.env:
+        name, _, value = setting.partition("=")
+        out[f"predict {setting}"] = (predict, {**env, name: value})
     return out
 
 
@@ -66,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray"))
     parser.add_argument("--image", type=Path, help=f"the image to screen (default: DATA/{IMAGE})")
     parser.add_argument("--runs", type=int, default=5, help="runs per variant, interleaved (default 5)")
-    parser.add_argument("--compare", type=Path, metavar="SRC", help="another version's src folder to run alongside")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="SRC",
+                        help="another version's src folder to run alongside (repeatable)")
     parser.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="also time --backend onnx on this file")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="also time predict with this environment variable set (repeatable)")
     parser.add_argument("--importtime", type=Path, metavar="FILE",
                         help="also write `python -X importtime` of one predict run (this checkout) to FILE")
     args = parser.parse_args(argv)
     image = args.image or args.data / IMAGE
-    for path, what in ((image, "image"), (args.compare, "--compare folder"), (args.onnx, "--onnx file")):
+    for path, what in ((image, "image"), *((src, "--compare folder") for src in args.compare),
+                       (args.onnx, "--onnx file")):
         if path is not None and not path.exists():
             print(f"cold_start: {path}: {what} not found", file=sys.stderr)
+            return 2
+    for setting in args.env:
+        if "=" not in setting or not setting.split("=")[0]:
+            print(f"cold_start: --env {setting}: expected NAME=VALUE", file=sys.stderr)
             return 2
 
     runs = variants(args, image)

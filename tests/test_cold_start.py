@@ -118,3 +118,17 @@ def test_the_bundled_model_scores_as_it_did_when_built_by_timm():
         for mine, reference_out in zip(model.backend.forward(images, tta=tta), theirs.forward(images, tta=tta),
                                        strict=True):
             assert torch.equal(mine, reference_out)
+
+
+def test_predict_called_in_process_leaves_the_callers_garbage_collection_alone(tmp_path, tiny_model_path, capsys):
+    """The command freezes objects for the interpreter's exit only: a program calling ``main`` goes on
+    collecting everything."""
+    import gc
+
+    from pneumoscan.cli import main
+
+    image = save_gray(tmp_path / "chest.png", synthetic_xray(64, 2))
+    frozen = gc.get_freeze_count()
+    assert main(["predict", str(image), "--model", str(tiny_model_path), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(str(image) + "\t")
+    assert gc.get_freeze_count() == frozen

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import sys
 
 from ..constants import BATCH_SIZE
@@ -37,6 +39,16 @@ def _supported() -> str:
     return ", ".join(sorted(SUFFIXES)) + " or no suffix (DICOM)"
 
 
+def _skip_last_collections() -> None:
+    """At exit the interpreter's last garbage collections walk every object still alive, PyTorch's included
+    (benchmarks/cold_start.py); objects frozen then are skipped. Objects freed by reference
+    counting are still freed; cyclic garbage left at exit is not finalised, which CPython does not promise anyway.
+    Registered at exit, not done now, so that a caller of ``main`` in a longer-lived process keeps its collections.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..archive import output_kind, require_pyarrow, require_ray
     from ..durable import check_output_dir, check_output_file
@@ -64,6 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         require_ray()
     inputs = Inputs(args.inputs)
+    _skip_last_collections()
 
     from ..predict import load_model
 
