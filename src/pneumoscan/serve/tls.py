@@ -24,10 +24,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .server import GuardedH11Protocol
 
 TLS_HANDSHAKE = 0x16  # the content type of a TLS record carrying a handshake message (a ClientHello)
 
@@ -45,7 +41,7 @@ def tls_context(certfile, keyfile) -> ssl.SSLContext:
 class PeekTls(asyncio.Protocol):
     """One connection to the HTTPS port, until its first byte has said what it speaks."""
 
-    http_class: type[GuardedH11Protocol]
+    http_class: type[asyncio.Protocol]  # server.GuardedH11Protocol (not imported: server imports this module)
     context: ssl.SSLContext
 
     def __init__(self, **kwargs):
@@ -165,6 +161,6 @@ class PeekTls(asyncio.Protocol):
         self._stop_peeking()
 
 
-def peek_tls_class(http_class: type[GuardedH11Protocol], context: ssl.SSLContext) -> type[PeekTls]:
+def peek_tls_class(http_class: type[asyncio.Protocol], context: ssl.SSLContext) -> type[PeekTls]:
     """The protocol of one HTTPS server: uvicorn builds it as it would build ``http_class``."""
     return type("PeekTls", (PeekTls,), {"http_class": http_class, "context": context})
