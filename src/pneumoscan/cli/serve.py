@@ -40,7 +40,8 @@ HTTP API (/v1/predict, /v1/model, /metrics, /healthz) and a web page for screeni
 Access: with --api-keys every /v1/ route, /metrics and the API schema (/openapi.json, unless --public-docs) need
 'Authorization: Bearer KEY' (401 otherwise); /healthz, the page and its files stay open, and the page asks for the
 key. Without keys the server only listens on a loopback address unless --allow-open says an open service is
-intended. With --ssl-certfile/--ssl-keyfile it speaks HTTPS only, and tells browsers so (HSTS).
+intended. With --ssl-certfile/--ssl-keyfile it speaks HTTPS only (plain HTTP gets a 400 naming the https://
+address), and tells browsers so (HSTS).
 
 Connections: a client must finish sending its request line and headers within --header-timeout seconds of
 connecting (or of its previous answer) and keep them under --max-header-kb; an idle connection closes after
