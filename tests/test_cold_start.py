@@ -132,3 +132,28 @@ def test_predict_called_in_process_leaves_the_callers_garbage_collection_alone(t
     assert main(["predict", str(image), "--model", str(tiny_model_path), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith(str(image) + "\t")
     assert gc.get_freeze_count() == frozen
+
+
+def _wait_policy_after_predict(images: list, model, batch_size: int, environ: dict | None = None) -> str | None:
+    """OMP_WAIT_POLICY as a fresh ``pneumoscan predict`` process left it once torch was loaded."""
+    import os
+
+    script = (
+        "import json, os, sys\n"
+        "from pneumoscan.cli import main\n"
+        f"code = main(['predict', *{[str(i) for i in images]!r}, '--model', {str(model)!r}, '--quiet', "
+        f"'--batch-size', '{batch_size}'])\n"
+        "assert code == 0 and 'torch' in sys.modules\n"
+        "print(json.dumps(os.environ.get('OMP_WAIT_POLICY')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (environ or {})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_openmp_threads_sleep_in_a_run_of_one_batch_and_keep_the_default_otherwise(tmp_path, tiny_model_path):
+    images = [save_gray(tmp_path / f"chest{i}.png", synthetic_xray(64, i)) for i in range(2)]
+    assert _wait_policy_after_predict(images, tiny_model_path, batch_size=2) == "PASSIVE"
+    assert _wait_policy_after_predict(images, tiny_model_path, batch_size=1) is None
+    assert _wait_policy_after_predict(images[:1], tiny_model_path, 2, {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import os
 import sys
 
 from ..constants import BATCH_SIZE
@@ -37,6 +38,18 @@ def _supported() -> str:
     from ..data.images import SUFFIXES
 
     return ", ".join(sorted(SUFFIXES)) + " or no suffix (DICOM)"
+
+
+def _sleep_between_operators_for_one_batch(files: int, batch_size: int) -> None:
+    """A local run of one network call: OpenMP's threads sleep between operators instead of spinning.
+
+    Spinning pays back over many batches (cli/__init__.py gives the figures), but a one-image run makes one forward
+    pass, and beside other jobs the two spinning threads wait on each other: at load average 3.9 on two cores a
+    one-image predict took 3.0 CPU s with the default and 1.7 with this (benchmarks/cold_start.py, docs/benchmarks.md
+    "Cold start"). It must be set before torch loads OpenMP; a value the user set is kept.
+    """
+    if files <= batch_size and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _skip_last_collections() -> None:
@@ -76,6 +89,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         require_ray()
     inputs = Inputs(args.inputs)
+    if args.engine == "local":  # Ray's workers start their own processes and keep the defaults
+        _sleep_between_operators_for_one_batch(len(inputs.files), args.batch_size)
     _skip_last_collections()
 
     from ..predict import load_model
