@@ -3,6 +3,8 @@
 Each variant is a new ``python`` process, so every import, the model load and the first forward pass count, as
 for a user typing the command. Variants run interleaved (A B C A B C ...), so load from other jobs falls on all
 of them alike; CPU seconds (user + sys of the child, from ``os.wait4``) say less about that load than wall.
+Compiled bytecode is cached as in an installed package (an untimed first run of each variant writes it, into a
+temporary folder, so the checkouts are left alone; PYTHONDONTWRITEBYTECODE is dropped for the children).
 
 Variants
   import torch         ``python -c "import torch"``: the floor of the PyTorch backend
@@ -25,7 +27,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 IMAGE = "test/PNEUMONIA/person78_bacteria_378.jpeg"
@@ -45,9 +49,9 @@ def run_once(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def variants(args: argparse.Namespace, image: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
+def variants(args: argparse.Namespace, image: Path, pycache: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env["PYTHONPYCACHEPREFIX"] = pycache
     predict = [sys.executable, "-m", "pneumoscan.cli", "predict", str(image), "--quiet"]
     out = {"import torch": ([sys.executable, "-c", "import torch"], env),
            "predict": (predict, env)}
@@ -89,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cold_start: --env {setting}: expected NAME=VALUE", file=sys.stderr)
             return 2
 
-    runs = variants(args, image)
-    for command, env in runs.values():  # once untimed: the page cache holds the libraries, as on a used machine
+    with tempfile.TemporaryDirectory(prefix="cold-start-pycache-") as pycache:
+        return measure(args, image, variants(args, image, pycache))
+
+
+def measure(args: argparse.Namespace, image: Path, runs: dict[str, tuple[list[str], dict[str, str]]]) -> int:
+    for command, env in runs.values():  # once untimed: bytecode compiled, libraries in the page cache
         run_once(command, env)
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
@@ -102,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(c)
     load_after = os.getloadavg()[0]
 
-    import torch
-
     print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python "
-          f"{platform.python_version()}, torch {torch.__version__}; load average {load_before:.1f} before, "
+          f"{platform.python_version()}, torch {metadata.version('torch')}; load average {load_before:.1f} before, "
           f"{load_after:.1f} after; {args.runs} runs each, interleaved; image {image}")
     print()
     print("| variant | wall seconds | CPU seconds (user + sys) |")
