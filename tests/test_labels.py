@@ -215,7 +215,7 @@ def test_require_refuses_too_few_or_one_class_naming_what_was_left_out(tmp_path)
     labelled = read_labelled(write_csv(tmp_path / "site.csv", rows))
     with pytest.raises(DatasetError) as info:
         require(labelled, 25, "nothing written")
-    assert str(info.value) == (f"{tmp_path / 'site.csv'}: 2 usable rows of 3 (1 left out, listed above); at least 25 "
+    assert str(info.value) == (f"{tmp_path / 'site.csv'}: 2 usable rows of 3 (1 left out); at least 25 "
                                "needed: nothing written")
     with pytest.raises(DatasetError, match="usable rows are all NORMAL .2, no PNEUMONIA.*both classes needed"):
         require(labelled, 2)
@@ -239,7 +239,7 @@ def test_too_few_usable_rows_are_refused_with_exit_2_and_nothing_written(tmp_pat
     assert err[:2] == [f"pneumoscan: left out: {site}:3: img/gone.png: file not found",
                        f"pneumoscan: left out: {site}:4: img/n000.png: label 'maybe' is not NORMAL, PNEUMONIA, 0 or 1"]
     assert len(err) == 3 and err[2].startswith(f"pneumoscan: error: {site}: ")
-    assert "1 usable rows of 3 (2 left out, listed above)" in err[2] or "all NORMAL" in err[2]
+    assert "1 usable rows of 3 (2 left out)" in err[2] or "all NORMAL" in err[2]
     assert not out.exists()
 
 

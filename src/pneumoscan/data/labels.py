@@ -100,7 +100,7 @@ def require(labelled: LabelledSet, minimum: int, what: str = "nothing done") -> 
     what the refusal spared ("nothing written")."""
     unit = "rows" if labelled.is_csv else "images"
     n, left = len(labelled.samples), len(labelled.problems)
-    listed = f" ({left} left out, listed above)" if left else ""
+    listed = f" ({left} left out)" if left else ""
     if n < minimum:
         raise DatasetError(f"{labelled.name}: {n} usable {unit} of {labelled.rows}{listed}; at least {minimum} "
                            f"needed: {what}")
