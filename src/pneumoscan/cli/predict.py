@@ -44,9 +44,9 @@ def _sleep_between_operators_for_one_batch(files: int, batch_size: int) -> None:
     """A local run of one network call: OpenMP's threads sleep between operators instead of spinning.
 
     Spinning pays back over many batches (cli/__init__.py gives the figures), but a one-image run makes one forward
-    pass, and beside other jobs the two spinning threads wait on each other: at load average 3.9 on two cores a
-    one-image predict took 3.0 CPU s with the default and 1.7 with this (benchmarks/cold_start.py, docs/benchmarks.md
-    "Cold start"). It must be set before torch loads OpenMP; a value the user set is kept.
+    pass, and beside other jobs the two spinning threads wait on each other: at load average 4 on two cores a
+    one-image predict took 3.3 CPU s with the default and 1.6 with this (benchmarks/cold_start.py; docs/experiments.md,
+    "Cold start of a one-image predict"). It must be set before torch loads OpenMP; a value the user set is kept.
     """
     if files <= batch_size and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
