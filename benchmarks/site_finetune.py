@@ -260,6 +260,36 @@ def guard_check(adapted: list, out: Path) -> dict:
     return found
 
 
+def plot(results: dict, path: Path) -> None:
+    """ROC AUC and screening specificity (target 0.95, where fitted) against the fitting images per half."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [k for k in results["curve"]]
+    x = [int(k) if k != "all" else min(results["halves"]) for k in sizes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for draws_x, key in zip(x, sizes, strict=True):
+        aucs = [d["auc"] for d in results["curve"][key]]
+        left.scatter([draws_x] * len(aucs), aucs, color="tab:blue", s=18)
+        specs = [d["target 0.95"]["screening"]["specificity"] for d in results["curve"][key]
+                 if not isinstance(d["target 0.95"], str)]
+        right.scatter([draws_x] * len(specs), specs, color="tab:orange", s=18)
+    left.plot(x, [np.mean([d["auc"] for d in results["curve"][k]]) for k in sizes], color="tab:blue",
+              label="fine-tuned (mean of draws)")
+    left.axhline(results["unchanged"]["auc"], color="gray", linestyle="--", label="unchanged model")
+    left.set(xscale="log", xlim=(20, 400), xlabel="labelled site images per half", ylabel="pooled ROC AUC (other half)")
+    right.axhline(results["unchanged"]["screening"]["specificity"], color="gray", linestyle="--",
+                  label="unchanged model (target 0.98)")
+    right.set(xscale="log", xlim=(20, 400), xlabel="labelled site images per half", ylabel="screening specificity, target 0.95")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+    fig.suptitle("Fine-tuning on the test split as a new site, cross-fitted by patient halves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -275,7 +305,13 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--lr", type=float, required=True, help="the learning rate the select rule chose")
     t.add_argument("--halves", default="docs/results/site_adaptation/halves.csv")
+    g = sub.add_parser("plot", help="site_curve.png from a test run's results.json")
+    g.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.mode == "plot":
+        out = Path(args.out)
+        plot(json.loads((out / "results.json").read_text()), out / "site_curve.png")
+        return 0
     torch.manual_seed(0)
     (run_select if args.mode == "select" else run_test)(args)
     return 0
