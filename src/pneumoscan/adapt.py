@@ -481,6 +481,23 @@ def min_positives(target_sensitivity: float, confidence: float = CONFIDENCE) -> 
     return math.ceil(math.log(1 - confidence) / math.log(target_sensitivity) - 1e-12)
 
 
+def sensitivity_target(record: ModelRecord, requested: float | None) -> float:
+    """The screening sensitivity a labelled refit keeps: the one asked for, else the model's own (0.98 if unset)."""
+    target = requested if requested is not None else (record.target_sensitivity or 0.98)
+    if not 0 < target < 1:
+        raise AdaptError(f"the target sensitivity must be in (0, 1), got {target}")
+    return target
+
+
+def check_positives(site: Site, target: float) -> None:
+    """Refuse a labelled site with fewer PNEUMONIA images than the sensitivity rule needs at ``target``."""
+    positives = int(np.sum(site.labels)) if site.labels is not None else 0
+    needed = min_positives(target)
+    if positives < needed:
+        raise AdaptError(f"{positives} PNEUMONIA images cannot support sensitivity {target} at {CONFIDENCE:.0%} "
+                         f"confidence (at least {needed} needed, with none missed): nothing written")
+
+
 def recalibrate(model: Model, site: Site, *, target_sensitivity: float | None = None,
                 adapted: Adapted | None = None, logits: torch.Tensor | None = None) -> Adapted:
     """Refit temperature, bias, screening and balanced thresholds on the site's labelled images.
@@ -495,13 +512,8 @@ def recalibrate(model: Model, site: Site, *, target_sensitivity: float | None = 
         raise AdaptError(f"the labelled site images are all {only} ({len(site)} images): calibration and "
                          "thresholds need both classes: nothing written")
     out = adapted or Adapted.of(model)
-    target = target_sensitivity if target_sensitivity is not None else (out.record.target_sensitivity or 0.98)
-    if not 0 < target < 1:
-        raise AdaptError(f"the target sensitivity must be in (0, 1), got {target}")
-    needed = min_positives(target)
-    if counts[1] < needed:
-        raise AdaptError(f"{counts[1]} PNEUMONIA images cannot support sensitivity {target} at "
-                         f"{CONFIDENCE:.0%} confidence (at least {needed} needed, with none missed): nothing written")
+    target = sensitivity_target(out.record, target_sensitivity)
+    check_positives(site, target)
     started = time.perf_counter()
     if logits is None:
         logits = site.base_logits if adapted is None and site.base_logits is not None else out.scores(site)[0]

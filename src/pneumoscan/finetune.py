@@ -35,7 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapt import CONFIDENCE, Adapted, AdaptError, Site, frozen_stage_count, min_positives, refit_guard
+from .adapt import (
+    CONFIDENCE,
+    Adapted,
+    AdaptError,
+    Site,
+    check_positives,
+    frozen_stage_count,
+    refit_guard,
+    sensitivity_target,
+)
 from .augment import build_augment
 from .calibrate import fit_decision_rule, softmax_pneumonia, stage_scores
 from .config import TrainConfig, config_from_dict
@@ -182,7 +191,7 @@ def decision_rule(model: Model, site: Site, fitted: Finetuned, settings: Finetun
     """Step 4 and the guard of step 5: the fine-tuned network with calibration and thresholds fitted on the
     out-of-fold scores, its guard refit on its own features of the site images."""
     counts = np.bincount(site.labels, minlength=2)
-    target = _target(model, target_sensitivity)
+    target = sensitivity_target(model.record, target_sensitivity)
     check_positives(site, target)
     temperature, bias, thresholds = fit_decision_rule(fitted.oof_logits.numpy(), site.labels, target, CONFIDENCE,
                                                       smoothed=True)
@@ -209,29 +218,13 @@ def decision_rule(model: Model, site: Site, fitted: Finetuned, settings: Finetun
     return out
 
 
-def _target(model: Model, target_sensitivity: float | None) -> float:
-    target = target_sensitivity if target_sensitivity is not None else (model.record.target_sensitivity or 0.98)
-    if not 0 < target < 1:
-        raise AdaptError(f"the target sensitivity must be in (0, 1), got {target}")
-    return target
-
-
-def check_positives(site: Site, target: float) -> None:
-    """The sensitivity rule needs this many positives among the out-of-fold scores: refused before training."""
-    positives = int(np.sum(site.labels)) if site.labels is not None else 0
-    needed = min_positives(target)
-    if positives < needed:
-        raise AdaptError(f"{positives} PNEUMONIA images cannot support sensitivity {target} at {CONFIDENCE:.0%} "
-                         f"confidence (at least {needed} needed, with none missed): nothing written")
-
-
 def finetune(model: Model, site: Site, groups: Sequence[str], *, settings: FinetuneSettings = FinetuneSettings(),
              target_sensitivity: float | None = None, log=None) -> Adapted:
     """The base model fine-tuned on the site's labelled images, as the module docstring says; ``groups``: each
     kept site image's patient (any opaque label), in ``site.files`` order. Refuses (AdaptError) before any
     training when the site cannot support the sensitivity rule or the folds."""
     check_site(site, groups, settings.folds)
-    check_positives(site, _target(model, target_sensitivity))
+    check_positives(site, sensitivity_target(model.record, target_sensitivity))
     started = time.perf_counter()
     fitted = fit_network(model, site, groups, settings, log)
     return decision_rule(model, site, fitted, settings, target_sensitivity, time.perf_counter() - started)
