@@ -284,6 +284,8 @@ def plot(results: dict, path: Path) -> None:
                   label="unchanged model (target 0.98)")
     right.set(xscale="log", xlim=(20, 400), xlabel="labelled site images per half", ylabel="screening specificity, target 0.95")
     for ax in (left, right):
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.suptitle("Fine-tuning on the test split as a new site, cross-fitted by patient halves")
     fig.tight_layout()
