@@ -47,6 +47,11 @@ def site(tiny, tmp_path_factory):
     return kept, [patient_of[f] for f in kept.files]
 
 
+def test_the_default_settings_are_the_recipe_chosen_on_validation():
+    assert FinetuneSettings() == FinetuneSettings(epochs=6, lr=1e-4, folds=3, batch_size=32, weight_decay=1e-4,
+                                                  warmup_epochs=0.5, seed=0)
+
+
 def test_patient_folds_keep_each_patient_in_one_fold_and_cover_every_image():
     labels = np.array([0] * 12 + [1] * 24)
     groups = [f"p{i // 3}" for i in range(36)]
