@@ -33,7 +33,7 @@ def test_card_names_the_bundled_file_and_has_the_sections():
                     "Evaluation data and protocol", "Quantitative analyses", "Known limitations",
                     "Ethical considerations", "Re-checking at a new site"):
         assert section in headings, section
-    assert "pneumoscan evaluate --data SITE_DIR --split test" in card
+    assert "pneumoscan evaluate --data site.csv" in card
     assert "bfloat16" in card  # the test figures state their arithmetic
 
 
