@@ -145,7 +145,7 @@ def load_site(model: Model, files: Sequence[str | Path], labels: Sequence[int] |
               batch_size: int = BATCH_SIZE, workers: int | None = None) -> Site:
     """Screen the site's files with the base model through the stage (``pipeline.screen``: decode, checks, the
     base model's guard); keep the images it screens as ok, count the others by status with the stage's message."""
-    _network(model)
+    torch_network(model)
     names = [str(p) for p in files]
     inputs: dict[str, np.ndarray] = {}
 
@@ -162,7 +162,7 @@ def site_from_images(model: Model, images: torch.Tensor | np.ndarray, files: Seq
                      batch_size: int = BATCH_SIZE) -> Site:
     """A site from uint8 network inputs (N, S, S) that passed the image checks (a training cache): scored by the
     base model through the stage (``pipeline.from_array`` items), the images its guard rejects left out."""
-    _network(model)
+    torch_network(model)
     images = np.asarray(images)
     _, _, results = stage_scores(model, images, list(map(str, files)), batch_size=batch_size)
     return _site(results, labels, inputs=dict(zip(map(str, files), images, strict=True)),
@@ -212,7 +212,8 @@ def frozen_stage_count(record: ModelRecord) -> int:
     return spec.default_freeze if count is None else int(count)
 
 
-def _network(model: Model) -> nn.Module:
+def torch_network(model: Model) -> nn.Module:
+    """The PyTorch network of a loaded model, as trained (adapt and fine-tuning need its weights, not ONNX)."""
     if not getattr(model.backend, "gradcam", False):
         raise AdaptError("adapt needs the PyTorch model file (.safetensors), not an ONNX file")
     return model.backend.network
@@ -325,7 +326,7 @@ class Adapted:
 
     @classmethod
     def of(cls, model: Model) -> Adapted:
-        net = copy.deepcopy(_network(model)).float().eval()
+        net = copy.deepcopy(torch_network(model)).float().eval()
         guard = copy.deepcopy(model.guard)
         return cls(net, model.record, guard, model.sha256)
 

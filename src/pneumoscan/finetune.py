@@ -44,6 +44,7 @@ from .adapt import (
     frozen_stage_count,
     refit_guard,
     sensitivity_target,
+    torch_network,
 )
 from .augment import build_augment
 from .calibrate import fit_decision_rule, softmax_pneumonia, stage_scores
@@ -52,7 +53,7 @@ from .metrics import roc_auc
 from .models import freeze_stages
 from .predict import Model
 from .record import GuardSettings
-from .train import CachedImages, Runtime, epoch_indices, lr_at, train_one_epoch
+from .train import CachedImages, Runtime, autocast_dtype, epoch_indices, lr_at, train_one_epoch
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class _Fold:
         loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch, sampler=order,
                                              drop_last=True, num_workers=0)
         loss, _ = train_one_epoch(
-            self.net, nn.CrossEntropyLoss(), self.opt, torch.amp.GradScaler(enabled=False), loader, self.prep,
+            self.net, nn.CrossEntropyLoss(), self.opt, torch.amp.GradScaler(enabled=self.rt.amp_dtype == torch.float16), loader, self.prep,
             self.rt, frozen=self.frozen, channels_last=True, desc=f"fine-tune epoch {epoch + 1}", progress=False,
             schedule=lambda step: lr_at(epoch * self.steps + step, self.total, self.warmup, self.settings.lr))
         return loss
@@ -113,11 +114,9 @@ def _augment(record):
 
 
 def _runtime(model: Model) -> Runtime:
-    from .models import cpu_has_bf16
-
-    device = next(model.backend.network.parameters()).device
-    amp = torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else None
-    return Runtime(0, 1, 0, device, amp)
+    """One process on the device the model was loaded on, with training's autocast there."""
+    device = next(torch_network(model).parameters()).device
+    return Runtime(0, 1, 0, device, autocast_dtype(device))
 
 
 def patient_folds(labels: np.ndarray, groups: Sequence[str], folds: int, seed: int) -> list[np.ndarray]:
@@ -162,24 +161,24 @@ def fit_network(model: Model, site: Site, groups: Sequence[str], settings: Finet
     """Steps 2, 3 and the final network of step 5 of the module docstring; ``log(line)`` gets a line per epoch."""
     check_site(site, groups, settings.folds)
     labels = site.labels
-    base = Adapted.of(model)
+    network, record = torch_network(model), model.record  # each _Fold trains its own copy
     rt = _runtime(model)
     images = site.images.numpy()
     say = log or (lambda line: None)
     oof = torch.zeros((settings.epochs, len(site), 2))  # every epoch's out-of-fold logits
     for k, held in enumerate(patient_folds(labels, groups, settings.folds, settings.seed)):
         fit = np.setdiff1d(np.arange(len(site)), held)
-        fold = _Fold(base.network, base.record, images[fit], labels[fit], settings, rt, settings.seed + k)
+        fold = _Fold(network, record, images[fit], labels[fit], settings, rt, settings.seed + k)
         for epoch in range(settings.epochs):
             loss = fold.epoch(epoch)
-            oof[epoch, held] = fold.scores(base.record, images[held])[0]
+            oof[epoch, held] = fold.scores(record, images[held])[0]
             say(f"fold {k + 1}/{settings.folds} epoch {epoch + 1}/{settings.epochs}: train loss {loss:.4f}, "
                 f"held-out AUC {roc_auc(labels[held], softmax_pneumonia(oof[epoch, held].numpy())):.4f}")
     aucs = [roc_auc(labels, softmax_pneumonia(oof[e].numpy())) for e in range(settings.epochs)]
     losses = [_loss(oof[e], labels) for e in range(settings.epochs)]
     best = max(range(settings.epochs), key=lambda e: (aucs[e], -losses[e]))
     say(f"out-of-fold: epoch {best + 1} chosen (AUC {aucs[best]:.4f}, loss {losses[best]:.4f})")
-    final = _Fold(base.network, base.record, images, labels, settings, rt, settings.seed + settings.folds)
+    final = _Fold(network, record, images, labels, settings, rt, settings.seed + settings.folds)
     for epoch in range(best + 1):
         loss = final.epoch(epoch)
         say(f"all {len(site)} site images, epoch {epoch + 1}/{best + 1}: train loss {loss:.4f}")
@@ -196,9 +195,8 @@ def decision_rule(model: Model, site: Site, fitted: Finetuned, settings: Finetun
     check_positives(site, target)
     temperature, bias, thresholds = fit_decision_rule(fitted.oof_logits.numpy(), site.labels, target, CONFIDENCE,
                                                       smoothed=True)
-    base = Adapted.of(model)
-    out = Adapted(fitted.network, base.record, base.guard, model.sha256, network_changed=True)
-    record = base.record.with_(temperature=temperature, bias=bias, thresholds=thresholds, target_sensitivity=target,
+    out = Adapted(fitted.network, model.record, model.guard, model.sha256, network_changed=True)
+    record = model.record.with_(temperature=temperature, bias=bias, thresholds=thresholds, target_sensitivity=target,
                                prevalence=float(counts[1] / counts.sum()))
     out.record = record
     step: dict = {"images": len(site), "patients": fitted.patients, "counts": counts.tolist(),

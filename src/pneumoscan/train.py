@@ -101,15 +101,17 @@ def setup_runtime(amp: str, device: str = "auto") -> Runtime:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp_dtype = None
-    if amp == "auto":
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif cpu_has_bf16():
-            amp_dtype = torch.bfloat16
-    elif amp != "off":
+    if amp not in ("auto", "off"):
         raise TrainError(f"amp must be 'auto' or 'off', got {amp!r}")
-    return Runtime(rank, world, local_rank, device, amp_dtype)
+    return Runtime(rank, world, local_rank, device, autocast_dtype(device) if amp == "auto" else None)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type of training steps on ``device``: bf16 (fp16 on a GPU without bf16, which then needs a
+    GradScaler), or None on a CPU without native bf16, where emulated bf16 is slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 class CachedImages(torch.utils.data.Dataset):
